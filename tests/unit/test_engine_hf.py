@@ -1,0 +1,159 @@
+"""The HF engine on a tiny random-weight Llama: log-probs, padding independence, sampling, stops, adapters."""
+
+import pytest
+import torch
+
+from engines.base import Engine, SamplingParams
+from engines.hf import AdapterError, HFEngine
+
+PROMPTS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "what is 2 + 3 ? respond with only the final answer ."}],
+    [{"role": "system", "content": "the quick brown fox"}, {"role": "user", "content": "say the word : apple"}],
+    [{"role": "user", "content": "how many legs does a spider have ?"}],
+    [{"role": "user", "content": "CALC ( 12 * 7 )"}],
+]
+
+
+def reference_logprobs(engine: HFEngine, prompt, completion: list[int]) -> list[float]:
+    """A plain, unpadded forward pass and log_softmax: what every engine log-prob must match."""
+    ids = engine.encode(prompt) + completion
+    with torch.no_grad():
+        log_probs = torch.log_softmax(engine.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    start = len(ids) - len(completion)
+    return [log_probs[start + offset - 1, token].item() for offset, token in enumerate(completion)]
+
+
+def test_engine_satisfies_protocol(tiny_engine):
+    assert isinstance(tiny_engine, Engine)
+
+
+def test_generate_logprobs_match_plain_forward(tiny_engine):
+    outputs = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert len(output.token_ids) == 12 and output.finish_reason == "length"
+        reference = reference_logprobs(tiny_engine, prompt, output.token_ids)
+        assert output.logprobs == pytest.approx(reference, abs=1e-4)
+        assert output.prompt_tokens == tiny_engine.count_tokens(prompt)
+
+
+def test_sampled_logprobs_match_plain_forward(tiny_engine):
+    outputs = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=1.0, seed=3))
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert output.logprobs == pytest.approx(reference_logprobs(tiny_engine, prompt, output.token_ids), abs=1e-4)
+
+
+def test_generation_does_not_depend_on_batch_composition(tiny_engine):
+    params = SamplingParams(max_new_tokens=10)
+    batched = tiny_engine.generate(PROMPTS, params)
+    for prompt, together in zip(PROMPTS, batched, strict=True):
+        alone = tiny_engine.generate([prompt], params)[0]
+        assert alone.token_ids == together.token_ids
+        assert alone.logprobs == pytest.approx(together.logprobs, abs=1e-4)
+
+
+def test_score_matches_plain_forward_and_padding(tiny_engine):
+    completions = [output.token_ids for output in tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0))]
+    completions[0] = completions[0][:3]  # ragged lengths exercise the padding layout
+    scores = tiny_engine.score(PROMPTS, completions, top_k=5)
+    for prompt, completion, scored in zip(PROMPTS, completions, scores, strict=True):
+        assert scored.token_ids == completion
+        reference = reference_logprobs(tiny_engine, prompt, completion)
+        assert scored.logprobs == pytest.approx(reference, abs=1e-4)
+        alone = tiny_engine.score([prompt], [completion])[0]
+        assert alone.logprobs == pytest.approx(scored.logprobs, abs=1e-4)
+        for position, top in enumerate(scored.topk_logprobs):
+            assert top == sorted(top, reverse=True)
+            assert top[0] >= scored.logprobs[position] - 1e-6
+
+
+def test_score_rejects_mismatched_lengths(tiny_engine):
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        tiny_engine.score(PROMPTS[:2], [[1, 2]])
+
+
+def test_sampling_is_seeded_per_row(tiny_engine):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=11)
+    first = tiny_engine.generate(PROMPTS, params)
+    again = tiny_engine.generate(PROMPTS, params)
+    assert [output.token_ids for output in first] == [output.token_ids for output in again]
+    # Row 0 samples from seed + 0 whatever else is in the batch.
+    assert tiny_engine.generate(PROMPTS[:1], params)[0].token_ids == first[0].token_ids
+    other_seed = tiny_engine.generate(PROMPTS, params.model_copy(update={"seed": 12}))
+    assert [output.token_ids for output in other_seed] != [output.token_ids for output in first]
+
+
+def test_tiny_top_p_is_greedy(tiny_engine):
+    greedy = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    nucleus = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=5))
+    assert [output.token_ids for output in nucleus] == [output.token_ids for output in greedy]
+
+
+def test_stop_string_cuts_text_and_ends_row(tiny_engine):
+    full = tiny_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=16))[0]
+    stop = full.text[4:7]
+    assert stop and stop in full.text
+    stopped = tiny_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=16, stop=(stop,)))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.find(stop)]
+    assert len(stopped.token_ids) < len(full.token_ids)
+    assert stopped.token_ids == full.token_ids[: len(stopped.token_ids)]
+
+
+def test_eos_token_ends_generation_and_is_kept(tiny_engine):
+    first_token = tiny_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4))[0].token_ids[0]
+    tiny_engine.stop_ids = {first_token}
+    output = tiny_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4))[0]
+    assert output.token_ids == [first_token] and output.finish_reason == "stop"
+
+
+def test_progress_reports_every_row(tiny_engine):
+    seen = []
+    tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=2), progress=seen.append)
+    assert sum(seen) == len(PROMPTS) and len(seen) == 2  # batch_size 4: two micro-batches
+
+
+def _save_adapter(model, path, rank=4):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    peft_model.save_pretrained(str(path))
+
+
+def test_adapter_load_changes_outputs_and_unload_restores(tiny_tokenizer, tmp_path):
+    from tests.tiny import build_model
+
+    engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, batch_size=8)
+    params = SamplingParams(max_new_tokens=8)
+    before = [output.token_ids for output in engine.generate(PROMPTS, params)]
+    _save_adapter(build_model(tiny_tokenizer), tmp_path / "adapter")
+    engine.load_adapter(str(tmp_path / "adapter"))
+    assert engine.adapter == str(tmp_path / "adapter")
+    during = [output.token_ids for output in engine.generate(PROMPTS, params)]
+    assert during != before
+    engine.unload_adapter()
+    assert engine.adapter is None
+    assert [output.token_ids for output in engine.generate(PROMPTS, params)] == before
+
+
+def test_adapter_for_another_model_is_refused(tiny_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny import build_model
+
+    other = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+    )
+    _save_adapter(other, tmp_path / "wrong")
+    engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer)
+    with pytest.raises(AdapterError, match="does not fit"):
+        engine.load_adapter(str(tmp_path / "wrong"))
+    assert engine.adapter is None
+    assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))[0].token_ids
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        engine.load_adapter(str(tmp_path))
