@@ -122,9 +122,18 @@ class Trajectory(BaseModel):
         return sum(turn.completion_tokens for turn in self.turns)
 
     def messages(self, with_context: bool = False) -> list[Message]:
-        """The full transcript: (context +) prompt, then each action and its observation."""
-        out = list(self.context) if with_context else []
-        out.extend(self.prompt)
+        """The full transcript: prompt (with context), then each action and its observation.
+
+        Context goes after the prompt's leading system messages (the task's own instructions, such
+        as a tool description, stay first) and before its first user message.
+        """
+        leading = 0
+        while leading < len(self.prompt) and self.prompt[leading].role == "system":
+            leading += 1
+        out = list(self.prompt[:leading])
+        if with_context:
+            out.extend(self.context)
+        out.extend(self.prompt[leading:])
         for turn in self.turns:
             out.append(Message(role="assistant", content=turn.action))
             out.extend(turn.observation)
