@@ -26,7 +26,7 @@ from agent.config import ConfigError, EvalConfig, build_config, save_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Agents that learn skills fast and fold them slow.")
 models_app = typer.Typer(no_args_is_help=True, help="Model weights: the embedded default and others.")
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 log = logging.getLogger("skillfold")
 
 
@@ -41,11 +41,14 @@ def user_errors():
     from engines.hf import AdapterError
     from engines.models import ModelNotFound
     from envs.base import EnvSpecError
+    from memory import InvalidSkill, MemoryStoreError, SkillNotFound, TrajectoryNotFound
 
     try:
         yield
-    except (ConfigError, EnvSpecError, ModelNotFound, AdapterError) as error:
+    except (ConfigError, EnvSpecError, ModelNotFound, AdapterError, MemoryStoreError, InvalidSkill) as error:
         fail(str(error))
+    except (SkillNotFound, TrajectoryNotFound) as error:
+        fail(str(error.args[0]) if error.args else str(error))
 
 
 def quiet_libraries() -> None:
@@ -109,6 +112,9 @@ def eval_command(
     model: Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded SmolLM2-135M)")] = None,
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory, or none")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value (repeatable)")] = None,
+    tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc or calc,lookup")] = None,
+    memory: Annotated[str | None, typer.Option(help="on: retrieve skills from memory into the prompt; off: none")] = None,
+    memory_url: Annotated[str | None, typer.Option(help="Chroma server URL (default: the embedded store in --home)")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="tokens per turn")] = None,
@@ -119,8 +125,7 @@ def eval_command(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value config overrides")] = None,
 ) -> None:
     """Held-out accuracy of a model on task families (greedy by default: repeatable)."""
-    from agent.evaluate import evaluate
-    from engines.hf import HFEngine
+    from agent.evaluate import evaluate, memory_contexts
     from envs import make_family
 
     quiet_libraries()
@@ -135,27 +140,27 @@ def eval_command(
             "sampling.seed": seed,
             "sampling.max_new_tokens": max_new_tokens,
             "home": str(home) if home else None,
+            "memory": None if memory is None else _on_off(memory),
+            "memory_url": memory_url,
         }
         if env:
-            flags["envs"] = [{"name": name, "options": options} for name in env]
+            flags["envs"] = [{"name": _with_tools(name, tools), "options": options} for name in env]
         run_config = build_config(EvalConfig, config, flags, overrides or [])
         if not run_config.envs:
             fail("name at least one task family with --env (see `skillfold envs`), e.g. --env rg:leg_counting")
         families = [make_family(spec.name, dict(spec.options)) for spec in run_config.envs]
         run_dir = _new_run_dir(run_config.home, "eval")
         save_config(run_config, run_dir)
-        with console.status("loading model"):
-            engine = HFEngine.load(
-                run_config.model.name,
-                device=run_config.model.device,
-                dtype=run_config.model.dtype,
-                threads=run_config.model.threads,
-                batch_size=run_config.model.batch_size,
-                adapter=run_config.model.adapter,
-            )
+        store = _open_memory(run_config.home, run_config.memory_url) if run_config.memory else None
+        engine = _load_engine(run_config.model)
         results = []
         with open(run_dir / "trajectories.jsonl", "w") as sink:
             for family in families:
+                contexts = None
+                if store is not None:
+                    contexts = memory_contexts(
+                        engine, store, family, run_config.items, run_config.token_budget, run_config.retrieve_k
+                    )
                 with _progress_bar(f"eval {family.name}") as progress:
                     result, trajectories = evaluate(
                         engine,
@@ -163,8 +168,11 @@ def eval_command(
                         run_config.items,
                         run_config.sampling,
                         max_turns=run_config.max_turns,
+                        contexts=[context for context, _ in contexts] if contexts else None,
+                        skill_ids=[ids for _, ids in contexts] if contexts else None,
                         progress=progress,
                     )
+                result = result.model_copy(update={"memory": store is not None})
                 for trajectory in trajectories:
                     sink.write(trajectory.model_dump_json() + "\n")
                 results.append(result)
@@ -172,6 +180,96 @@ def eval_command(
     _print_eval_table(results, run_dir)
     if json_output:
         print(json.dumps(_eval_summary(results, run_dir)))
+
+
+# --------------------------------------------------------------------- run
+@app.command("run")
+def run_command(
+    env: Annotated[str | None, typer.Option("--env", "-e", help="task family, e.g. rg:basic_arithmetic")] = None,
+    episodes: Annotated[int | None, typer.Option(help="train episodes to play")] = None,
+    tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value")] = None,
+    model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory, or none")] = None,
+    home: Annotated[Path | None, typer.Option(help="skillfold home (memory, runs)")] = None,
+    memory_url: Annotated[str | None, typer.Option(help="Chroma server URL instead of the embedded store")] = None,
+    run_id: Annotated[str | None, typer.Option(help="run name; an unfinished run of that name resumes")] = None,
+    approve: Annotated[bool, typer.Option(help="ask before storing each new skill")] = False,
+    config: Annotated[Path | None, typer.Option(help="TOML/YAML config file")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="last stdout line is a JSON object")] = False,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value config overrides")] = None,
+) -> None:
+    """Play train episodes with memory, store every trajectory, distil and verify skills."""
+    from agent.config import RunConfig
+    from agent.loop import Runtime, run_loop
+    from envs import make_family
+
+    quiet_libraries()
+    with user_errors():
+        flags = {
+            "loop.episodes": episodes,
+            "loop.approve": approve or None,
+            "model.name": model,
+            "model.adapter": None if adapter in (None, "none") else adapter,
+            "home": str(home) if home else None,
+            "memory_url": memory_url,
+            "run_id": run_id,
+        }
+        if env:
+            flags["env"] = {"name": _with_tools(env, tools), "options": _parse_options(option or [])}
+        run_config = build_config(RunConfig, config, flags, overrides or [])
+        family = make_family(run_config.env.name, dict(run_config.env.options))
+        name = run_config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        run_dir = run_config.home / "runs" / f"run-{name}"
+        save_config(run_config, run_dir)
+        store = _open_memory(run_config.home, run_config.memory_url)
+        engine = _load_engine(run_config.model)
+        with _progress_bar(f"run {family.name}") as progress:
+            progress("planned", run_config.loop.episodes)
+            tally = {"episodes": 0, "successes": 0}
+
+            def on_episode(trajectory) -> None:
+                tally["episodes"] += 1
+                tally["successes"] += trajectory.success
+                progress("generated", 1)
+
+            runtime = Runtime(
+                engine=engine, memory=store, family=family, settings=run_config.loop, run_id=name,
+                on_episode=on_episode,
+            )
+            state = run_loop(runtime, run_config.home / "agent.sqlite", approve=_ask_approval)
+    summary = {
+        "run_id": name,
+        "env": family.name,
+        "episodes": state.get("episodes", 0),
+        "successes": state.get("successes", 0),
+        "skills_added": state.get("skills_added", 0),
+        "skills_rejected": state.get("skills_rejected", 0),
+        "memory": store.stats()["skills"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(
+        f"{summary['episodes']} episodes, {summary['successes']} successes, "
+        f"{summary['skills_added']} skills added, {summary['skills_rejected']} rejected on probes "
+        f"(memory: {summary['memory']})"
+    )
+    if json_output:
+        print(json.dumps(summary))
+
+
+def _ask_approval(request: dict) -> bool:
+    skill, probe = request["skill"], request.get("probe") or {}
+    console.rule(f"new {skill['kind']} skill for {skill['family']}")
+    console.print(skill["text"], markup=False, highlight=False)
+    if probe:
+        console.print(
+            f"probes: {probe['successes_with']}/{probe['probes']} with it, "
+            f"{probe['successes_without']}/{probe['probes']} without"
+        )
+    if not sys.stdin.isatty():
+        console.print("no terminal to ask: rejected")
+        return False
+    return typer.confirm("store this skill?", default=True, err=True)
 
 
 def _eval_summary(results, run_dir: Path) -> dict:
@@ -190,12 +288,13 @@ def _eval_summary(results, run_dir: Path) -> dict:
 
 def _print_eval_table(results, run_dir: Path) -> None:
     table = Table(title="held-out accuracy (greedy unless --temperature)")
-    for column in ("family", "items", "correct", "accuracy", "95% CI", "errors", "tok/s", "seconds"):
+    for column in ("family", "memory", "items", "correct", "accuracy", "95% CI", "errors", "tok/s", "seconds"):
         table.add_column(column, justify="left" if column == "family" else "right")
     for result in results:
         speed = result.completion_tokens / result.seconds if result.seconds else 0.0
         table.add_row(
             result.env,
+            "on" if result.memory else "off",
             str(result.items),
             str(result.successes),
             f"{result.accuracy:.1%}",
@@ -206,6 +305,41 @@ def _print_eval_table(results, run_dir: Path) -> None:
         )
     console.print(table)
     console.print(f"run saved in {run_dir}")
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() not in ("on", "off"):
+        raise ConfigError(f"--memory takes on or off, not {value!r}")
+    return value.lower() == "on"
+
+
+def _with_tools(name: str, tools: str | None) -> str:
+    if not tools:
+        return name
+    return "+".join([name, *[tool.strip() for tool in tools.split(",") if tool.strip()]])
+
+
+def _open_memory(home: Path, url: str | None = None):
+    from memory import Memory
+
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"skillfold home {home} exists but is not a directory; pass --home DIR")
+    with console.status("opening memory"):
+        return Memory.open(home=None if url else home, url=url)
+
+
+def _load_engine(model_config):
+    from engines.hf import HFEngine
+
+    with console.status("loading model"):
+        return HFEngine.load(
+            model_config.name,
+            device=model_config.device,
+            dtype=model_config.dtype,
+            threads=model_config.threads,
+            batch_size=model_config.batch_size,
+            adapter=model_config.adapter,
+        )
 
 
 @contextmanager
@@ -230,6 +364,16 @@ def _new_run_dir(home: Path, kind: str) -> Path:
     run_dir = home / "runs" / f"{stamp}-{kind}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+def _register_memory_commands() -> None:
+    from agent.cli_memory import chat, skills_app
+
+    app.add_typer(skills_app, name="skills")
+    app.command("chat")(chat)
+
+
+_register_memory_commands()
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.base import SamplingParams
 
-
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
@@ -57,6 +56,47 @@ class EvalConfig(BaseModel):
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_new_tokens=64))
     max_turns: int = Field(default=8, ge=1)
     home: Path = Field(default_factory=lambda: default_home())
+    memory: bool = Field(default=False, description="retrieve skills from memory into the prompt")
+    memory_url: str | None = Field(default=None, description="Chroma server URL instead of the embedded store")
+    token_budget: int = Field(default=600, ge=0, description="prompt tokens skills may take")
+    retrieve_k: int = Field(default=3, ge=0, description="skills retrieved per task")
+
+
+class LoopSettings(BaseModel):
+    """The agent loop (`skillfold run`): how episodes are played and skills distilled."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    episodes: int = Field(default=32, ge=1, description="train episodes to play")
+    batch_size: int = Field(default=8, ge=1, description="episodes advanced together")
+    max_turns: int = Field(default=8, ge=1)
+    sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(temperature=0.7, max_new_tokens=64),
+        description="how episodes sample (exploration finds the first successes)",
+    )
+    probe_sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(max_new_tokens=64), description="how candidates are verified"
+    )
+    token_budget: int = Field(default=600, ge=0, description="prompt tokens skills may take")
+    retrieve_k: int = Field(default=3, ge=0, description="skills retrieved per task")
+    probes: int = Field(default=8, ge=1, description="train items kept to verify candidate skills")
+    max_candidates_per_batch: int = Field(default=2, ge=0)
+    reflect_every: int = Field(default=16, ge=0, description="episodes between model-written rules; 0 = never")
+    approve: bool = Field(default=False, description="ask a person before storing each new skill")
+    start_index: int = Field(default=0, ge=0)
+
+
+class RunConfig(BaseModel):
+    """`skillfold run`: play train episodes with memory, store them, distil skills."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    env: EnvConfig
+    loop: LoopSettings = Field(default_factory=LoopSettings)
+    home: Path = Field(default_factory=lambda: default_home())
+    memory_url: str | None = Field(default=None, description="Chroma server URL instead of the embedded store")
+    run_id: str | None = Field(default=None, description="name of the run; an unfinished run of that name resumes")
 
 
 def default_home() -> Path:

@@ -34,6 +34,7 @@ class EvalResult(BaseModel):
     completion_tokens: int
     model: str
     adapter: str | None
+    memory: bool = False
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -55,6 +56,7 @@ def evaluate(
     *,
     max_turns: int = 8,
     contexts: Sequence[Sequence[Message]] | None = None,
+    skill_ids: Sequence[Sequence[str]] | None = None,
     on_finish: Callable[[Trajectory], None] | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> tuple[EvalResult, list[Trajectory]]:
@@ -73,6 +75,7 @@ def evaluate(
         params,
         split="eval",
         contexts=contexts,
+        skill_ids=skill_ids,
         max_turns=max_turns,
         success_threshold=getattr(family, "success_threshold", 1.0),
         on_finish=on_finish,
@@ -96,3 +99,27 @@ def evaluate(
         adapter=engine.adapter,
     )
     return result, trajectories
+
+
+def memory_contexts(
+    engine: Engine, memory, family: TaskFamily, items: int, token_budget: int, k: int
+) -> list[tuple[list[Message], list[str]]]:
+    """Retrieved skills (as context messages) and their ids for the first `items` eval items.
+
+    Eval only reads memory: nothing about held-out items is stored or turned into skills.
+    """
+    from agent.skills import render_context
+
+    contexts = []
+    for index in range(items):
+        prompt = family.make("eval", index).initial_observation()
+        query = "\n".join(message.content for message in prompt if message.role == "user")
+        skills = memory.retrieve(
+            query,
+            family.name,
+            token_budget=token_budget,
+            count_tokens=lambda text: engine.count_tokens([{"role": "user", "content": text}]),
+            k=k,
+        )
+        contexts.append((render_context(skills), [skill.id for skill in skills]))
+    return contexts

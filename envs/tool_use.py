@@ -163,6 +163,10 @@ class ToolFamily:
     def split_size(self, split: Split) -> int:
         return self.family.split_size(split)
 
+    def documentation(self) -> list[list[Message]]:
+        """One worked dialogue per tool, from the tools' own usage examples."""
+        return [documentation_dialogue(tool) for tool in self.make("train", 0).tools.values()]
+
     def make(self, split: Split, index: int) -> ToolEnvironment:
         tools = []
         for name in self.tool_names:
@@ -174,6 +178,22 @@ class ToolFamily:
                 assert self._tables is not None
                 tools.append(make_lookup(self._tables(split, index)))
         return ToolEnvironment(self.family.make(split, index), tools, self.max_tool_calls)
+
+
+def documentation_dialogue(tool: Tool) -> list[Message]:
+    """The tool's own usage example as a worked dialogue: question, call, result, answer.
+
+    This is what a tool's documentation teaches, and it gives a small model its first tool call
+    (without any example a 135M model never calls a tool; NOTES.md section 9).
+    """
+    argument = tool.usage[len(tool.call_name) + 1 : -1]
+    result = tool.run(argument)
+    return [
+        Message(role="user", content=f"What is {argument}? Call a tool if it helps, then give the final answer on a line ANSWER: <answer>."),
+        Message(role="assistant", content=tool.usage),
+        Message(role="user", content=f"Result: {result}"),
+        Message(role="assistant", content=f"ANSWER: {result}"),
+    ]
 
 
 def with_tools(family: TaskFamily, tool_names: Sequence[str], max_tool_calls: int = 4) -> ToolFamily:

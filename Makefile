@@ -1,0 +1,43 @@
+# skillfold: `make demo` runs the main job, `make test` passes the tests. Both set everything up.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# These machines keep a CPU build of torch 2.13.0 on local disk; pinning it keeps pip from pulling a
+# multi-GB CUDA build. Elsewhere: make install TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check --no-input
+
+.PHONY: install model test unit integration demo bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[dev,plots]"
+	touch $@
+
+model: install
+	$(BIN)/skillfold models pull
+
+test: install model
+	$(BIN)/python -m pytest -q tests
+
+unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: install model
+	$(BIN)/python -m pytest -q tests/integration
+
+demo: install model
+	$(BIN)/skillfold eval --env rg:leg_counting --env rg:basic_arithmetic --env rg:letter_counting --env rg:spell_backward --items 32
+
+bench: install model
+	$(BIN)/python benchmarks/bench_engine.py
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

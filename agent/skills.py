@@ -1,0 +1,206 @@
+"""Skills in and out of prompts: rendering, distillation from trajectories, verification.
+
+A skill reaches the model in the form that works for small models (NOTES.md section 9): an
+`exemplar` is a worked dialogue replayed as earlier chat turns; a `rule` or `taught` skill is a
+short system message. Exemplar text is stored human-readable, one `### role` header per turn:
+
+    ### user
+    What is 12 * 7?
+    ### assistant
+    CALC(12*7)
+    ### user
+    Result: 84
+    ### assistant
+    ANSWER: 84
+
+Distillation makes candidates: an exemplar from each verified success (always valid), and a rule
+that the model writes by reflecting on successes and failures (prompt: agent/prompts/reflect.txt).
+Verification runs a candidate on probe items of its family with and without it; a candidate enters
+memory only if it does not lower success there (and succeeds at least once).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from importlib import resources
+
+from pydantic import BaseModel, ConfigDict
+
+from engines.base import Engine, SamplingParams
+from envs.base import Message, TaskFamily, Trajectory
+from learners.rollout import run_episodes
+from memory import Skill
+
+log = logging.getLogger(__name__)
+
+_HEADER = re.compile(r"^### (user|assistant)\s*$", re.MULTILINE)
+
+
+def dialogue_text(messages: Sequence[Message]) -> str:
+    """Chat turns as exemplar text (system messages left out: the environment gives them)."""
+    return "\n".join(
+        f"### {message.role}\n{message.content.strip()}" for message in messages if message.role != "system"
+    )
+
+
+def exemplar_text(trajectory: Trajectory) -> str:
+    """A successful episode as a worked dialogue."""
+    return dialogue_text(trajectory.messages())
+
+
+def documentation_skills(family: TaskFamily) -> list[Skill]:
+    """Worked dialogues from the usage examples of a family's tools (none for a family without tools).
+
+    A small model never calls a tool it has only been told about; the tool's own documentation
+    example, replayed as a dialogue, gives it the first call. These skills are verified like others.
+    """
+    documentation = getattr(family, "documentation", None)
+    if documentation is None:
+        return []
+    skills = []
+    for dialogue in documentation():
+        call = next((m.content for m in dialogue if m.role == "assistant"), "tool")
+        skills.append(
+            Skill(kind="exemplar", family=family.name, title=f"how to call a tool: {call}",
+                  text=dialogue_text(dialogue), provenance=[f"tool-documentation:{call}"])
+        )
+    return skills
+
+
+def exemplar_messages(text: str) -> list[Message]:
+    """Parse an exemplar's text back into chat turns (inverse of `exemplar_text`)."""
+    headers = list(_HEADER.finditer(text))
+    messages = []
+    for index, header in enumerate(headers):
+        end = headers[index + 1].start() if index + 1 < len(headers) else len(text)
+        messages.append(Message(role=header.group(1), content=text[header.end():end].strip()))
+    return messages
+
+
+def skill_messages(skill: Skill) -> list[Message]:
+    if skill.kind == "exemplar":
+        turns = exemplar_messages(skill.text)
+        if turns:
+            return turns
+    return [Message(role="system", content=f"Hint: {skill.text.strip()}")]
+
+
+def render_context(skills: Sequence[Skill]) -> list[Message]:
+    """Rules first (as system hints), then exemplars as earlier dialogue turns."""
+    rules = [skill for skill in skills if skill.kind != "exemplar"]
+    exemplars = [skill for skill in skills if skill.kind == "exemplar"]
+    context: list[Message] = []
+    for skill in [*rules, *exemplars]:
+        context.extend(skill_messages(skill))
+    return context
+
+
+def context_tokens(engine: Engine, text: str) -> int:
+    return engine.count_tokens([{"role": "user", "content": text}])
+
+
+def exemplar_from(trajectory: Trajectory) -> Skill:
+    question = next((message.content for message in trajectory.prompt if message.role == "user"), "")
+    return Skill(
+        kind="exemplar",
+        family=trajectory.env,
+        title=question.strip().splitlines()[0][:120] if question.strip() else trajectory.item_id,
+        text=exemplar_text(trajectory),
+        provenance=[trajectory.id],
+    )
+
+
+def reflection_prompt(family: str, successes: Sequence[Trajectory], failures: Sequence[Trajectory]) -> list[dict]:
+    template = resources.files("agent").joinpath("prompts/reflect.txt").read_text(encoding="utf-8")
+
+    def show(trajectories: Sequence[Trajectory]) -> str:
+        return "\n\n".join(exemplar_text(trajectory) for trajectory in trajectories) or "(none)"
+
+    text = template.format(family=family, successes=show(successes), failures=show(failures))
+    return [{"role": "user", "content": text}]
+
+
+def rule_from_reflection(raw: str, max_chars: int = 300) -> str | None:
+    """The first non-empty line or two of the model's reflection, or None if nothing usable."""
+    lines = [line.strip(" -*#\t") for line in raw.strip().splitlines() if line.strip(" -*#\t")]
+    if not lines:
+        return None
+    rule = " ".join(lines[:2])
+    rule = re.sub(r"^(rule|tip|hint)\s*[:.-]\s*", "", rule, flags=re.IGNORECASE)
+    return rule[:max_chars] if len(rule) >= 10 else None
+
+
+def write_rule(
+    engine: Engine, family: str, successes: Sequence[Trajectory], failures: Sequence[Trajectory], seed: int
+) -> Skill | None:
+    prompt = reflection_prompt(family, successes[:3], failures[:3])
+    output = engine.generate([prompt], SamplingParams(temperature=0.7, max_new_tokens=80, seed=seed))[0]
+    rule = rule_from_reflection(output.text)
+    if rule is None:
+        return None
+    return Skill(
+        kind="rule",
+        family=family,
+        title=rule[:80],
+        text=rule,
+        provenance=[trajectory.id for trajectory in [*successes[:3], *failures[:3]]],
+    )
+
+
+class Verdict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    skill_id: str
+    admitted: bool
+    successes_with: int
+    successes_without: int
+    probes: int
+
+
+def verify(
+    engine: Engine,
+    family: TaskFamily,
+    candidates: Sequence[Skill],
+    probe_indices: Sequence[int],
+    params: SamplingParams,
+    *,
+    max_turns: int = 8,
+    base_context: Sequence[Message] = (),
+) -> list[Verdict]:
+    """Run every candidate (added to `base_context`) and the baseline on the probe items, in one batch."""
+    if not candidates:
+        return []
+    arms: list[list[Message]] = [list(base_context)]
+    arms += [list(base_context) + render_context([candidate]) for candidate in candidates]
+    environments, contexts = [], []
+    for arm in arms:
+        for index in probe_indices:
+            environments.append(family.make("train", index))
+            contexts.append(arm)
+    trajectories = run_episodes(
+        engine,
+        environments,
+        params,
+        split="train",
+        contexts=contexts,
+        max_turns=max_turns,
+        success_threshold=getattr(family, "success_threshold", 1.0),
+    )
+    probes = len(probe_indices)
+    per_arm = [
+        sum(trajectory.success for trajectory in trajectories[arm * probes:(arm + 1) * probes])
+        for arm in range(len(arms))
+    ]
+    baseline = per_arm[0]
+    return [
+        Verdict(
+            skill_id=candidate.id,
+            admitted=per_arm[position + 1] >= baseline and per_arm[position + 1] > 0,
+            successes_with=per_arm[position + 1],
+            successes_without=baseline,
+            probes=probes,
+        )
+        for position, candidate in enumerate(candidates)
+    ]
