@@ -18,10 +18,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent.config import ConfigError, EvalConfig, build_config, save_config
+from agent.config import ConfigError, EvalConfig, ModelConfig, build_config, save_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Agents that learn skills fast and fold them slow.")
 models_app = typer.Typer(no_args_is_help=True, help="Model weights: the embedded default and others.")
@@ -31,7 +32,7 @@ log = logging.getLogger("skillfold")
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # escaped: user text may hold [brackets]
     raise typer.Exit(2)
 
 
@@ -110,11 +111,13 @@ def eval_command(
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="task family, e.g. rg:leg_counting (repeatable)")] = None,
     items: Annotated[int | None, typer.Option(help="held-out items per family")] = None,
     model: Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded SmolLM2-135M)")] = None,
-    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory, or none")] = None,
+    adapter: Annotated[str | None, typer.Option(help="adapter: latest (newest fold in --home), none, or a directory")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value (repeatable)")] = None,
     tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc or calc,lookup")] = None,
     memory: Annotated[str | None, typer.Option(help="on: retrieve skills from memory into the prompt; off: none")] = None,
-    memory_url: Annotated[str | None, typer.Option(help="Chroma server URL (default: the embedded store in --home)")] = None,
+    memory_url: Annotated[
+        str | None, typer.Option(help="Chroma server URL (default: the embedded store in --home); implies --memory on")
+    ] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="tokens per turn")] = None,
@@ -134,13 +137,14 @@ def eval_command(
         flags = {
             "items": items,
             "model.name": model,
-            "model.adapter": None if adapter in (None, "none") else adapter,
+            "model.adapter": adapter,
             "model.batch_size": batch_size,
             "sampling.temperature": temperature,
             "sampling.seed": seed,
             "sampling.max_new_tokens": max_new_tokens,
             "home": str(home) if home else None,
-            "memory": None if memory is None else _on_off(memory),
+            # a server named with --memory-url is meant to be used: it turns memory on unless --memory off
+            "memory": (True if memory_url else None) if memory is None else _on_off(memory),
             "memory_url": memory_url,
         }
         if env:
@@ -152,7 +156,7 @@ def eval_command(
         run_dir = _new_run_dir(run_config.home, "eval")
         save_config(run_config, run_dir)
         store = _open_memory(run_config.home, run_config.memory_url) if run_config.memory else None
-        engine = _load_engine(run_config.model)
+        engine = _load_engine(run_config.model, run_config.home)
         results = []
         with open(run_dir / "trajectories.jsonl", "w") as sink:
             for family in families:
@@ -190,7 +194,7 @@ def run_command(
     tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value")] = None,
     model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
-    adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory, or none")] = None,
+    adapter: Annotated[str | None, typer.Option(help="adapter: latest (newest fold in --home), none, or a directory")] = None,
     home: Annotated[Path | None, typer.Option(help="skillfold home (memory, runs)")] = None,
     memory_url: Annotated[str | None, typer.Option(help="Chroma server URL instead of the embedded store")] = None,
     run_id: Annotated[str | None, typer.Option(help="run name; an unfinished run of that name resumes")] = None,
@@ -210,7 +214,7 @@ def run_command(
             "loop.episodes": episodes,
             "loop.approve": approve or None,
             "model.name": model,
-            "model.adapter": None if adapter in (None, "none") else adapter,
+            "model.adapter": adapter,
             "home": str(home) if home else None,
             "memory_url": memory_url,
             "run_id": run_id,
@@ -223,7 +227,7 @@ def run_command(
         run_dir = run_config.home / "runs" / f"run-{name}"
         save_config(run_config, run_dir)
         store = _open_memory(run_config.home, run_config.memory_url)
-        engine = _load_engine(run_config.model)
+        engine = _load_engine(run_config.model, run_config.home)
         with _progress_bar(f"run {family.name}") as progress:
             progress("planned", run_config.loop.episodes)
             tally = {"episodes": 0, "successes": 0}
@@ -255,6 +259,97 @@ def run_command(
     )
     if json_output:
         print(json.dumps(summary))
+
+
+# -------------------------------------------------------------------- fold
+@app.command("fold")
+def fold_command(
+    families: Annotated[list[str] | None, typer.Option("--families", "-f", help="families to fold (repeatable); default: all with active skills")] = None,
+    anchor: Annotated[list[str] | None, typer.Option("--anchor", help="family to keep as it is (repeatable)")] = None,
+    method: Annotated[str | None, typer.Option(help="opsd, opd or rmsd")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
+    adapter: Annotated[str | None, typer.Option(help="adapter to continue from: latest, none or a path")] = "latest",
+    teacher_model: Annotated[str | None, typer.Option(help="external teacher (method opd)")] = None,
+    home: Annotated[Path | None, typer.Option(help="skillfold home (memory, adapters)")] = None,
+    memory_url: Annotated[str | None, typer.Option(help="Chroma server URL")] = None,
+    run_id: Annotated[str | None, typer.Option(help="fold run name (its directory under home/folds)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the killed fold of --run-id from its last checkpoint")] = False,
+    config: Annotated[Path | None, typer.Option(help="TOML/YAML config file")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="last stdout line is a JSON object")] = False,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. fold.learning_rate=1e-4")] = None,
+) -> None:
+    """Fold skills into the weights: on-policy self-distillation from a skill-prompted teacher."""
+    from agent.config import FoldRunConfig
+    from agent.folding import fold_items, register_adapter, resolve_adapter
+    from envs import make_family
+    from learners.fold import FoldError, fold
+
+    quiet_libraries()
+    with user_errors():
+        flags = {
+            "families": families, "anchors": anchor, "fold.method": method, "fold.steps": steps,
+            "fold.teacher_model": teacher_model, "model.name": model, "home": str(home) if home else None,
+            "memory_url": memory_url, "run_id": run_id,
+        }
+        if method == "opd":
+            flags["fold.teacher"] = "external"
+        run_config = build_config(FoldRunConfig, config, flags, overrides or [])
+        if resume and not run_config.run_id:
+            fail("--resume needs the --run-id of the fold to continue")
+        store = _open_memory(run_config.home, run_config.memory_url)
+        names = run_config.families or [
+            name for name in store.families() if store.list_skills(family=name, status="active")
+        ]
+        if not names:
+            fail(f"no family in {run_config.home} has active skills to fold; run `skillfold run` first")
+        skilled = {name: make_family(name) for name in names}
+        anchors = {name: make_family(name) for name in run_config.anchors if name not in skilled}
+        start_adapter = resolve_adapter(adapter, run_config.home)
+        engine = _load_engine(run_config.model.model_copy(update={"adapter": start_adapter}))
+        external = None
+        if run_config.fold.teacher == "external":
+            if not run_config.fold.teacher_model:
+                fail("method opd needs an external teacher: --teacher-model ID_OR_DIR")
+            external = _load_engine(ModelConfig(name=run_config.fold.teacher_model)).model
+            if len(external.get_input_embeddings().weight) != len(engine.model.get_input_embeddings().weight):
+                fail("the external teacher's vocabulary differs from the student's; pick a teacher of the same family")
+        items = fold_items(store, engine, skilled, anchors, run_config.items_per_family, run_config.probes,
+                           run_config.token_budget, run_config.retrieve_k, seed=run_config.fold.seed)
+        name = run_config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        run_dir = run_config.home / "folds" / name
+        save_config(run_config, run_dir)
+        with _fold_progress(run_config.fold.steps) as on_step:
+            try:
+                result = fold(engine, {**skilled, **anchors}, items, run_config.fold, run_dir, resume=resume,
+                              external_teacher=external, on_step=on_step)
+            except FoldError as error:
+                fail(str(error))
+        registered = register_adapter(run_config.home, name, Path(result.adapter))
+        result = result.model_copy(update={"adapter": str(registered)})
+        (run_dir / "result.json").write_text(result.model_dump_json(indent=2))
+    console.print(
+        f"folded {', '.join(skilled)} in {result.steps} steps ({result.seconds:.0f}s): loss "
+        f"{result.loss_first} -> {result.loss_last}; adapter {result.adapter} (now --adapter latest)"
+    )
+    if json_output:
+        print(result.model_dump_json())
+
+
+@contextmanager
+def _fold_progress(total: int):
+    columns = (TextColumn("fold"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("fold", total=total, info="")
+
+        def on_step(record: dict) -> None:
+            bar.update(task, completed=record["step"], info=(
+                f"loss {record['loss']:.4f} kl {record['kl']:.4f} teacher-tokens {record['teacher_token_share']:.0%} "
+                f"rollout-ok {record['rollout_success']:.0%} {record['tokens_per_second']:.0f} tok/s"
+            ))
+
+        yield on_step
 
 
 def _ask_approval(request: dict) -> bool:
@@ -328,9 +423,13 @@ def _open_memory(home: Path, url: str | None = None):
         return Memory.open(home=None if url else home, url=url)
 
 
-def _load_engine(model_config):
+def _load_engine(model_config, home: Path | None = None):
+    """The engine for a model config; `adapter` may be `latest` (the newest fold in `home`) or none."""
+    from agent.folding import resolve_adapter
     from engines.hf import HFEngine
 
+    if home is not None:
+        model_config = model_config.model_copy(update={"adapter": resolve_adapter(model_config.adapter, home)})
     with console.status("loading model"):
         return HFEngine.load(
             model_config.name,

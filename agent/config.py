@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.base import SamplingParams
+from learners.fold import FoldConfig
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -97,6 +98,24 @@ class RunConfig(BaseModel):
     home: Path = Field(default_factory=lambda: default_home())
     memory_url: str | None = Field(default=None, description="Chroma server URL instead of the embedded store")
     run_id: str | None = Field(default=None, description="name of the run; an unfinished run of that name resumes")
+
+
+class FoldRunConfig(BaseModel):
+    """`skillfold fold`: distil the active skills of families into an adapter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    home: Path = Field(default_factory=lambda: default_home())
+    memory_url: str | None = None
+    families: list[str] | None = Field(default=None, description="families to fold; None = all with active skills")
+    anchors: list[str] = Field(default_factory=list, description="families to keep as they are (no skills)")
+    items_per_family: int = Field(default=64, ge=1)
+    probes: int = Field(default=8, ge=0, description="last train items reserved for skill verification")
+    token_budget: int = Field(default=600, ge=0)
+    retrieve_k: int = Field(default=3, ge=0)
+    fold: FoldConfig = Field(default_factory=FoldConfig)
+    run_id: str | None = None
 
 
 def default_home() -> Path:

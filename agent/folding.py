@@ -1,0 +1,86 @@
+"""Choosing what to fold, and where adapters live in the skillfold home.
+
+`fold_items` turns memory into fold prompts: train-split items of every family with active skills,
+each with its teacher's privileged context (the family's skills retrieved for that item, rendered as
+in a memory-on prompt), plus anchor items of other families with no context. Probe items (the last
+train items, kept for skill verification) and every eval item are never used.
+
+Adapters are registered under `home/adapters/<name>/`; `home/adapters/LATEST` names the newest.
+`resolve_adapter("latest" | "none" | PATH, home)` is what `--adapter` means on every command.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from agent.skills import render_context
+from engines.base import Engine
+from envs.base import TaskFamily
+from learners.fold import FoldItem
+from memory import Memory
+
+LATEST = "LATEST"
+
+
+def fold_items(
+    memory: Memory,
+    engine: Engine,
+    families: dict[str, TaskFamily],
+    anchors: dict[str, TaskFamily],
+    items_per_family: int,
+    probes: int,
+    token_budget: int = 600,
+    k: int = 3,
+    seed: int = 0,
+) -> list[FoldItem]:
+    rng = random.Random(seed)
+    items: list[FoldItem] = []
+    for name, family in families.items():
+        available = family.split_size("train") - probes
+        indices = rng.sample(range(available), min(items_per_family, available))
+        for index in indices:
+            prompt = family.make("train", index).initial_observation()
+            query = "\n".join(message.content for message in prompt if message.role == "user")
+            skills = memory.retrieve(
+                query, name, token_budget=token_budget,
+                count_tokens=lambda text: engine.count_tokens([{"role": "user", "content": text}]), k=k,
+            )
+            if skills:
+                items.append(FoldItem(family=name, index=index, context=render_context(skills)))
+    for name, family in anchors.items():
+        available = family.split_size("train") - probes
+        for index in rng.sample(range(available), min(items_per_family, available)):
+            items.append(FoldItem(family=name, index=index, anchor=True))
+    return items
+
+
+def adapters_dir(home: Path) -> Path:
+    return home / "adapters"
+
+
+def register_adapter(home: Path, name: str, adapter_dir: Path) -> Path:
+    """Move a finished adapter into `home/adapters/<name>` and point LATEST at it (atomically)."""
+    target = adapters_dir(home) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if adapter_dir.resolve() != target.resolve():
+        if target.exists():
+            raise FileExistsError(f"an adapter named {name} is already registered in {target.parent}")
+        os.replace(adapter_dir, target)
+    pointer = target.parent / f".{LATEST}.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, target.parent / LATEST)
+    return target
+
+
+def resolve_adapter(spec: str | None, home: Path) -> str | None:
+    """`none`/None -> no adapter; `latest` -> the newest registered one (None if there is none); else a path."""
+    if spec in (None, "none"):
+        return None
+    if spec == "latest":
+        pointer = adapters_dir(home) / LATEST
+        if not pointer.is_file():
+            return None
+        return str(adapters_dir(home) / pointer.read_text().strip())
+    return spec

@@ -1,0 +1,465 @@
+"""The fold loop: on-policy self-distillation of skills into a LoRA adapter (or all weights).
+
+One step, for `batch_size` train items drawn from families with active skills:
+  1. rollout: the student (current adapter, *no skills in its prompt*) plays each item to the end,
+     multi-turn with real environment and tool observations;
+  2. views: the same episode rendered for the student and for the teacher (privileged context, i.e.
+     the family's skills, put in its prompt; its own length limit);
+  3. teacher: `self-frozen` = the same weights with the adapter disabled (one copy of the weights),
+     `self-ema` = an exponential moving average of the adapter, `external` = another model with the
+     same vocabulary; it scores every trained token (all assistant turns, not env/tool text);
+  4. loss over the trained tokens (masks and losses from learners.masks / learners.losses), computed
+     from final hidden states in chunks of positions so the (tokens x vocabulary) logits are never
+     all in memory at once, forward or backward;
+  5. AdamW step; an atomic checkpoint every `checkpoint_every` steps.
+"Anchor" items (families without skills) are distilled toward the plain base model with no
+context: they teach "stay as you are" where no skill applies, against forgetting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.checkpoint import checkpoint
+
+from engines.base import SamplingParams
+from envs.base import Message, TaskFamily, Trajectory
+from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learners.rollout import run_episodes
+from learners.views import EpisodeViews, TemplateError, episode_views
+
+log = logging.getLogger(__name__)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class FoldError(RuntimeError):
+    """A fold that cannot go on (a NaN loss, no prompts); the last good checkpoint is kept."""
+
+
+class FoldConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["opsd", "opd", "rmsd"] = Field(
+        default="opsd", description="opsd: self teacher with skills; opd: external teacher; rmsd: opsd on the top disagreement tokens"
+    )
+    steps: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="episodes per optimizer step")
+    learning_rate: float = Field(default=5e-4, gt=0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    full_finetune: bool = Field(default=False, description="train every weight instead of a LoRA adapter")
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
+    loss: Literal["reverse_kl", "jsd", "sampled"] = Field(default="reverse_kl", description="per-token objective")
+    beta: float = Field(default=1.0, ge=0, le=1, description="JSD beta: 1 = reverse KL, 0 = forward KL")
+    teacher: Literal["self-frozen", "self-ema", "external"] = "self-frozen"
+    teacher_model: str | None = Field(default=None, description="model id/dir of the external teacher")
+    ema_decay: float = Field(default=0.95, ge=0, lt=1)
+    teacher_max_tokens: int = Field(default=2048, ge=64, description="the teacher view's own length limit")
+    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=48))
+    max_turns: int = Field(default=4, ge=1)
+    relevance_top: int = Field(default=8, ge=1, description="rmsd: positions kept per episode")
+    anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items")
+    checkpoint_every: int = Field(default=5, ge=1)
+    chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
+    seed: int = 0
+
+
+class FoldItem(BaseModel):
+    """One training prompt: a train-split item of a family and the privileged context of its teacher."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    family: str
+    index: int
+    context: list[Message] = Field(default_factory=list)
+    anchor: bool = False
+
+
+class FoldResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int
+    loss_first: float | None
+    loss_last: float | None
+    kl_first: float | None
+    kl_last: float | None
+    adapter: str
+    run_dir: str
+    seconds: float
+    resumed_from: int = 0
+
+
+# ----------------------------------------------------------------------- the model side
+def causal_lm(model):
+    """The transformers CausalLM under a peft wrapper (LoRA layers live inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Final hidden states that predict the given positions: row b, position p -> state at p - 1.
+
+    Returns (N, H) for N = total positions. Sequences are right-padded.
+    """
+    network = causal_lm(model)
+    device = next(network.parameters()).device
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(list(sequence))
+        attention_mask[row, : len(sequence)] = 1
+    output = network.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    hidden = output.last_hidden_state  # (B, T, H)
+    rows = torch.tensor([row for row, row_positions in enumerate(positions) for _ in row_positions], device=device)
+    columns = torch.tensor([position - 1 for row_positions in positions for position in row_positions], device=device)
+    return hidden[rows, columns]  # (N, H)
+
+
+def chunked_log_probs(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T) for (N, H) hidden states, chunk by chunk, without grad."""
+    with torch.no_grad():
+        return torch.cat([
+            torch.log_softmax((hidden[start:start + chunk_size] @ weight.T).float(), dim=-1)
+            for start in range(0, hidden.shape[0], chunk_size)
+        ])
+
+
+def _token_objective(
+    student_hidden: torch.Tensor,  # (n, H)
+    weight: torch.Tensor,  # (V, H)
+    teacher_log_probs: torch.Tensor,  # (n, V)
+    targets: torch.Tensor,  # (n,)
+    loss: str,
+    beta: float,
+) -> torch.Tensor:
+    """Per-token losses (n,) for one chunk; called under activation checkpointing."""
+    from learners.losses import token_divergence
+
+    student_log_probs = torch.log_softmax((student_hidden @ weight.T).float(), dim=-1)  # (n, V)
+    if loss == "sampled":
+        chosen = student_log_probs.gather(-1, targets[:, None]).squeeze(-1)
+        advantage = (teacher_log_probs.gather(-1, targets[:, None]).squeeze(-1) - chosen).detach()
+        return -advantage * chosen
+    return token_divergence(student_log_probs, teacher_log_probs, beta=1.0 if loss == "reverse_kl" else beta)
+
+
+def chunked_token_losses(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    loss: str,
+    beta: float,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Per-token losses (N,) with logits recomputed chunk by chunk in backward (never all stored)."""
+    pieces = []
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        end = start + chunk_size
+        pieces.append(
+            checkpoint(
+                _token_objective, student_hidden[start:end], weight, teacher_log_probs[start:end],
+                targets[start:end], loss, beta, use_reentrant=False,
+            )
+        )
+    return torch.cat(pieces)
+
+
+# ----------------------------------------------------------------------------- teacher
+class Teacher:
+    """Scores the trained tokens of teacher views: the student's own weights under another adapter
+    state (frozen at the fold's start, or an EMA), or an external model."""
+
+    def __init__(self, student, config: FoldConfig, external=None) -> None:
+        self.student = student
+        self.config = config
+        self.external = external
+        self.fresh_adapter = False
+        self.snapshot: dict[str, torch.Tensor] | None = None
+        if external is None:
+            self.snapshot = {name: parameter.detach().clone() for name, parameter in _adapter_parameters(student)}
+
+    def log_probs(self, views: Sequence[EpisodeViews], chunk_size: int) -> torch.Tensor:
+        sequences = [view.teacher.input_ids for view in views]
+        positions = [view.teacher.trained_positions for view in views]
+        with torch.no_grad():
+            if self.external is not None:
+                hidden = hidden_at(self.external, sequences, positions)
+                weight = causal_lm(self.external).get_output_embeddings().weight
+                return chunked_log_probs(hidden, weight, chunk_size)
+            with self._teacher_weights():
+                hidden = hidden_at(self.student, sequences, positions)
+                weight = causal_lm(self.student).get_output_embeddings().weight
+                return chunked_log_probs(hidden, weight, chunk_size)
+
+    def _teacher_weights(self):
+        student, snapshot = self.student, self.snapshot
+        assert snapshot is not None
+
+        class Swap:
+            def __enter__(self):
+                self.saved = {}
+                for name, parameter in _adapter_parameters(student):
+                    self.saved[name] = parameter.data
+                    parameter.data = snapshot[name]
+
+            def __exit__(self, *exc):
+                for name, parameter in _adapter_parameters(student):
+                    parameter.data = self.saved[name]
+
+        return Swap()
+
+    def after_step(self) -> None:
+        if self.config.teacher == "self-ema" and self.snapshot is not None:
+            decay = self.config.ema_decay
+            for name, parameter in _adapter_parameters(self.student):
+                self.snapshot[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+
+
+def _adapter_parameters(model):
+    """The trained parameters (LoRA weights, or every weight in a full fine-tune)."""
+    return [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+# ------------------------------------------------------------------------------ the loop
+def attach_student(base_model, config: FoldConfig, adapter: str | None):
+    """The trainable student: a new LoRA adapter, the given one made trainable, or all weights."""
+    if config.full_finetune:
+        base_model.train()
+        for parameter in base_model.parameters():
+            parameter.requires_grad_(True)
+        return base_model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter:
+        return PeftModel.from_pretrained(base_model, adapter, is_trainable=True)
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules), task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base_model, lora)
+
+
+def fold(
+    engine,
+    families: dict[str, TaskFamily],
+    items: Sequence[FoldItem],
+    config: FoldConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    external_teacher=None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> FoldResult:
+    """Distil the items' privileged context into the engine's model; returns where the adapter is.
+
+    The engine serves the student during rollouts (its model is swapped for the trainable one and
+    restored afterwards, with the new adapter loaded). Metrics go to `run_dir/metrics.jsonl`.
+    """
+    if not items:
+        raise FoldError("no fold prompts: no family has active skills (run `skillfold run` first)")
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "fold_config.json").write_text(config.model_dump_json(indent=2))
+    previous_adapter = engine.adapter
+    engine.unload_adapter()
+    student = attach_student(engine.base_model, config, previous_adapter)
+    parameters = [parameter for _, parameter in _adapter_parameters(student)]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    teacher = Teacher(student, config, external_teacher)
+    start_step, resumed_from = 0, 0
+    checkpoint_path = latest_checkpoint(run_dir) if resume else None
+    if checkpoint_path is not None:
+        saved = load_checkpoint(checkpoint_path, student, optimizer)
+        start_step = resumed_from = saved["step"]
+        if config.teacher == "self-ema" and saved.get("ema") is not None:
+            teacher.snapshot = torch.load(checkpoint_path / "ema.pt")
+        log.info("resumed fold from %s (step %d)", checkpoint_path, start_step)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not resume and metrics_path.exists():
+        metrics_path.unlink()
+    writer = _tensorboard(run_dir)
+    order = _item_order(items, config)
+    engine.model = student
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    try:
+        for step in range(start_step, config.steps):
+            step_started = time.perf_counter()
+            batch = [order[(step * config.batch_size + offset) % len(order)] for offset in range(config.batch_size)]
+            record = fold_step(engine, student, teacher, families, batch, config, optimizer, step)
+            record["seconds"] = time.perf_counter() - step_started
+            record["tokens_per_second"] = (record["generated_tokens"] + record["trained_tokens"]) / record["seconds"]
+            if not math.isfinite(record["loss"]):
+                raise FoldError(
+                    f"the loss became {record['loss']} at step {step + 1}; stopped. The last good checkpoint is "
+                    f"in {run_dir}; lower fold.learning_rate and resume with --resume"
+                )
+            with open(metrics_path, "a") as sink:
+                sink.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key in ("loss", "kl", "rollout_success", "tokens_per_second", "teacher_token_share"):
+                    writer.add_scalar(f"fold/{key}", record[key], step + 1)
+            first = first or record
+            last = record
+            if on_step:
+                on_step(record)
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                extra = {"config": config.model_dump(mode="json"), "ema": config.teacher == "self-ema"}
+                saved_at = save_checkpoint(run_dir, step + 1, student, optimizer, extra)
+                if config.teacher == "self-ema":
+                    torch.save(teacher.snapshot, saved_at / "ema.pt")
+    finally:
+        if writer is not None:
+            writer.close()
+    adapter_dir = run_dir / "adapter"
+    _save_adapter(student, adapter_dir)
+    engine.model = _release(student, config)
+    engine.base_model = engine.model
+    if not config.full_finetune:
+        engine.load_adapter(str(adapter_dir))
+    if not first and checkpoint_path is not None:
+        first = last = json.loads(checkpoint_path.joinpath("state.json").read_text())
+    return FoldResult(
+        steps=config.steps,
+        loss_first=first.get("loss"),
+        loss_last=last.get("loss"),
+        kl_first=first.get("kl"),
+        kl_last=last.get("kl"),
+        adapter=str(adapter_dir),
+        run_dir=str(run_dir),
+        seconds=time.perf_counter() - started,
+        resumed_from=resumed_from,
+    )
+
+
+def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldItem], config: FoldConfig,
+              optimizer, step: int) -> dict[str, Any]:
+    """One rollout -> score -> mask -> loss -> update step; returns its metrics."""
+    from learners.masks import relevance_mask
+
+    student.eval()  # no dropout while sampling
+    environments = [families[item.family].make("train", item.index) for item in batch]
+    sampling = config.sampling.model_copy(update={"seed": config.seed + step * 1000})
+    trajectories = run_episodes(engine, environments, sampling, split="train", max_turns=config.max_turns)
+    views, kept_items, kept_trajectories = _views(engine, batch, trajectories, config)
+    record: dict[str, Any] = {
+        "step": step + 1,
+        "episodes": len(batch),
+        "rollout_success": sum(t.success for t in trajectories) / len(trajectories),
+        "generated_tokens": sum(t.completion_tokens for t in trajectories),
+        "teacher_token_share": 0.0,
+    }
+    if not views:
+        record.update(loss=0.0, kl=0.0, trained_tokens=0)
+        return record
+    student.train()
+    teacher_log_probs = teacher.log_probs(views, config.chunk_size)  # (N, V)
+    student_hidden = hidden_at(student, [v.student.input_ids for v in views], [v.student.trained_positions for v in views])
+    weight = causal_lm(student).get_output_embeddings().weight
+    targets = torch.tensor(
+        [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=student_hidden.device
+    )
+    losses = chunked_token_losses(student_hidden, weight, teacher_log_probs, targets, config.loss, config.beta,
+                                  config.chunk_size)  # (N,)
+    with torch.no_grad():
+        kl = chunked_token_losses(student_hidden.detach(), weight.detach(), teacher_log_probs, targets,
+                                  "reverse_kl", 1.0, config.chunk_size)
+    weights = torch.ones_like(losses)
+    if config.method == "rmsd":
+        lengths = [len(v.student.trained_positions) for v in views]
+        weights = relevance_mask(kl, lengths, config.relevance_top).to(losses.dtype)
+    loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in _adapter_parameters(student)], config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    teacher.after_step()
+    student.eval()
+    record.update(loss=float(loss.detach()), kl=float(kl.mean()), trained_tokens=int(targets.numel()),
+                  anchors=sum(item.anchor for item in kept_items))
+    return record
+
+
+def _views(engine, batch, trajectories: Sequence[Trajectory], config: FoldConfig):
+    views, kept_items, kept_trajectories = [], [], []
+    for item, trajectory in zip(batch, trajectories, strict=True):
+        if not trajectory.turns:
+            continue  # the environment failed before the model acted
+        context = [] if item.anchor else item.context
+        try:
+            view = episode_views(engine.tokenizer, trajectory.messages(), context, engine.stop_ids,
+                                 config.teacher_max_tokens)
+        except TemplateError as error:
+            log.warning("skipping an episode of %s: %s", item.family, error)
+            continue
+        if view.student.trained_positions:
+            views.append(view)
+            kept_items.append(item)
+            kept_trajectories.append(trajectory)
+    return views, kept_items, kept_trajectories
+
+
+def _item_order(items: Sequence[FoldItem], config: FoldConfig) -> list[FoldItem]:
+    """A seeded shuffle with anchors at (about) `anchor_fraction` of every batch."""
+    rng = random.Random(config.seed)
+    skilled = [item for item in items if not item.anchor]
+    anchors = [item for item in items if item.anchor]
+    rng.shuffle(skilled)
+    rng.shuffle(anchors)
+    if not anchors or config.anchor_fraction == 0:
+        return skilled or anchors
+    per_batch = max(1, round(config.batch_size * config.anchor_fraction))
+    order, skilled_index, anchor_index = [], 0, 0
+    for _ in range(max(len(skilled), 1) * 4):
+        for _ in range(config.batch_size - per_batch):
+            order.append(skilled[skilled_index % len(skilled)] if skilled else anchors[anchor_index % len(anchors)])
+            skilled_index += 1
+        for _ in range(per_batch):
+            order.append(anchors[anchor_index % len(anchors)])
+            anchor_index += 1
+    return order
+
+
+def _save_adapter(student, adapter_dir: Path) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix=".adapter-", dir=adapter_dir.parent))
+    student.save_pretrained(str(scratch))
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    os.replace(scratch, adapter_dir)
+
+
+def _release(student, config: FoldConfig):
+    """The base model back without LoRA layers (the engine reloads the saved adapter)."""
+    for parameter in student.parameters():
+        parameter.requires_grad_(False)
+    if config.full_finetune:
+        return student.eval()
+    return student.unload().eval()
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

@@ -1,0 +1,128 @@
+"""Student and teacher views of one episode, token by token, with the trained tokens aligned.
+
+The student sees the episode as it was played (no skills); the teacher sees the same episode with
+the privileged context (retrieved skills, a reference solution) put after the leading system
+messages. Every assistant turn is trained (NOTES.md section 10: training part of a multi-turn
+episode can destroy the behaviour it teaches); environment and tool messages are context only.
+
+Both views are tokenised message by message from the chat template's own rendering, and each
+assistant message's content is tokenised on its own, so the trained tokens are the very same ids in
+both views and a student position maps to exactly one teacher position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+from envs.base import Message
+
+
+class TokenView(BaseModel):
+    """One rendering of an episode: `input_ids`, and which of them are trained (assistant tokens)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_ids: list[int]
+    trained: list[bool]
+
+    @property
+    def trained_positions(self) -> list[int]:
+        return [position for position, flag in enumerate(self.trained) if flag]
+
+
+class EpisodeViews(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    student: TokenView
+    teacher: TokenView
+    context_messages_kept: int
+
+
+class TemplateError(ValueError):
+    """A chat template whose renderings of growing conversations are not prefixes of each other."""
+
+
+def _render(tokenizer, messages: Sequence[Message], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        [message.as_dict() for message in messages], tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def token_view(
+    tokenizer, messages: Sequence[Message], end_ids: set[int], untrained: range = range(0)
+) -> TokenView:
+    """Tokenise a conversation, marking each assistant message's content and end-of-turn token
+    (except the messages whose index is in `untrained`: context such as worked examples)."""
+    input_ids: list[int] = []
+    trained: list[bool] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message.role == "assistant":
+            with_header = _render(tokenizer, messages[:index], generation_prompt=True)
+            if not with_header.startswith(rendered):
+                raise TemplateError("the chat template's generation prompt does not extend the conversation")
+            header = with_header[len(rendered):]
+            full = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+            if not full.startswith(with_header):
+                raise TemplateError("the chat template renders assistant turns differently from its generation prompt")
+            body = full[len(with_header):]
+            content_end = body.find(message.content) + len(message.content) if message.content in body else 0
+            header_ids = _encode(tokenizer, header)
+            content_ids = _encode(tokenizer, body[:content_end])
+            tail_ids = _encode(tokenizer, body[content_end:])
+            input_ids += header_ids + content_ids + tail_ids
+            train = index not in untrained
+            trained += [False] * len(header_ids) + [train] * len(content_ids)
+            # the end-of-turn token is trained too: stopping is part of the behaviour
+            trained += [train and position == 0 and token in end_ids for position, token in enumerate(tail_ids)]
+            rendered = full
+        else:
+            full = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+            if not full.startswith(rendered):
+                raise TemplateError("the chat template's renderings are not prefixes of each other")
+            piece_ids = _encode(tokenizer, full[len(rendered):])
+            input_ids += piece_ids
+            trained += [False] * len(piece_ids)
+            rendered = full
+    return TokenView(input_ids=input_ids, trained=trained)
+
+
+def with_context(messages: Sequence[Message], context: Sequence[Message]) -> tuple[list[Message], range]:
+    """Context after the leading system messages, before the first user message; and where it sits."""
+    leading = 0
+    while leading < len(messages) and messages[leading].role == "system":
+        leading += 1
+    return [*messages[:leading], *context, *messages[leading:]], range(leading, leading + len(context))
+
+
+def episode_views(
+    tokenizer,
+    messages: Sequence[Message],
+    context: Sequence[Message],
+    end_ids: set[int],
+    teacher_max_tokens: int = 4096,
+) -> EpisodeViews:
+    """The student view (no context) and the teacher view (with as much context as fits its limit).
+
+    The teacher's limit is its own: context messages are dropped from the front until the teacher
+    view fits; the student view is never what limits the teacher.
+    """
+    student = token_view(tokenizer, messages, end_ids)
+    kept = list(context)
+    while True:
+        teacher_messages, context_at = with_context(messages, kept)
+        teacher = token_view(tokenizer, teacher_messages, end_ids, untrained=context_at)
+        if len(teacher.input_ids) <= teacher_max_tokens or not kept:
+            break
+        kept = kept[1:]
+    student_tokens = [token for token, flag in zip(student.input_ids, student.trained, strict=True) if flag]
+    teacher_tokens = [token for token, flag in zip(teacher.input_ids, teacher.trained, strict=True) if flag]
+    if student_tokens != teacher_tokens:
+        raise TemplateError("student and teacher views disagree on the trained tokens")
+    return EpisodeViews(student=student, teacher=teacher, context_messages_kept=len(kept))
