@@ -76,6 +76,7 @@ class ChatSession:
             skill_ids=[skill.id for skill in skills], model=self.engine.model_name, adapter=self.engine.adapter,
         )
         shown = [f"[skill {skill.id}] {skill.title}" for skill in skills]
+        calls = 0
         for _ in range(self.max_tool_calls + 1):
             chat = [message.as_dict() for message in trajectory.messages(with_context=True)]
             generation = self.engine.generate([chat], self.params)[0]
@@ -83,7 +84,12 @@ class ChatSession:
                         completion_tokens=len(generation.token_ids))
             trajectory.turns.append(turn)
             action = parse_action(generation.text, [tool.name for tool in self.tools]) if self.tools else None
+            if isinstance(action, ToolCall) and calls >= self.max_tool_calls:
+                turn.done = True
+                shown.append(f"agent> (no answer: it asked for more than {self.max_tool_calls} tool calls)")
+                break
             if isinstance(action, ToolCall):
+                calls += 1
                 tool = next(tool for tool in self.tools if tool.name == action.tool)
                 try:
                     result = f"Result: {tool.run(action.argument)}"
@@ -100,6 +106,8 @@ class ChatSession:
             turn.done = True
             shown.append(f"agent> {answer.strip()}")
             break
+        else:
+            shown.append(f"agent> (no answer after {self.max_tool_calls + 1} turns)")
         self.last = trajectory
         shown.append("(rate it with /good or /bad)")
         return shown

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from agent.config import ModelConfig, default_home
@@ -68,8 +69,9 @@ def skills_list(
         table.add_column(column)
     for skill in skills:
         row = _skill_row(skill)
-        table.add_row(*(str(row[key]) for key in ("id", "kind", "family", "status", "uses", "successes_with")),
-                      skill.title[:60])
+        columns = ("id", "kind", "family", "status", "uses", "successes_with")
+        # escaped: titles and families may hold [brackets], which rich would take for markup
+        table.add_row(*(escape(str(row[key])) for key in columns), escape(skill.title[:60]))
     console.print(table)
 
 
@@ -98,7 +100,7 @@ def skills_show(
         print(json.dumps({**skill.model_dump(mode="json"), "helpfulness": helpfulness.model_dump(),
                           "sources": sources}))
         return
-    console.rule(f"{skill.id} ({skill.kind}, {skill.status}) {skill.family}")
+    console.rule(escape(f"{skill.id} ({skill.kind}, {skill.status}) {skill.family}"))
     console.print(skill.text, markup=False, highlight=False)
     console.rule()
     console.print(
@@ -106,11 +108,11 @@ def skills_show(
         f"[{helpfulness.lower:+.2f}, {helpfulness.upper:+.2f}] vs the family without skills"
     )
     for source in sources:
-        console.print(f"source trajectory {source['id']}: {source}")
+        console.print(f"source trajectory {source['id']}: {source}", markup=False)
     for version in skill.versions:
-        console.print(f"version {version.time:%Y-%m-%d %H:%M} ({version.reason})")
+        console.print(f"version {version.time:%Y-%m-%d %H:%M} ({version.reason})", markup=False)
     for change in skill.status_history:
-        console.print(f"status {change.status} at {change.time:%Y-%m-%d %H:%M}: {change.reason}")
+        console.print(f"status {change.status} at {change.time:%Y-%m-%d %H:%M}: {change.reason}", markup=False)
 
 
 @skills_app.command("search")
@@ -174,7 +176,7 @@ def skills_rm(
 
     with user_errors():
         removed = _memory(home, memory_url).remove_skill(skill_id)
-    console.print(f"removed {removed.id} ({removed.kind}, {removed.family})")
+    console.print(f"removed {removed.id} ({removed.kind}, {removed.family})", markup=False)
 
 
 # -------------------------------------------------------------------- chat

@@ -29,11 +29,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.checkpoint import checkpoint
 
 from engines.base import SamplingParams
 from envs.base import Message, TaskFamily, Trajectory
 from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learners.losses import chunked_generalized_jsd, chunked_sampled_token_reverse_kl
 from learners.rollout import run_episodes
 from learners.views import EpisodeViews, TemplateError, episode_views
 
@@ -128,54 +128,14 @@ def hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Seq
     return hidden[rows, columns]  # (N, H)
 
 
-def chunked_log_probs(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """log_softmax(hidden @ weight.T) for (N, H) hidden states, chunk by chunk, without grad."""
+def sampled_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[target] per row, (N, H) -> (N,), chunk by chunk, without grad."""
     with torch.no_grad():
-        return torch.cat([
-            torch.log_softmax((hidden[start:start + chunk_size] @ weight.T).float(), dim=-1)
-            for start in range(0, hidden.shape[0], chunk_size)
-        ])
-
-
-def _token_objective(
-    student_hidden: torch.Tensor,  # (n, H)
-    weight: torch.Tensor,  # (V, H)
-    teacher_log_probs: torch.Tensor,  # (n, V)
-    targets: torch.Tensor,  # (n,)
-    loss: str,
-    beta: float,
-) -> torch.Tensor:
-    """Per-token losses (n,) for one chunk; called under activation checkpointing."""
-    from learners.losses import token_divergence
-
-    student_log_probs = torch.log_softmax((student_hidden @ weight.T).float(), dim=-1)  # (n, V)
-    if loss == "sampled":
-        chosen = student_log_probs.gather(-1, targets[:, None]).squeeze(-1)
-        advantage = (teacher_log_probs.gather(-1, targets[:, None]).squeeze(-1) - chosen).detach()
-        return -advantage * chosen
-    return token_divergence(student_log_probs, teacher_log_probs, beta=1.0 if loss == "reverse_kl" else beta)
-
-
-def chunked_token_losses(
-    student_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    teacher_log_probs: torch.Tensor,
-    targets: torch.Tensor,
-    loss: str,
-    beta: float,
-    chunk_size: int,
-) -> torch.Tensor:
-    """Per-token losses (N,) with logits recomputed chunk by chunk in backward (never all stored)."""
-    pieces = []
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        end = start + chunk_size
-        pieces.append(
-            checkpoint(
-                _token_objective, student_hidden[start:end], weight, teacher_log_probs[start:end],
-                targets[start:end], loss, beta, use_reentrant=False,
-            )
-        )
-    return torch.cat(pieces)
+        pieces = []
+        for start in range(0, hidden.shape[0], chunk_size):
+            log_probs = torch.log_softmax((hidden[start:start + chunk_size] @ weight.T).float(), dim=-1)
+            pieces.append(log_probs.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1))
+        return torch.cat(pieces)
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -192,18 +152,19 @@ class Teacher:
         if external is None:
             self.snapshot = {name: parameter.detach().clone() for name, parameter in _adapter_parameters(student)}
 
-    def log_probs(self, views: Sequence[EpisodeViews], chunk_size: int) -> torch.Tensor:
+    def hidden(self, views: Sequence[EpisodeViews]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher hidden states (N, H') at the trained positions of its views, and its lm head (V, H')."""
         sequences = [view.teacher.input_ids for view in views]
         positions = [view.teacher.trained_positions for view in views]
         with torch.no_grad():
             if self.external is not None:
                 hidden = hidden_at(self.external, sequences, positions)
-                weight = causal_lm(self.external).get_output_embeddings().weight
-                return chunked_log_probs(hidden, weight, chunk_size)
+                return hidden, causal_lm(self.external).get_output_embeddings().weight.detach()
             with self._teacher_weights():
                 hidden = hidden_at(self.student, sequences, positions)
-                weight = causal_lm(self.student).get_output_embeddings().weight
-                return chunked_log_probs(hidden, weight, chunk_size)
+                weight = causal_lm(self.student).get_output_embeddings().weight.detach().clone() if (
+                    self.config.full_finetune) else causal_lm(self.student).get_output_embeddings().weight.detach()
+                return hidden, weight
 
     def _teacher_weights(self):
         student, snapshot = self.student, self.snapshot
@@ -351,7 +312,6 @@ def fold(
 def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldItem], config: FoldConfig,
               optimizer, step: int) -> dict[str, Any]:
     """One rollout -> score -> mask -> loss -> update step; returns its metrics."""
-    from learners.masks import relevance_mask
 
     student.eval()  # no dropout while sampling
     environments = [families[item.family].make("train", item.index) for item in batch]
@@ -369,30 +329,42 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
         record.update(loss=0.0, kl=0.0, trained_tokens=0)
         return record
     student.train()
-    teacher_log_probs = teacher.log_probs(views, config.chunk_size)  # (N, V)
-    student_hidden = hidden_at(student, [v.student.input_ids for v in views], [v.student.trained_positions for v in views])
-    weight = causal_lm(student).get_output_embeddings().weight
+    teacher_hidden, teacher_weight = teacher.hidden(views)  # (N, H'), (V, H')
+    student_hidden = hidden_at(
+        student, [v.student.input_ids for v in views], [v.student.trained_positions for v in views]
+    )  # (N, H)
+    weight = causal_lm(student).get_output_embeddings().weight  # (V, H)
     targets = torch.tensor(
         [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=student_hidden.device
-    )
-    losses = chunked_token_losses(student_hidden, weight, teacher_log_probs, targets, config.loss, config.beta,
-                                  config.chunk_size)  # (N,)
-    with torch.no_grad():
-        kl = chunked_token_losses(student_hidden.detach(), weight.detach(), teacher_log_probs, targets,
-                                  "reverse_kl", 1.0, config.chunk_size)
-    weights = torch.ones_like(losses)
+    )  # (N,)
+    mask = torch.ones((1, targets.numel()), dtype=torch.bool, device=targets.device)
+    with torch.no_grad():  # the student-teacher KL on these tokens, for the logs (and rmsd's choice)
+        kl = chunked_generalized_jsd(student_hidden[None].detach(), weight.detach(), teacher_hidden[None], 1.0, mask,
+                                     teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size)
     if config.method == "rmsd":
-        lengths = [len(v.student.trained_positions) for v in views]
-        weights = relevance_mask(kl, lengths, config.relevance_top).to(losses.dtype)
-    loss = (losses * weights).sum() / weights.sum().clamp(min=1)
+        disagreement = (
+            sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size)
+            - sampled_log_probs(student_hidden.detach(), weight.detach(), targets, config.chunk_size)
+        ).abs()
+        mask = _top_per_episode(disagreement, [len(v.student.trained_positions) for v in views], config.relevance_top)
+    if config.loss == "sampled":
+        teacher_log_probs = sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size)
+        loss, _ = chunked_sampled_token_reverse_kl(
+            student_hidden[None], weight, targets[None], teacher_log_probs[None], mask, chunk_size=config.chunk_size
+        )
+    else:
+        loss = chunked_generalized_jsd(
+            student_hidden[None], weight, teacher_hidden[None], 1.0 if config.loss == "reverse_kl" else config.beta,
+            mask, teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size,
+        )
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for _, p in _adapter_parameters(student)], config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     teacher.after_step()
     student.eval()
-    record.update(loss=float(loss.detach()), kl=float(kl.mean()), trained_tokens=int(targets.numel()),
-                  anchors=sum(item.anchor for item in kept_items))
+    record.update(loss=float(loss.detach()), kl=float(kl), trained_tokens=int(targets.numel()),
+                  distilled_tokens=int(mask.sum()), anchors=sum(item.anchor for item in kept_items))
     return record
 
 
@@ -463,3 +435,19 @@ def _tensorboard(run_dir: Path):
     except ImportError:
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _top_per_episode(scores: torch.Tensor, lengths: Sequence[int], top: int) -> torch.Tensor:
+    """RMSD's relevance mask on flattened episodes: each episode's `top` highest-scoring tokens (1, N)."""
+    from learners.masks import top_positions
+
+    width = max(lengths)
+    padded = torch.zeros((len(lengths), width), dtype=scores.dtype)
+    valid = torch.zeros((len(lengths), width), dtype=torch.bool)
+    start = 0
+    for row, length in enumerate(lengths):
+        padded[row, :length] = scores[start:start + length]
+        valid[row, :length] = True
+        start += length
+    chosen = top_positions(padded, valid, top)  # (E, L)
+    return chosen[valid][None]  # (1, N), in the flattened order

@@ -121,6 +121,8 @@ def episode_views(
         if len(teacher.input_ids) <= teacher_max_tokens or not kept:
             break
         kept = kept[1:]
+        while kept and kept[0].role == "assistant":  # never keep half of a worked example
+            kept = kept[1:]
     student_tokens = [token for token, flag in zip(student.input_ids, student.trained, strict=True) if flag]
     teacher_tokens = [token for token, flag in zip(teacher.input_ids, teacher.trained, strict=True) if flag]
     if student_tokens != teacher_tokens:

@@ -1,6 +1,10 @@
 import pytest
+import torch
 
 from tests.tiny import build_model, build_tokenizer
+
+# Tiny models run fastest on one thread; more threads only contend on a busy 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

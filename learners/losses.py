@@ -1,0 +1,404 @@
+"""Distillation losses: pure torch functions, each with its formula in its docstring.
+
+Notation (research/algorithms.md): S = π_θ the student, T the teacher, μ the behaviour policy that
+sampled the rollout, y_t the token at position t, m_t the token mask (bool, or float weights),
+sg stop-gradient. Per-position inputs are (B, T); distributions are over the last dim (V, or K+1
+buckets). Every loss is a mean over unmasked tokens, Σ_t m_t·ℓ_t / Σ_t m_t (0 when nothing is
+unmasked: a batch with no trained token gives a zero loss with a valid graph, not NaN).
+
+Two families:
+- sampled-token reverse KL, an RL loss on the log-probs of the sampled tokens only (B, T);
+- the generalized JSD(β) over the full vocabulary or over the teacher's top-k plus a tail bucket.
+
+The (B, T, V) logits are the memory and time hog of a training step (8 x 256 x 49,152 fp32 is
+0.4 GB per copy, NOTES.md section 3). `chunked_head_loss` computes a loss from the final hidden
+states and the lm head weight a chunk of positions at a time, so neither the forward nor the backward
+ever holds more than a few (chunk_size, V) tensors, and masked positions cost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# A per-token loss for `chunked_head_loss`: (logits (n, V) fp32, *extras (n, ...)) -> (loss (n,), stat (n,)).
+TokenLoss = Callable[..., tuple[Tensor, Tensor]]
+
+# log-probabilities of empty buckets are floored here, so that 0·log 0 terms stay finite
+_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # ≈ −87.3
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Σ_t m_t·v_t / Σ_t m_t over all positions; 0 when Σ_t m_t = 0. `mask` bool or float weights."""
+    weights = mask.to(values.dtype)
+    total = weights.sum()
+    weighted = torch.where(weights != 0, values * weights, torch.zeros_like(values))
+    return weighted.sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+# --- sampled-token reverse KL (RL form) ----------------------------------------------------------
+
+
+def _sampled_token_terms(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, behaviour_logprobs: Tensor | None, clip: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token loss, ratio and clipped flag of `sampled_token_reverse_kl` (all the input's shape)."""
+    advantage = (teacher_logprobs - student_logprobs).detach()
+    reference = student_logprobs.detach() if behaviour_logprobs is None else behaviour_logprobs.detach()
+    ratio = torch.exp(student_logprobs - reference)  # 1 on-policy, with gradient ∇log S
+    unclipped = ratio * advantage
+    if clip is None:
+        return -unclipped, ratio, torch.zeros_like(unclipped, dtype=torch.bool)
+    clipped = ratio.clamp(1.0 - clip, 1.0 + clip) * advantage
+    return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
+
+
+def _sampled_token_metrics(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, ratio: Tensor, clipped: Tensor, mask: Tensor
+) -> dict[str, float]:
+    with torch.no_grad():
+        return {
+            "kl": masked_mean(student_logprobs - teacher_logprobs, mask).item(),
+            "clip_fraction": masked_mean(clipped.to(ratio.dtype), mask).item(),
+            "ratio": masked_mean(ratio, mask).item(),
+        }
+
+
+def sampled_token_reverse_kl(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    behaviour_logprobs: Tensor | None = None,
+    clip: float | None = 0.2,
+) -> tuple[Tensor, dict[str, float]]:
+    """Reverse KL on the sampled tokens as a per-token advantage, PPO-clipped (Thinking Machines OPD,
+    tinker `incorporate_kl_penalty`; the OPSD sampled-token mode).
+
+        A_t = sg(log T(y_t) − log S(y_t))                  (−1 x the k1 estimate of KL(S‖T) at y_t)
+        r_t = exp(log S(y_t) − sg(log μ(y_t)))             (μ = None: on-policy, r_t = 1, ∇r_t = ∇log S)
+        ℓ_t = −min(r_t·A_t, clip(r_t, 1−ε, 1+ε)·A_t)       (ε = `clip`; None: no clipping)
+        L   = Σ_t m_t·ℓ_t / Σ_t m_t
+
+    On-policy the gradient is −Σ_t m_t·A_t·∇log S(y_t) / Σ m: descent raises log S(y_t) where the teacher
+    gives y_t more probability than the student, and lowers it where less. A clipped token (the
+    clipped term is the strict minimum) gets no gradient. All inputs (B, T); the teacher and behaviour
+    log-probs are constants. Metrics (floats): `kl` = masked mean of log S − log T (the k1 estimate of
+    KL(S‖T) when μ = S), `clip_fraction` = share of unmasked tokens clipped, `ratio` = mean r_t.
+    """
+    loss_t, ratio, clipped = _sampled_token_terms(
+        student_logprobs, teacher_logprobs, behaviour_logprobs, clip
+    )
+    loss = masked_mean(loss_t, mask)
+    return loss, _sampled_token_metrics(student_logprobs, teacher_logprobs, ratio, clipped, mask)
+
+
+# --- generalized JSD(β) ----------------------------------------------------------------------------
+
+
+def _kl(p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:
+    """KL(p‖q) = Σ_v p_v·(log p_v − log q_v) over the last dim, with 0·log(0/q) = 0 (and no NaN grads)."""
+    p = p_logprobs.exp()
+    difference = torch.where(p > 0, p_logprobs - q_logprobs, torch.zeros_like(p))
+    return (p * difference).sum(-1)
+
+
+def token_jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, beta: float) -> Tensor:
+    """Generalized JSD(β) per position over the last dim, (..., V) -> (...), as TRL's GKD:
+
+        M   = β·T + (1−β)·S
+        D_β = β·KL(T‖M) + (1−β)·KL(S‖M)          0 < β < 1
+        D_0 = KL(T‖S)   (forward, mode-covering)     D_1 = KL(S‖T)   (reverse, mode-seeking)
+
+    β = 0 and β = 1 are defined separately (as in TRL): the formula itself tends to β·KL(T‖S) as
+    β → 0 and (1−β)·KL(S‖T) as β → 1, so it vanishes at the ends; the special cases keep the scale.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return _kl(teacher_logprobs, student_logprobs)
+    if beta == 1.0:
+        return _kl(student_logprobs, teacher_logprobs)
+    log_mixture = torch.logaddexp(student_logprobs + math.log1p(-beta), teacher_logprobs + math.log(beta))
+    return beta * _kl(teacher_logprobs, log_mixture) + (1.0 - beta) * _kl(student_logprobs, log_mixture)
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits / τ in fp32 (no copy when the logits are fp32 and τ = 1)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def generalized_jsd(
+    student_logits: Tensor, teacher_logits: Tensor, beta: float, mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """Generalized JSD(β) over the full vocabulary, mean over unmasked tokens (GKD, Agarwal et al. 2024):
+
+        S = softmax(student_logits / τ),  T = softmax(teacher_logits / τ)          (B, T, V)
+        L = Σ_t m_t·D_β(S_t, T_t) / Σ_t m_t                                         (`token_jsd`)
+
+    β = 0 is forward KL(T‖S), β = 1 reverse KL(S‖T). Same value as TRL's
+    `GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature)` with
+    labels = −100 where the mask is False (its default reduction "batchmean" divides by the unmasked
+    token count when labels are given; without labels it divides the sum by B instead). Computed in
+    fp32. The teacher is not detached here: pass teacher logits computed under `torch.no_grad()`.
+    """
+    student = F.log_softmax(_scaled(student_logits, temperature), dim=-1)  # (B, T, V)
+    teacher = F.log_softmax(_scaled(teacher_logits, temperature), dim=-1)  # (B, T, V)
+    return masked_mean(token_jsd(student, teacher, beta), mask)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 − eˣ) for x ≤ 0, accurate at both ends (Mächler 2012); x is clamped to ≤ 0 first."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_buckets(
+    student_logits: Tensor, teacher_topk_ids: Tensor, teacher_topk_logprobs: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both distributions restricted to the teacher's top-k tokens plus one tail bucket, (..., K+1):
+
+        S_k = S(v_k)  for the teacher's top-k ids v_1..v_K,  S_tail = 1 − Σ_k S_k  (exact: from the logits
+        of the tokens outside the top-k);  T_k as given,  T_tail = 1 − Σ_k T_k.
+
+    Each tail's log-probability is floored at log(float32 tiny) ≈ −87.3: with K = V both tails are empty
+    (and contribute 0); a teacher whose top-k mass rounds to 1 gets a tail of e^−87.3, so a reverse KL
+    stays finite. `student_logits` (..., V); the teacher's ids and log-probs (..., K), as an engine's
+    `score(top_k=K)` returns them (distinct ids; log-probs normalized over the full vocabulary).
+    """
+    student_logits = student_logits.float()
+    vocabulary = student_logits.shape[-1]
+    teacher_topk_logprobs = teacher_topk_logprobs.float()
+    normalizer = torch.logsumexp(student_logits, dim=-1, keepdim=True)  # (..., 1)
+    student_topk = student_logits.gather(-1, teacher_topk_ids) - normalizer  # (..., K)
+    if teacher_topk_ids.shape[-1] >= vocabulary:  # nothing outside the top-k
+        student_tail = torch.full_like(normalizer, _LOG_FLOOR)
+        teacher_tail = torch.full_like(student_tail, _LOG_FLOOR)
+    else:
+        outside = student_logits.scatter(-1, teacher_topk_ids, float("-inf"))  # (..., V)
+        student_tail = (torch.logsumexp(outside, dim=-1, keepdim=True) - normalizer).clamp(min=_LOG_FLOOR)
+        teacher_mass = torch.logsumexp(teacher_topk_logprobs, dim=-1, keepdim=True)  # (..., 1)
+        teacher_tail = _log1mexp(teacher_mass).clamp(min=_LOG_FLOOR)
+    return torch.cat([student_topk, student_tail], dim=-1), torch.cat(
+        [teacher_topk_logprobs, teacher_tail], dim=-1
+    )
+
+
+def topk_jsd(
+    student_logits: Tensor, teacher_topk_ids: Tensor, teacher_topk_logprobs: Tensor, beta: float, mask: Tensor
+) -> Tensor:
+    """Generalized JSD(β) over the teacher's top-k tokens plus a tail bucket (SDPO's top-k + tail; the
+    "teacher top-K" fix of Revisiting OPD), mean over unmasked tokens:
+
+        (S', T') = `topk_buckets`(...)                                                (B, T, K+1)
+        L = Σ_t m_t·D_β(S'_t, T'_t) / Σ_t m_t                                          (`token_jsd`)
+
+    The teacher needs only K log-probs per position. With K = V this equals `generalized_jsd`. Student
+    logits (B, T, V), teacher ids and log-probs (B, T, K), no temperature (the teacher's log-probs come
+    at whatever temperature they were scored at). The gradient flows through the student's top-k and
+    tail probabilities; the teacher side is a constant.
+    """
+    student, teacher = topk_buckets(student_logits, teacher_topk_ids, teacher_topk_logprobs)  # (B, T, K+1)
+    return masked_mean(token_jsd(student, teacher, beta), mask)
+
+
+# --- chunked over positions, from hidden states ---------------------------------------------------
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Σ_n w_n·loss_n over rows, with logits = hidden @ weightᵀ made one chunk of rows at a time.
+
+    The gradient is computed in the forward pass, chunk by chunk (autograd on the chunk's logits, then
+    ∂hidden = ∂logits @ W and ∂W += ∂logitsᵀ @ hidden), so the backward pass only scales the stored
+    (N, H) and (V, H) gradients: one logits matmul per chunk instead of two with recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, row_weights, token_loss, chunk_size, need_hidden, need_weight, *extras):
+        ctx.extra_count = len(extras)
+        rows = hidden.shape[0]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        )
+        stats = torch.zeros(rows, dtype=torch.float32, device=hidden.device)  # (N,)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, chunk_size):
+            end = min(start + chunk_size, rows)
+            chunk_hidden = hidden[start:end]  # (n, H)
+            logits = (chunk_hidden @ weight.T).float()  # (n, V)
+            chunk_extras = [extra[start:end] for extra in extras]
+            if need_hidden or need_weight:
+                logits.requires_grad_(True)
+                with torch.enable_grad():
+                    loss, stat = token_loss(logits, *chunk_extras)  # (n,), (n,)
+                    chunk_total = (loss * row_weights[start:end]).sum()
+                (grad_logits,) = torch.autograd.grad(chunk_total, logits)  # (n, V)
+                grad_logits = grad_logits.to(weight.dtype)
+                if need_hidden:
+                    grad_hidden[start:end] = grad_logits @ weight
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.T.float(), chunk_hidden.float())
+                del grad_logits
+            else:
+                loss, stat = token_loss(logits, *chunk_extras)
+                chunk_total = (loss * row_weights[start:end]).sum()
+            del logits
+            total += chunk_total.detach()
+            stats[start:end] = stat.detach().float()
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_stats):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
+            *([None] * (5 + ctx.extra_count)),
+        )
+
+
+def chunked_head_loss(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    mask: Tensor,
+    token_loss: TokenLoss,
+    extras: Sequence[Tensor] = (),
+    chunk_size: int = 512,
+) -> tuple[Tensor, Tensor]:
+    """L = Σ_t m_t·ℓ(h_t Wᵀ, e_t) / Σ_t m_t without materialising the (B, T, V) logits.
+
+    Only the unmasked positions are computed, `chunk_size` of them (rows of B·T) at a time: the peak is
+    a few (chunk_size, V) fp32 tensors in forward and none in backward. Same value and gradients (with
+    respect to `hidden_states` and `lm_head_weight`) as applying `token_loss` to the full logits.
+
+    `hidden_states` (B, T, H): the final hidden states after the last norm, position t already aligned
+    with what it predicts (shift before calling). `lm_head_weight` (V, H), bias-free head. `mask` (B, T)
+    bool or float weights. `token_loss(logits (n, V) fp32, *extras (n, ...))` returns the per-token loss
+    ℓ and a per-token statistic (n,) (returned detached, scattered to (B, T), 0 where masked). `extras`
+    (B, T, ...) are per-position constants (no gradient flows to them).
+    Returns (loss, statistic (B, T)). The gradient is computed during this call whenever grad mode is
+    on and an input requires it (the backward pass only scales it): evaluate under `torch.no_grad()`.
+    Not twice differentiable.
+    """
+    rows = mask != 0  # (B, T)
+    weights = mask.to(torch.float32)
+    total_weight = weights.sum()
+    row_weights = weights[rows] / torch.where(
+        total_weight > 0, total_weight, torch.ones_like(total_weight)
+    )  # (N,)
+    hidden = hidden_states[rows]  # (N, H)
+    row_extras = [extra[rows].detach() for extra in extras]  # (N, ...)
+    grad_enabled = torch.is_grad_enabled()
+    need_hidden = grad_enabled and hidden.requires_grad
+    need_weight = grad_enabled and lm_head_weight.requires_grad
+    loss, row_stats = _ChunkedHeadLoss.apply(
+        hidden, lm_head_weight, row_weights, token_loss, chunk_size, need_hidden, need_weight, *row_extras
+    )
+    stats = torch.zeros(mask.shape, dtype=torch.float32, device=hidden_states.device)  # (B, T)
+    stats[rows] = row_stats
+    return loss, stats
+
+
+def chunked_generalized_jsd(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    teacher_hidden_states: Tensor,
+    beta: float,
+    mask: Tensor,
+    *,
+    teacher_lm_head_weight: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> Tensor:
+    """`generalized_jsd` from hidden states, chunked (`chunked_head_loss`): neither the student's nor
+    the teacher's (B, T, V) logits are ever whole.
+
+        S_t = softmax(h_t Wᵀ / τ),  T_t = softmax(sg(h'_t W'ᵀ) / τ),  L = Σ_t m_t·D_β(S_t, T_t) / Σ_t m_t
+
+    `teacher_hidden_states` (B, T, H') aligned with the student's positions; `teacher_lm_head_weight`
+    (V, H') defaults to the student's (self-distillation with a LoRA student). The teacher is a
+    stop-gradient target. β = 1 is the full-vocabulary reverse KL(S‖T) of the fold probe (NOTES §10).
+    """
+    teacher_weight = (lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight).detach()
+
+    def token_loss(logits: Tensor, teacher_hidden: Tensor) -> tuple[Tensor, Tensor]:
+        student = F.log_softmax(_scaled(logits, temperature), dim=-1)  # (n, V)
+        with torch.no_grad():
+            teacher_logits = (teacher_hidden @ teacher_weight.T).float()  # (n, V)
+            teacher = F.log_softmax(_scaled(teacher_logits, temperature), dim=-1)
+        divergence = token_jsd(student, teacher, beta)  # (n,)
+        return divergence, divergence
+
+    loss, _ = chunked_head_loss(
+        hidden_states, lm_head_weight, mask, token_loss, [teacher_hidden_states], chunk_size
+    )
+    return loss
+
+
+def chunked_topk_jsd(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    beta: float,
+    mask: Tensor,
+    *,
+    chunk_size: int = 512,
+) -> Tensor:
+    """`topk_jsd` from hidden states, chunked (`chunked_head_loss`): L = Σ_t m_t·D_β(S'_t, T'_t) / Σ_t m_t
+    over the teacher's top-k + tail buckets, S_t = softmax(h_t Wᵀ). Teacher ids, log-probs (B, T, K)."""
+
+    def token_loss(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+        student, teacher = topk_buckets(logits, topk_ids, topk_logprobs)  # (n, K+1)
+        divergence = token_jsd(student, teacher, beta)  # (n,)
+        return divergence, divergence
+
+    extras = [teacher_topk_ids, teacher_topk_logprobs]
+    loss, _ = chunked_head_loss(hidden_states, lm_head_weight, mask, token_loss, extras, chunk_size)
+    return loss
+
+
+def chunked_sampled_token_reverse_kl(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    token_ids: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    behaviour_logprobs: Tensor | None = None,
+    clip: float | None = 0.2,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> tuple[Tensor, dict[str, float]]:
+    """`sampled_token_reverse_kl` from hidden states, chunked (`chunked_head_loss`), with
+    log S(y_t) = log_softmax(h_t Wᵀ / τ)[y_t]. `token_ids` are the sampled y_t (B, T); teacher and
+    behaviour log-probs (B, T). Same loss, gradients and metrics as the unchunked function."""
+    on_policy = behaviour_logprobs is None
+
+    def token_loss(logits: Tensor, ids: Tensor, teacher: Tensor, *behaviour: Tensor) -> tuple[Tensor, Tensor]:
+        scaled = _scaled(logits, temperature)  # (n, V)
+        student = scaled.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)  # (n,)
+        loss, _, _ = _sampled_token_terms(student, teacher, None if on_policy else behaviour[0], clip)
+        return loss, student
+
+    extras = [token_ids, teacher_logprobs] + ([] if on_policy else [behaviour_logprobs])
+    loss, student_logprobs = chunked_head_loss(
+        hidden_states, lm_head_weight, mask, token_loss, extras, chunk_size
+    )
+    with torch.no_grad():
+        _, ratio, clipped = _sampled_token_terms(
+            student_logprobs,
+            teacher_logprobs.float(),
+            None if on_policy else behaviour_logprobs.float(),
+            clip,
+        )
+    return loss, _sampled_token_metrics(student_logprobs, teacher_logprobs.float(), ratio, clipped, mask)

@@ -1,0 +1,141 @@
+"""The fold loop on a tiny random-weight Llama and the toy family: learning, exact resume, NaN stop."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engines.hf import HFEngine
+from envs import make_family
+from envs.base import Message
+from learners.fold import FoldConfig, FoldError, FoldItem, fold
+from learners.views import episode_views
+from tests.tiny import build_model
+
+fold_module = importlib.import_module("learners.fold")  # the module (learners exports the function `fold`)
+
+CONTEXT = [Message(role="user", content="Say the word: apple"), Message(role="assistant", content="apple")]
+
+
+def make_engine(tokenizer):
+    return HFEngine(build_model(tokenizer), tokenizer, model_name="tiny", batch_size=8)
+
+
+def config(**overrides) -> FoldConfig:
+    values = dict(steps=4, batch_size=4, learning_rate=5e-3, lora_rank=4, lora_alpha=8, checkpoint_every=2,
+                  sampling={"temperature": 1.0, "max_new_tokens": 8})
+    values.update(overrides)
+    return FoldConfig(**values)
+
+
+def items(family, count=12, anchors=0):
+    skilled = [FoldItem(family=family.name, index=i, context=CONTEXT) for i in range(count)]
+    return skilled + [FoldItem(family=family.name, index=i, anchor=True) for i in range(anchors)]
+
+
+def heldout_kl(engine, family) -> float:
+    """Mean student-teacher reverse KL over trained tokens of fixed greedy eval episodes."""
+    from engines.base import SamplingParams
+    from learners.rollout import run_episodes
+
+    environments = [family.make("eval", index) for index in range(6)]
+    trajectories = run_episodes(engine, environments, SamplingParams(max_new_tokens=8), split="eval")
+    total, count = 0.0, 0
+    for trajectory in trajectories:
+        views = episode_views(engine.tokenizer, trajectory.messages(), CONTEXT, engine.stop_ids)
+        with torch.no_grad():
+            s = torch.log_softmax(engine.model(torch.tensor([views.student.input_ids])).logits[0].float(), -1)
+            t = torch.log_softmax(engine.base_model(torch.tensor([views.teacher.input_ids])).logits[0].float(), -1)
+        for ps, pt in zip(views.student.trained_positions, views.teacher.trained_positions, strict=True):
+            total += float((s[ps - 1].exp() * (s[ps - 1] - t[pt - 1])).sum())
+            count += 1
+    return total / count
+
+
+def test_views_train_the_same_tokens_and_not_the_context(tiny_tokenizer):
+    messages = [Message(role="user", content="Say the word: river"), Message(role="assistant", content="river"),
+                Message(role="user", content="again"), Message(role="assistant", content="river river")]
+    views = episode_views(tiny_tokenizer, messages, CONTEXT, {tiny_tokenizer.eos_token_id})
+    student = [views.student.input_ids[p] for p in views.student.trained_positions]
+    teacher = [views.teacher.input_ids[p] for p in views.teacher.trained_positions]
+    assert student == teacher
+    assert tiny_tokenizer.decode(student) == "river<|im_end|>river river<|im_end|>"
+    assert len(views.teacher.input_ids) > len(views.student.input_ids)
+    # the teacher's own length limit drops context, never the episode
+    short = episode_views(tiny_tokenizer, messages, CONTEXT, {tiny_tokenizer.eos_token_id},
+                          teacher_max_tokens=len(views.student.input_ids))
+    assert short.context_messages_kept == 0 and short.teacher.input_ids == views.student.input_ids
+
+
+def test_fold_moves_the_student_toward_the_teacher(tiny_tokenizer, tmp_path):
+    engine = make_engine(tiny_tokenizer)
+    family = make_family("toy")
+    before = heldout_kl(engine, family)
+    result = fold(engine, {family.name: family}, items(family), config(steps=10), tmp_path / "run")
+    assert engine.adapter == result.adapter and Path(result.adapter, "adapter_config.json").is_file()
+    after = heldout_kl(engine, family)
+    assert after < before * 0.8, (before, after)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 10
+
+
+def test_adapter_is_a_standard_peft_directory(tiny_tokenizer, tmp_path):
+    from peft import PeftModel
+
+    engine = make_engine(tiny_tokenizer)
+    family = make_family("toy")
+    result = fold(engine, {family.name: family}, items(family), config(steps=2), tmp_path / "run")
+    model = PeftModel.from_pretrained(build_model(tiny_tokenizer), result.adapter)
+    assert sum("lora" in name for name, _ in model.named_parameters()) > 0
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_a_killed_fold_resumes_exactly(tiny_tokenizer, tmp_path):
+    family = make_family("toy:2")
+    straight = fold(make_engine(tiny_tokenizer), {family.name: family}, items(family, anchors=4),
+                    config(anchor_fraction=0.25), tmp_path / "straight")
+
+    def kill_at_three(record):
+        if record["step"] == 3:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        fold(make_engine(tiny_tokenizer), {family.name: family}, items(family, anchors=4),
+             config(anchor_fraction=0.25), tmp_path / "killed", on_step=kill_at_three)
+    assert (tmp_path / "killed" / "step-000002" / "state.json").is_file()
+    resumed = fold(make_engine(tiny_tokenizer), {family.name: family}, items(family, anchors=4),
+                   config(anchor_fraction=0.25), tmp_path / "killed", resume=True)
+    assert resumed.resumed_from == 2
+    expected = load_file(str(Path(straight.adapter) / "adapter_model.safetensors"))
+    actual = load_file(str(Path(resumed.adapter) / "adapter_model.safetensors"))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], actual[name], atol=1e-6), name
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_tokenizer, tmp_path, monkeypatch):
+    engine = make_engine(tiny_tokenizer)
+    family = make_family("toy")
+    real = fold_module.chunked_generalized_jsd
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        value = real(*args, **kwargs)
+        calls["n"] += 1
+        return value * float("nan") if calls["n"] > 4 else value  # 2 calls per step: metric + loss
+
+    monkeypatch.setattr(fold_module, "chunked_generalized_jsd", poisoned)
+    with pytest.raises(FoldError, match="loss became nan at step 3"):
+        fold(engine, {family.name: family}, items(family), config(steps=4), tmp_path / "run")
+    assert (tmp_path / "run" / "step-000002").is_dir()
+    assert not (tmp_path / "run" / "step-000003").exists()
+
+
+def test_no_items_is_a_clear_error(tiny_tokenizer, tmp_path):
+    with pytest.raises(FoldError, match="no fold prompts"):
+        fold(make_engine(tiny_tokenizer), {}, [], config(), tmp_path / "run")
