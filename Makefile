@@ -31,10 +31,13 @@ integration: install model
 	$(BIN)/python -m pytest -q tests/integration
 
 demo: install model
-	$(BIN)/skillfold eval --env rg:leg_counting --env rg:basic_arithmetic --env rg:letter_counting --env rg:spell_backward --items 32
+	$(BIN)/skillfold demo
 
 bench: install model
 	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_memory.py 10000
+	$(BIN)/python benchmarks/bench_memory.py 100000
+	$(BIN)/python benchmarks/bench_fast.py
 
 lint: install
 	$(BIN)/ruff check .

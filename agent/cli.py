@@ -266,7 +266,7 @@ def run_command(
 def fold_command(
     families: Annotated[list[str] | None, typer.Option("--families", "-f", help="families to fold (repeatable); default: all with active skills")] = None,
     anchor: Annotated[list[str] | None, typer.Option("--anchor", help="family to keep as it is (repeatable)")] = None,
-    method: Annotated[str | None, typer.Option(help="opsd, opd or rmsd")] = None,
+    method: Annotated[str | None, typer.Option(help="opsd, opd, rmsd, speculative or trb")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
     adapter: Annotated[str | None, typer.Option(help="adapter to continue from: latest, none or a path")] = "latest",
@@ -350,6 +350,36 @@ def _fold_progress(total: int):
             ))
 
         yield on_step
+
+
+# -------------------------------------------------------------------- demo
+@app.command("demo")
+def demo_command(
+    home: Annotated[Path, typer.Option(help="where the demo keeps its memory and adapter (wiped first)")] = Path(".skillfold/demo"),
+    items: Annotated[int, typer.Option(help="held-out items per measurement")] = 48,
+    episodes: Annotated[int, typer.Option(help="train episodes of the fast path")] = 16,
+    fold_steps: Annotated[int, typer.Option("--fold-steps", help="fold steps of the slow path (0 = skip)")] = 0,
+    model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The main job end to end: baseline, skills in memory (off vs on), optionally a fold."""
+    from agent.demo import run_demo
+
+    quiet_libraries()
+    with user_errors():
+        engine = _load_engine(ModelConfig(name=model))
+        started = time.perf_counter()
+        rows = run_demo(engine, home, items, episodes, fold_steps, say=console.print)
+    table = Table(title=f"skillfold demo: held-out accuracy, {items} items each, 95% Wilson intervals")
+    for column in ("stage", "family", "correct", "accuracy", "95% CI"):
+        table.add_column(column, justify="left" if column in ("stage", "family") else "right")
+    for row in rows:
+        table.add_row(row["stage"], row["env"], f"{row['successes']}/{row['items']}", f"{row['accuracy']:.1%}",
+                      f"{row['ci_low']:.1%}-{row['ci_high']:.1%}")
+    console.print(table)
+    console.print(f"done in {time.perf_counter() - started:.0f}s; memory, runs and figures in {home}")
+    if json_output:
+        print(json.dumps(rows))
 
 
 def _ask_approval(request: dict) -> bool:

@@ -41,6 +41,17 @@ class Generation(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
+class GuidedGeneration(Generation):
+    """A completion sampled by a rollout policy that mixes the student with a teacher
+    (`HFEngine.generate_guided`). `logprobs` stay the student's model log-probs of the chosen tokens;
+    the behaviour log-probs are those of the policy μ that chose them (at temperature 1, before
+    temperature or top-p warping, like every log-prob here), for importance ratios S/μ."""
+
+    sources: list[int] = Field(description="per token: 0 = the student's token, 1 = a teacher token")
+    behaviour_logprobs: list[float] = Field(description="log μ of each chosen token under the rollout policy")
+    teacher_logprobs: list[float] = Field(description="the teacher view's model log-prob of each chosen token")
+
+
 class TokenScores(BaseModel):
     """Per-token log-probs of a given completion under a given prompt."""
 

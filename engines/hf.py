@@ -12,15 +12,17 @@ not depend on which other rows share its batch (tests hold this to 1e-4).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from engines.base import Chat, Generation, SamplingParams, TokenScores
+from engines.base import Chat, Generation, GuidedGeneration, SamplingParams, TokenScores
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,10 @@ class HFEngine:
     def count_tokens(self, prompt: Chat) -> int:
         return len(self.encode(prompt))
 
-    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _left_pad(
+        self, rows: Sequence[Sequence[int]], device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = device or self.device
         width = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -103,7 +108,7 @@ class HFEngine:
             input_ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
             attention_mask[index, width - len(row):] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
+        return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
     # -------------------------------------------------------------- generation
     @torch.inference_mode()
@@ -196,6 +201,152 @@ class HFEngine:
                     logprobs=logprobs[row],
                     prompt_tokens=len(rows[row]),
                     finish_reason=finish[row] or "length",
+                )
+            )
+        return outputs
+
+    # ------------------------------------------------------- guided generation
+    @torch.inference_mode()
+    def generate_guided(
+        self,
+        student_prompts: Sequence[Chat],
+        teacher_prompts: Sequence[Chat],
+        params: SamplingParams,
+        *,
+        policy: Literal["speculative", "mixture"],
+        top_k: int = 20,
+        mix: float = 0.0,
+        teacher_scope: Callable[[], contextlib.AbstractContextManager] | None = None,
+        teacher_model=None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[GuidedGeneration]:
+        """Rollouts from a policy that blends the student with a teacher, one token at a time.
+
+        Two views advance together, each a left-padded batch with its own KV cache: the student view
+        (`self.model` on `student_prompts`) and the teacher view (`teacher_prompts`, run through
+        `teacher_model`, default `self.model`, inside `teacher_scope()` when given: a factory of
+        context managers that swap the teacher's weights in, e.g. `Teacher._teacher_weights`). Both
+        views append the same chosen token at every step. Policies (S, T: the two views' next-token
+        distributions; temperature and top_p from `params` apply to whatever is sampled, and row i
+        samples from `seed + i` as in `generate`):
+
+        - `speculative` (SKD): y ~ S; if y is not among T's `top_k` tokens, it is replaced by y ~ T
+          (source 1). μ(y) = S(y)·[y ∈ topK(T)] + S(V ∖ topK(T))·T(y).
+        - `mixture` (TRB): y ~ μ ∝ S^(1−mix)·T^mix (renormalised in log space). A token counts as a
+          teacher token (source 1) when mix > 0 and T(y) > S(y): the teacher made it likelier than
+          the student alone would have.
+
+        `logprobs` are the student's model log-probs; `behaviour_logprobs` are log μ and
+        `teacher_logprobs` log T, all at temperature 1. With temperature 0 and `mixture` at mix 0
+        (or `speculative` with top_k = vocabulary) the tokens are exactly those of `generate`.
+        Stops, EOS and dropping finished rows (from both caches) are as in `generate`.
+        """
+        if policy not in ("speculative", "mixture"):
+            raise ValueError(f"unknown guided policy {policy!r}: speculative or mixture")
+        if len(student_prompts) != len(teacher_prompts):
+            raise ValueError(f"{len(student_prompts)} student prompts but {len(teacher_prompts)} teacher prompts")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix must be in [0, 1], got {mix}")
+        student_rows = [self.encode(prompt) for prompt in student_prompts]
+        teacher_rows = [self.encode(prompt) for prompt in teacher_prompts]
+        order = sorted(range(len(student_rows)), key=lambda index: len(student_rows[index]))
+        results: list[GuidedGeneration | None] = [None] * len(student_rows)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            outputs = self._guided_batch(
+                [student_rows[index] for index in chunk], [teacher_rows[index] for index in chunk], chunk, params,
+                policy=policy, top_k=top_k, mix=mix, teacher_scope=teacher_scope, teacher_model=teacher_model,
+            )
+            for index, output in zip(chunk, outputs, strict=True):
+                results[index] = output
+            if progress:
+                progress(len(chunk))
+        return [result for result in results if result is not None]
+
+    def _guided_batch(
+        self,
+        student_rows: list[list[int]],
+        teacher_rows: list[list[int]],
+        row_numbers: list[int],
+        params: SamplingParams,
+        *,
+        policy: str,
+        top_k: int,
+        mix: float,
+        teacher_scope,
+        teacher_model,
+    ) -> list[GuidedGeneration]:
+        batch = len(student_rows)
+        student = _DecodeView(self, self.model, student_rows, None)
+        teacher = _DecodeView(self, teacher_model if teacher_model is not None else self.model, teacher_rows,
+                              teacher_scope)
+        generators = None
+        if params.temperature > 0:
+            generators = []
+            for row_number in row_numbers:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed + row_number)
+                generators.append(generator)
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        behaviour: list[list[float]] = [[] for _ in range(batch)]
+        teacher_logprobs: list[list[float]] = [[] for _ in range(batch)]
+        sources: list[list[int]] = [[] for _ in range(batch)]
+        finish: list[str | None] = [None] * batch
+        active = list(range(batch))  # batch rows still generating, in cache order (both views)
+        longest_stop = max((len(stop) for stop in params.stop), default=0)
+        for _ in range(params.max_new_tokens):
+            student_logits = student.logits()  # (B_active, V)
+            teacher_logits = teacher.logits().to(student_logits.device)  # (B_active, V)
+            if teacher_logits.shape != student_logits.shape:
+                raise ValueError(
+                    f"the teacher's vocabulary ({teacher_logits.shape[-1]}) differs from the student's "
+                    f"({student_logits.shape[-1]})"
+                )
+            row_generators = [generators[row] for row in active] if generators else None
+            choose = _speculative_choice if policy == "speculative" else _mixture_choice
+            chosen, chosen_sources, chosen_behaviour, student_chosen, teacher_chosen = choose(
+                student_logits, teacher_logits, params, row_generators, top_k=top_k, mix=mix
+            )
+            keep: list[int] = []
+            for position, row in enumerate(active):
+                token = int(chosen[position])
+                tokens[row].append(token)
+                logprobs[row].append(float(student_chosen[position]))
+                behaviour[row].append(float(chosen_behaviour[position]))
+                teacher_logprobs[row].append(float(teacher_chosen[position]))
+                sources[row].append(int(chosen_sources[position]))
+                if token in self.stop_ids:
+                    finish[row] = "stop"
+                elif longest_stop and self._hit_stop(tokens[row], params.stop, longest_stop):
+                    finish[row] = "stop"
+                else:
+                    keep.append(position)
+            if not keep:
+                break
+            keep_index = None
+            if len(keep) < len(active):
+                keep_index = torch.tensor(keep, device=self.device)
+                active = [active[position] for position in keep]
+            student.advance(chosen, keep_index)
+            teacher.advance(chosen, keep_index)
+        outputs = []
+        for row in range(batch):
+            text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+            if finish[row] == "stop":
+                text = _cut_at_stop(text, params.stop)
+            outputs.append(
+                GuidedGeneration(
+                    text=text,
+                    token_ids=tokens[row],
+                    logprobs=logprobs[row],
+                    prompt_tokens=len(student_rows[row]),
+                    finish_reason=finish[row] or "length",
+                    sources=sources[row],
+                    behaviour_logprobs=behaviour[row],
+                    teacher_logprobs=teacher_logprobs[row],
                 )
             )
         return outputs
@@ -313,6 +464,108 @@ class HFEngine:
         self.base_model = self.model.unload()
         self.model = self.base_model.eval()
         self._adapter = None
+
+
+class _DecodeView:
+    """One left-padded batch decoding through one model with its own KV cache (a view of a guided rollout)."""
+
+    def __init__(self, engine: HFEngine, model, rows: list[list[int]], scope) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.scope = scope
+        self.device = next(model.parameters()).device
+        if model is engine.model:
+            self.cache_kwarg = engine._cache_kwarg
+        else:  # another model (an external teacher), under a peft wrapper or not
+            network = model.get_base_model() if hasattr(model, "get_base_model") else model
+            parameters = inspect.signature(network.forward).parameters
+            self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self.cache = DynamicCache()
+        self.step_input, self.attention_mask, self.step_positions = engine._left_pad(rows, self.device)
+        self.next_positions = self.step_positions[:, -1:] + 1
+
+    def logits(self) -> torch.Tensor:
+        """Next-token logits (B_active, V) in fp32, feeding the pending input into the cache."""
+        with self.scope() if self.scope is not None else contextlib.nullcontext():
+            output = self.model(
+                input_ids=self.step_input,
+                attention_mask=self.attention_mask,
+                position_ids=self.step_positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.cache_kwarg: self.cache},
+            )
+        return output.logits[:, -1, :].float()
+
+    def advance(self, chosen: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Drop the finished rows (all but `keep`, when given) and queue the chosen tokens."""
+        chosen = chosen.to(self.device)
+        if keep is not None:
+            keep = keep.to(self.device)
+            self.cache.batch_select_indices(keep)
+            self.attention_mask = self.attention_mask[keep]
+            self.next_positions = self.next_positions[keep]
+            chosen = chosen[keep]
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones((len(chosen), 1))], dim=-1
+        )
+        self.step_input = chosen[:, None]
+        self.step_positions = self.next_positions
+        self.next_positions = self.next_positions + 1
+
+
+def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return values.gather(-1, index[:, None]).squeeze(-1)
+
+
+def _speculative_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float):
+    """SKD: the student proposes; a proposal outside the teacher's top-k is replaced by a teacher sample.
+
+    Returns (tokens, sources, log μ, log S, log T), each (B,), where
+    μ(y) = S(y)·[y ∈ topK(T)] + S(V ∖ topK(T))·T(y).
+    """
+    student_log_probs = torch.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = torch.log_softmax(teacher_logits, dim=-1)
+    proposal = HFEngine._choose(student_logits, params, generators)
+    top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices  # (B, k)
+    in_top = torch.zeros_like(teacher_logits, dtype=torch.bool).scatter(-1, top, True)  # (B, V)
+    accepted = _gather(in_top, proposal)
+    chosen = proposal.clone()
+    rejected = torch.nonzero(~accepted).flatten().tolist()
+    if rejected:
+        index = torch.tensor(rejected, device=chosen.device)
+        chosen[index] = HFEngine._choose(
+            teacher_logits[index], params, [generators[row] for row in rejected] if generators else None
+        )
+    rejected_mass = torch.logsumexp(student_log_probs.masked_fill(in_top, float("-inf")), dim=-1)  # log S(V∖K)
+    student_chosen = _gather(student_log_probs, chosen)
+    teacher_chosen = _gather(teacher_log_probs, chosen)
+    proposed = student_chosen.masked_fill(~_gather(in_top, chosen), float("-inf"))
+    behaviour = torch.logaddexp(proposed, rejected_mass + teacher_chosen)
+    return chosen, (~accepted).long(), behaviour, student_chosen, teacher_chosen
+
+
+def _mixture_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float):
+    """TRB: y ~ μ ∝ S^(1−mix)·T^mix; a teacher token is one with mix > 0 and T(y) > S(y).
+
+    Returns (tokens, sources, log μ, log S, log T), each (B,). At mix 0 (1) the student's (teacher's)
+    own logits are sampled, so the draws are exactly those of plain generation from that view.
+    """
+    student_log_probs = torch.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = torch.log_softmax(teacher_logits, dim=-1)
+    if mix == 0.0:
+        mixed = student_logits
+    elif mix == 1.0:
+        mixed = teacher_logits
+    else:
+        mixed = (1.0 - mix) * student_log_probs + mix * teacher_log_probs
+    chosen = HFEngine._choose(mixed, params, generators)
+    behaviour = _gather(torch.log_softmax(mixed, dim=-1), chosen)
+    student_chosen = _gather(student_log_probs, chosen)
+    teacher_chosen = _gather(teacher_log_probs, chosen)
+    sources = ((teacher_chosen > student_chosen) & (mix > 0.0)).long()
+    return chosen, sources, behaviour, student_chosen, teacher_chosen
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

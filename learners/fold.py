@@ -2,7 +2,10 @@
 
 One step, for `batch_size` train items drawn from families with active skills:
   1. rollout: the student (current adapter, *no skills in its prompt*) plays each item to the end,
-     multi-turn with real environment and tool observations;
+     multi-turn with real environment and tool observations. Methods `speculative` (SKD: a student
+     token outside the teacher's top-k is replaced by a teacher sample) and `trb` (TRB warm-up:
+     sample from the geometric mixture S^(1−α)·T^α, α annealed linearly to 0) let the teacher, with
+     its skills in its prompt, steer the rollout; the share of teacher tokens is logged;
   2. views: the same episode rendered for the student and for the teacher (privileged context, i.e.
      the family's skills, put in its prompt; its own length limit);
   3. teacher: `self-frozen` = the same weights with the adapter disabled (one copy of the weights),
@@ -49,8 +52,11 @@ class FoldError(RuntimeError):
 class FoldConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["opsd", "opd", "rmsd"] = Field(
-        default="opsd", description="opsd: self teacher with skills; opd: external teacher; rmsd: opsd on the top disagreement tokens"
+    method: Literal["opsd", "opd", "rmsd", "speculative", "trb"] = Field(
+        default="opsd",
+        description="opsd: self teacher with skills; opd: external teacher; rmsd: opsd on the top disagreement "
+        "tokens; speculative: opsd on SKD rollouts (teacher replaces tokens outside its top-k); trb: opsd on "
+        "rollouts from a student-teacher mixture annealed to pure student",
     )
     steps: int = Field(default=20, ge=1)
     batch_size: int = Field(default=8, ge=1, description="episodes per optimizer step")
@@ -71,6 +77,9 @@ class FoldConfig(BaseModel):
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=48))
     max_turns: int = Field(default=4, ge=1)
     relevance_top: int = Field(default=8, ge=1, description="rmsd: positions kept per episode")
+    speculative_top_k: int = Field(default=20, ge=1, description="speculative: the teacher's top-k that accepts a student token")
+    trb_mix: float = Field(default=0.5, ge=0, le=1, description="trb: the teacher's weight in the rollout mixture at step 1")
+    trb_warmup_steps: int = Field(default=10, ge=0, description="trb: steps over which the mixture anneals linearly to pure student")
     anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items")
     checkpoint_every: int = Field(default=5, ge=1)
     chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
@@ -316,15 +325,23 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
     student.eval()  # no dropout while sampling
     environments = [families[item.family].make("train", item.index) for item in batch]
     sampling = config.sampling.model_copy(update={"seed": config.seed + step * 1000})
-    trajectories = run_episodes(engine, environments, sampling, split="train", max_turns=config.max_turns)
+    trajectories = run_episodes(
+        engine, environments, sampling, split="train", max_turns=config.max_turns,
+        teacher_contexts=[[] if item.anchor else list(item.context) for item in batch],
+        guided=guided_rollout(engine, teacher, config, step),
+    )
     views, kept_items, kept_trajectories = _views(engine, batch, trajectories, config)
+    generated = sum(t.completion_tokens for t in trajectories)
+    teacher_tokens = sum(turn.info.get("teacher_tokens", 0) for t in trajectories for turn in t.turns)
     record: dict[str, Any] = {
         "step": step + 1,
         "episodes": len(batch),
         "rollout_success": sum(t.success for t in trajectories) / len(trajectories),
-        "generated_tokens": sum(t.completion_tokens for t in trajectories),
-        "teacher_token_share": 0.0,
+        "generated_tokens": generated,
+        "teacher_token_share": teacher_tokens / generated if generated else 0.0,
     }
+    if config.method == "trb":
+        record["trb_mix"] = trb_mix_at(config, step)
     if not views:
         record.update(loss=0.0, kl=0.0, trained_tokens=0)
         return record
@@ -366,6 +383,40 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
     record.update(loss=float(loss.detach()), kl=float(kl), trained_tokens=int(targets.numel()),
                   distilled_tokens=int(mask.sum()), anchors=sum(item.anchor for item in kept_items))
     return record
+
+
+def trb_mix_at(config: FoldConfig, step: int) -> float:
+    """TRB's teacher weight at (0-based) `step`: `trb_mix` annealed linearly to 0 over the warm-up."""
+    if config.trb_warmup_steps == 0:
+        return 0.0
+    return config.trb_mix * max(0.0, 1.0 - step / config.trb_warmup_steps)
+
+
+def guided_rollout(engine, teacher: Teacher, config: FoldConfig, step: int):
+    """The rollout policy of `speculative` and `trb` as a `run_episodes(guided=...)` callable, or None
+    for pure student rollouts (the other methods, and trb once its warm-up is over).
+
+    The teacher view runs the student's model under the teacher's weights (`Teacher._teacher_weights`:
+    the frozen or EMA adapter state), or the external teacher model, with the skills in its prompt.
+    """
+    if config.method == "speculative":
+        policy: dict[str, Any] = {"policy": "speculative", "top_k": config.speculative_top_k}
+    elif config.method == "trb":
+        mix = trb_mix_at(config, step)
+        if mix == 0.0:
+            return None
+        policy = {"policy": "mixture", "mix": mix}
+    else:
+        return None
+    if not hasattr(engine, "generate_guided"):
+        raise FoldError(f"method {config.method} needs an engine with guided generation (the HF engine)")
+    scope = teacher._teacher_weights if teacher.external is None else None
+
+    def guided(student_chats, teacher_chats, params):
+        return engine.generate_guided(student_chats, teacher_chats, params, teacher_scope=scope,
+                                      teacher_model=teacher.external, **policy)
+
+    return guided
 
 
 def _views(engine, batch, trajectories: Sequence[Trajectory], config: FoldConfig):

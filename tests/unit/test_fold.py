@@ -136,6 +136,46 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_tokeniz
     assert not (tmp_path / "run" / "step-000003").exists()
 
 
+@pytest.mark.parametrize("method", ["speculative", "trb"])
+def test_guided_methods_fold_and_log_the_teacher_token_share(tiny_tokenizer, tmp_path, method):
+    import json
+
+    engine = make_engine(tiny_tokenizer)
+    family = make_family("toy")
+    result = fold(engine, {family.name: family}, items(family, anchors=2),
+                  config(steps=2, method=method, trb_mix=1.0, trb_warmup_steps=2, speculative_top_k=1,
+                         anchor_fraction=0.25), tmp_path / "run")
+    assert Path(result.adapter, "adapter_config.json").is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2]
+    for record in records:
+        assert 0.0 <= record["teacher_token_share"] <= 1.0 and record["loss"] == record["loss"]
+    assert records[0]["teacher_token_share"] > 0
+    if method == "trb":
+        assert [record["trb_mix"] for record in records] == [1.0, 0.5]
+
+
+def test_speculative_fold_with_an_external_teacher(tiny_tokenizer, tmp_path):
+    import json
+
+    engine = make_engine(tiny_tokenizer)
+    family = make_family("toy")
+    fold(engine, {family.name: family}, items(family), config(steps=1, method="speculative", teacher="external",
+                                                               speculative_top_k=1), tmp_path / "run",
+         external_teacher=build_model(tiny_tokenizer, seed=1))
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["teacher_token_share"] > 0
+
+
+def test_trb_anneals_to_pure_student_rollouts(tiny_tokenizer, tmp_path):
+    from learners.fold import trb_mix_at
+
+    schedule = config(method="trb", trb_mix=0.6, trb_warmup_steps=3)
+    assert [trb_mix_at(schedule, step) for step in range(5)] == pytest.approx([0.6, 0.4, 0.2, 0.0, 0.0])
+    assert fold_module.guided_rollout(make_engine(tiny_tokenizer), None, schedule, 3) is None
+    assert trb_mix_at(config(method="trb", trb_warmup_steps=0), 0) == 0.0
+
+
 def test_no_items_is_a_clear_error(tiny_tokenizer, tmp_path):
     with pytest.raises(FoldError, match="no fold prompts"):
         fold(make_engine(tiny_tokenizer), {}, [], config(), tmp_path / "run")
