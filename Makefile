@@ -38,6 +38,7 @@ bench: install model
 	$(BIN)/python benchmarks/bench_memory.py 10000
 	$(BIN)/python benchmarks/bench_memory.py 100000
 	$(BIN)/python benchmarks/bench_fast.py
+	$(BIN)/python benchmarks/bench_fold.py
 
 lint: install
 	$(BIN)/ruff check .

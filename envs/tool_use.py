@@ -181,19 +181,24 @@ class ToolFamily:
 
 
 def documentation_dialogue(tool: Tool) -> list[Message]:
-    """The tool's own usage example as a worked dialogue: question, call, result, answer.
+    """The tool's own usage examples as worked dialogues: question, call, result, answer (each).
 
     This is what a tool's documentation teaches, and it gives a small model its first tool call
-    (without any example a 135M model never calls a tool; NOTES.md section 9).
+    (without any example a 135M model never calls a tool; two worked dialogues took it to 90%,
+    NOTES.md section 9).
     """
-    argument = tool.usage[len(tool.call_name) + 1 : -1]
-    result = tool.run(argument)
-    return [
-        Message(role="user", content=f"What is {argument}? Call a tool if it helps, then give the final answer on a line ANSWER: <answer>."),
-        Message(role="assistant", content=tool.usage),
-        Message(role="user", content=f"Result: {result}"),
-        Message(role="assistant", content=f"ANSWER: {result}"),
-    ]
+    arguments = [tool.usage[len(tool.call_name) + 1 : -1], *tool.examples]
+    dialogue = []
+    for argument in arguments:
+        result = tool.run(argument)
+        dialogue += [
+            Message(role="user", content=f"What is the {argument}? {TOOL_INSTRUCTION}" if tool.name == "lookup"
+                    else f"What is {argument}? {TOOL_INSTRUCTION}"),
+            Message(role="assistant", content=f"{tool.call_name}({argument})"),
+            Message(role="user", content=f"Result: {result}"),
+            Message(role="assistant", content=f"ANSWER: {result}"),
+        ]
+    return dialogue
 
 
 def with_tools(family: TaskFamily, tool_names: Sequence[str], max_tool_calls: int = 4) -> ToolFamily:
@@ -261,7 +266,8 @@ class FactsFamily:
 
     Options: `eval_size` (eval questions), `seed` (the table and the split), `entities` (how many
     made-up entities), `attributes` (a list, or a comma-separated string, from ATTRIBUTES). The
-    table is keyed "<Entity> <attribute>" (e.g. "Zorvalin color") and is the whole of `fact_table`.
+    table is keyed "<attribute> of <Entity>" (e.g. "color of Zorvalin", the phrase the question uses)
+    and is the whole of `fact_table`.
     """
 
     name = "facts"
@@ -308,7 +314,7 @@ class FactsFamily:
         self.attributes = chosen
         self.entities = names
         self.fact_table = {
-            f"{entity} {attribute}": values[entity, attribute] for entity in names for attribute in chosen
+            f"{attribute} of {entity}": values[entity, attribute] for entity in names for attribute in chosen
         }
         self._splits: dict[str, list[tuple[str, str]]] = {
             "eval": pairs[:eval_size],
@@ -326,5 +332,5 @@ class FactsFamily:
         return FactsEnvironment(
             item_id=f"{entity}/{attribute}",
             question=f"What is the {attribute} of {entity}?",
-            gold=self.fact_table[f"{entity} {attribute}"],
+            gold=self.fact_table[f"{attribute} of {entity}"],
         )

@@ -49,6 +49,7 @@ class Tool:
     usage: str  # one example call, e.g. "CALC(12 * (3 + 4))"
     run: Callable[[str], str]  # argument -> result text; raises ToolError
     argument: str = "argument"  # the placeholder in the syntax line: CALC(<expression>)
+    examples: tuple[str, ...] = ()  # more example arguments, for documentation dialogues
 
     @property
     def call_name(self) -> str:
@@ -158,6 +159,7 @@ calculator = Tool(
     name="calc",
     description="evaluates arithmetic: numbers, + - * / // % ** and parentheses",
     usage="CALC(12 * (3 + 4))",
+    examples=("58 - 23",),
     run=_calculate,
     argument="expression",
 )
@@ -169,6 +171,20 @@ calculator = Tool(
 def normalize_key(key: str) -> str:
     """Case-folded, whitespace collapsed: the form lookup keys are compared in."""
     return " ".join(key.split()).casefold()
+
+
+def _varied_keys(table: Mapping[str, str], first: str, count: int = 2) -> tuple[str, ...]:
+    """Up to `count` more example keys, each starting with a word no earlier example starts with."""
+    seen = {first.split()[0].casefold()} if first.split() else set()
+    chosen = []
+    for key in table:
+        word = key.split()[0].casefold() if key.split() else ""
+        if word not in seen:
+            seen.add(word)
+            chosen.append(key)
+        if len(chosen) == count:
+            break
+    return tuple(chosen)
 
 
 def make_lookup(table: Mapping[str, str], description: str | None = None) -> Tool:
@@ -201,6 +217,7 @@ def make_lookup(table: Mapping[str, str], description: str | None = None) -> Too
         name="lookup",
         description=description or "looks up a value in a fact table by its exact key (case does not matter)",
         usage=f"LOOKUP({example})",
+        examples=_varied_keys(table, example),
         run=lookup,
         argument="key",
     )

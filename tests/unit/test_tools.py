@@ -381,7 +381,7 @@ def test_facts_splits_are_disjoint_and_cover_every_fact(facts):
     train_ids = {environment.item_id for environment in _items(facts, "train")}
     assert (len(eval_ids), len(train_ids)) == (30, 20 * 4 - 30)
     assert not eval_ids & train_ids
-    assert {item.replace("/", " ") for item in eval_ids | train_ids} == set(facts.fact_table)
+    assert {" of ".join(reversed(item.split("/"))) for item in eval_ids | train_ids} == set(facts.fact_table)
     assert len(set(facts.entities)) == 20 and all(
         name.isalpha() and name.istitle() for name in facts.entities
     )
@@ -400,7 +400,7 @@ def test_facts_is_seeded(facts):
 def test_facts_scores_the_gold_answer_only(facts):
     for environment in _items(facts, "eval")[:8]:
         entity, attribute = environment.item_id.split("/")
-        gold = facts.fact_table[f"{entity} {attribute}"]
+        gold = facts.fact_table[f"{attribute} of {entity}"]
         (message,) = environment.initial_observation()
         assert message.content == f"What is the {attribute} of {entity}? Respond with only the final answer."
         result = environment.step(f"The answer is {gold.upper()}.")
@@ -428,7 +428,7 @@ def test_facts_with_lookup_is_answerable_through_the_tool():
     system, user = environment.initial_observation()
     assert "LOOKUP(<key>)" in system.content and user.content.endswith(TOOL_INSTRUCTION)
     entity, attribute = environment.item_id.split("/")
-    result = environment.step(f"LOOKUP({entity.lower()} {attribute})")
+    result = environment.step(f"LOOKUP({attribute} of {entity.lower()})")
     value = result.observation[0].content.removeprefix("Result: ")
     assert value == environment.inner.gold
     final = environment.step(f"ANSWER: {value}")
