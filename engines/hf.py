@@ -441,7 +441,11 @@ class HFEngine:
         return self._adapter
 
     def load_adapter(self, path: str) -> None:
-        """Serve a PEFT LoRA adapter directory on top of the base weights (replacing any other)."""
+        """Serve a PEFT LoRA adapter directory on top of the base weights (replacing any other).
+
+        The adapter is merged into the weights while it is served, so generation costs what the
+        base model costs (unmerged LoRA layers slow CPU decoding several times); unloading unmerges.
+        """
         from peft import PeftModel
 
         adapter_dir = Path(path).expanduser()
@@ -450,6 +454,7 @@ class HFEngine:
         self.unload_adapter()
         try:
             self.model = PeftModel.from_pretrained(self.base_model, str(adapter_dir)).eval()
+            self.model.merge_adapter()
         except (RuntimeError, ValueError, KeyError) as error:
             self.model = self.base_model
             raise AdapterError(
@@ -461,6 +466,7 @@ class HFEngine:
     def unload_adapter(self) -> None:
         if self._adapter is None:
             return
+        self.model.unmerge_adapter()
         self.base_model = self.model.unload()
         self.model = self.base_model.eval()
         self._adapter = None
