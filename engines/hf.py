@@ -162,11 +162,12 @@ class HFEngine:
                 **{self._cache_kwarg: cache},
             )
             logits = output.logits[:, -1, :].float()  # (B_active, V)
-            log_probs = torch.log_softmax(logits, dim=-1)
             chosen = self._choose(logits, params, [generators[row] for row in active] if generators else None)
-            chosen_logprobs = log_probs.gather(-1, chosen[:, None]).squeeze(-1)
-            keep: list[int] = []
+            chosen_logprobs = logits.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            live: list[int] = []  # cache positions of rows still generating
             for position, row in enumerate(active):
+                if finish[row] is not None:
+                    continue  # finished earlier, still in the cache until the next compaction
                 token = int(chosen[position])
                 tokens[row].append(token)
                 logprobs[row].append(float(chosen_logprobs[position]))
@@ -175,16 +176,18 @@ class HFEngine:
                 elif longest_stop and self._hit_stop(tokens[row], params.stop, longest_stop):
                     finish[row] = "stop"
                 else:
-                    keep.append(position)
-            if not keep:
+                    live.append(position)
+            if not live:
                 break
-            if len(keep) < len(active):
-                keep_index = torch.tensor(keep, device=self.device)
+            # Dropping rows copies the whole KV cache, so do it once a quarter of the rows are done,
+            # not at every finish (finished rows in between cost one wasted row of compute).
+            if (len(active) - len(live)) * 4 >= len(active):
+                keep_index = torch.tensor(live, device=self.device)
                 cache.batch_select_indices(keep_index)
                 attention_mask = attention_mask[keep_index]
                 next_positions = next_positions[keep_index]
                 chosen = chosen[keep_index]
-                active = [active[position] for position in keep]
+                active = [active[position] for position in live]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
             step_input = chosen[:, None]
             step_positions = next_positions
