@@ -194,9 +194,7 @@ class HFEngine:
             next_positions = next_positions + 1
         outputs = []
         for row in range(batch):
-            text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-            if finish[row] == "stop":
-                text = _cut_at_stop(text, params.stop)
+            text = self._completion_text(tokens[row], finish[row], params.stop)
             outputs.append(
                 Generation(
                     text=text,
@@ -337,9 +335,7 @@ class HFEngine:
             teacher.advance(chosen, keep_index)
         outputs = []
         for row in range(batch):
-            text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-            if finish[row] == "stop":
-                text = _cut_at_stop(text, params.stop)
+            text = self._completion_text(tokens[row], finish[row], params.stop)
             outputs.append(
                 GuidedGeneration(
                     text=text,
@@ -373,6 +369,10 @@ class HFEngine:
             for row, generator in enumerate(generators)
         ]
         return torch.cat(picks)
+
+    def _completion_text(self, row_tokens: list[int], finish: str | None, stops: Sequence[str]) -> str:
+        text = self.tokenizer.decode(row_tokens, skip_special_tokens=True)
+        return _cut_at_stop(text, stops) if finish == "stop" else text
 
     def _hit_stop(self, row_tokens: list[int], stops: Sequence[str], longest_stop: int) -> bool:
         # Decode a tail long enough to hold any stop string (a token is at least one character).
