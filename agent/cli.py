@@ -27,6 +27,11 @@ from agent.config import ConfigError, EvalConfig, ModelConfig, build_config, sav
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Agents that learn skills fast and fold them slow.")
 models_app = typer.Typer(no_args_is_help=True, help="Model weights: the embedded default and others.")
 app.add_typer(models_app, name="models")
+ConfigOption = Annotated[Path | None, typer.Option(help="TOML/YAML config file")]
+JsonOption = Annotated[bool, typer.Option("--json", help="last stdout line is a JSON object")]
+OverridesArgument = Annotated[list[str] | None, typer.Argument(help="key=value config overrides, e.g. model.batch_size=16")]
+MemoryUrlOption = Annotated[str | None, typer.Option(help="Chroma server URL instead of the embedded store")]
+ModelOption = Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded SmolLM2-135M)")]
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 log = logging.getLogger("skillfold")
 
@@ -110,7 +115,7 @@ def _parse_options(pairs: list[str]) -> dict:
 def eval_command(
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="task family, e.g. rg:leg_counting (repeatable)")] = None,
     items: Annotated[int | None, typer.Option(help="held-out items per family")] = None,
-    model: Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded SmolLM2-135M)")] = None,
+    model: ModelOption = None,
     adapter: Annotated[str | None, typer.Option(help="adapter: latest (newest fold in --home), none, or a directory")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value (repeatable)")] = None,
     tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc or calc,lookup")] = None,
@@ -123,9 +128,9 @@ def eval_command(
     max_new_tokens: Annotated[int | None, typer.Option(help="tokens per turn")] = None,
     batch_size: Annotated[int | None, typer.Option(help="rows per forward pass")] = None,
     home: Annotated[Path | None, typer.Option(help="skillfold home (runs are saved under it)")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML/YAML config file")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="last stdout line is a JSON object")] = False,
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value config overrides")] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    overrides: OverridesArgument = None,
 ) -> None:
     """Held-out accuracy of a model on task families (greedy by default: repeatable)."""
     from agent.evaluate import evaluate, memory_contexts
@@ -193,15 +198,15 @@ def run_command(
     episodes: Annotated[int | None, typer.Option(help="train episodes to play")] = None,
     tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value")] = None,
-    model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
+    model: ModelOption = None,
     adapter: Annotated[str | None, typer.Option(help="adapter: latest (newest fold in --home), none, or a directory")] = None,
     home: Annotated[Path | None, typer.Option(help="skillfold home (memory, runs)")] = None,
-    memory_url: Annotated[str | None, typer.Option(help="Chroma server URL instead of the embedded store")] = None,
+    memory_url: MemoryUrlOption = None,
     run_id: Annotated[str | None, typer.Option(help="run name; an unfinished run of that name resumes")] = None,
     approve: Annotated[bool, typer.Option(help="ask before storing each new skill")] = False,
-    config: Annotated[Path | None, typer.Option(help="TOML/YAML config file")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="last stdout line is a JSON object")] = False,
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value config overrides")] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    overrides: OverridesArgument = None,
 ) -> None:
     """Play train episodes with memory, store every trajectory, distil and verify skills."""
     from agent.config import RunConfig
@@ -268,16 +273,16 @@ def fold_command(
     anchor: Annotated[list[str] | None, typer.Option("--anchor", help="family to keep as it is (repeatable)")] = None,
     method: Annotated[str | None, typer.Option(help="opsd, opd, rmsd, speculative or trb")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
-    model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
+    model: ModelOption = None,
     adapter: Annotated[str | None, typer.Option(help="adapter to continue from: latest, none or a path")] = "latest",
     teacher_model: Annotated[str | None, typer.Option(help="external teacher (method opd)")] = None,
     home: Annotated[Path | None, typer.Option(help="skillfold home (memory, adapters)")] = None,
-    memory_url: Annotated[str | None, typer.Option(help="Chroma server URL")] = None,
+    memory_url: MemoryUrlOption = None,
     run_id: Annotated[str | None, typer.Option(help="fold run name (its directory under home/folds)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the killed fold of --run-id from its last checkpoint")] = False,
-    config: Annotated[Path | None, typer.Option(help="TOML/YAML config file")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="last stdout line is a JSON object")] = False,
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. fold.learning_rate=1e-4")] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    overrides: OverridesArgument = None,
 ) -> None:
     """Fold skills into the weights: on-policy self-distillation from a skill-prompted teacher."""
     from agent.config import FoldRunConfig
@@ -359,7 +364,7 @@ def demo_command(
     items: Annotated[int, typer.Option(help="held-out items per measurement")] = 48,
     episodes: Annotated[int, typer.Option(help="train episodes of the fast path")] = 16,
     fold_steps: Annotated[int, typer.Option("--fold-steps", help="fold steps of the slow path (0 = skip)")] = 0,
-    model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
+    model: ModelOption = None,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The main job end to end: baseline, skills in memory (off vs on), optionally a fold."""
