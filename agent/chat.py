@@ -7,7 +7,7 @@ so chat feeds the same store as `skillfold run`. A `/good` answer also becomes a
 
 from __future__ import annotations
 
-from agent.skills import exemplar_from, render_context
+from agent.skills import exemplar_from, render_context, retrieve_for
 from engines.base import Engine, SamplingParams
 from envs.base import Message, Trajectory, Turn
 from envs.tool_use import system_prompt
@@ -63,10 +63,8 @@ class ChatSession:
         return self.answer(line)
 
     def answer(self, task: str) -> list[str]:
-        skills = self.memory.retrieve(
-            task, self.family, token_budget=self.token_budget,
-            count_tokens=lambda text: self.engine.count_tokens([{"role": "user", "content": text}]),
-        )
+        skills = retrieve_for(self.memory, self.engine, self.family, [Message(role="user", content=task)],
+                              self.token_budget, k=5)
         self.last_skills = skills
         prompt = [Message(role="user", content=task)]
         if self.tools:

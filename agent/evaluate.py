@@ -108,18 +108,11 @@ def memory_contexts(
 
     Eval only reads memory: nothing about held-out items is stored or turned into skills.
     """
-    from agent.skills import render_context
+    from agent.skills import render_context, retrieve_for
 
     contexts = []
     for index in range(items):
         prompt = family.make("eval", index).initial_observation()
-        query = "\n".join(message.content for message in prompt if message.role == "user")
-        skills = memory.retrieve(
-            query,
-            family.name,
-            token_budget=token_budget,
-            count_tokens=lambda text: engine.count_tokens([{"role": "user", "content": text}]),
-            k=k,
-        )
+        skills = retrieve_for(memory, engine, family.name, prompt, token_budget, k)
         contexts.append((render_context(skills), [skill.id for skill in skills]))
     return contexts

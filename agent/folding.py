@@ -15,7 +15,7 @@ import os
 import random
 from pathlib import Path
 
-from agent.skills import render_context
+from agent.skills import render_context, retrieve_for
 from engines.base import Engine
 from envs.base import TaskFamily
 from learners.fold import FoldItem
@@ -42,11 +42,7 @@ def fold_items(
         indices = rng.sample(range(available), min(items_per_family, available))
         for index in indices:
             prompt = family.make("train", index).initial_observation()
-            query = "\n".join(message.content for message in prompt if message.role == "user")
-            skills = memory.retrieve(
-                query, name, token_budget=token_budget,
-                count_tokens=lambda text: engine.count_tokens([{"role": "user", "content": text}]), k=k,
-            )
+            skills = retrieve_for(memory, engine, name, prompt, token_budget, k)
             if skills:
                 items.append(FoldItem(family=name, index=index, context=render_context(skills)))
     for name, family in anchors.items():

@@ -25,9 +25,19 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
 from agent.config import LoopSettings
-from agent.skills import Verdict, documentation_skills, exemplar_from, render_context, verify, write_rule
+from agent.skills import (
+    Verdict,
+    context_tokens,
+    documentation_skills,
+    exemplar_from,
+    render_context,
+    retrieve_for,
+    verify,
+    write_rule,
+)
 from engines.base import Engine
 from envs.base import Environment, TaskFamily, Trajectory, Turn
+from learners.rollout import score_trajectory
 from memory import Memory, Skill
 
 log = logging.getLogger(__name__)
@@ -63,7 +73,7 @@ class Runtime:
         return list(range(size - self.settings.probes, size))
 
 
-def _active(trajectory: Trajectory, max_turns: int) -> bool:
+def _active(trajectory: Trajectory) -> bool:
     finished = trajectory.error is not None or trajectory.truncated
     finished = finished or (bool(trajectory.turns) and trajectory.turns[-1].done)
     return not finished and "index" in trajectory.info
@@ -87,10 +97,7 @@ def build_graph(runtime: Runtime, checkpointer=None):
         return environment
 
     def finish(trajectory: Trajectory) -> None:
-        trajectory.reward = sum(turn.reward for turn in trajectory.turns)
-        trajectory.success = (
-            trajectory.error is None and not trajectory.truncated and trajectory.reward >= threshold - 1e-9
-        )
+        score_trajectory(trajectory, threshold)
 
     def seed(state: LoopState) -> LoopState:
         """A family with tools and no skills yet starts from its tools' documentation examples."""
@@ -133,14 +140,8 @@ def build_graph(runtime: Runtime, checkpointer=None):
                 finish(trajectory)
                 batch.append(trajectory.model_dump(mode="json"))
                 continue
-            query = "\n".join(message.content for message in trajectory.prompt if message.role == "user")
-            skills = runtime.memory.retrieve(
-                query,
-                family.name,
-                token_budget=settings.token_budget,
-                count_tokens=lambda text: runtime.engine.count_tokens([{"role": "user", "content": text}]),
-                k=settings.retrieve_k,
-            )
+            skills = retrieve_for(runtime.memory, runtime.engine, family.name, trajectory.prompt,
+                                  settings.token_budget, settings.retrieve_k)
             trajectory.context = render_context(skills)
             trajectory.skill_ids = [skill.id for skill in skills]
             batch.append(trajectory.model_dump(mode="json"))
@@ -153,7 +154,7 @@ def build_graph(runtime: Runtime, checkpointer=None):
 
     def act(state: LoopState) -> LoopState:
         trajectories = [Trajectory.model_validate(item) for item in state["batch"]]
-        active = [trajectory for trajectory in trajectories if _active(trajectory, settings.max_turns)]
+        active = [trajectory for trajectory in trajectories if _active(trajectory)]
         chats = [[m.as_dict() for m in trajectory.messages(with_context=True)] for trajectory in active]
         params = settings.sampling.model_copy(update={"seed": settings.sampling.seed + state.get("next_index", 0)})
         for trajectory, generation in zip(active, runtime.engine.generate(chats, params), strict=True):
@@ -169,7 +170,7 @@ def build_graph(runtime: Runtime, checkpointer=None):
     def step(state: LoopState) -> LoopState:
         trajectories = [Trajectory.model_validate(item) for item in state["batch"]]
         for trajectory in trajectories:
-            if not _active(trajectory, settings.max_turns) or not trajectory.turns:
+            if not _active(trajectory) or not trajectory.turns:
                 continue
             turn = trajectory.turns[-1]
             try:
@@ -189,7 +190,7 @@ def build_graph(runtime: Runtime, checkpointer=None):
 
     def after_step(state: LoopState) -> str:
         trajectories = [Trajectory.model_validate(item) for item in state["batch"]]
-        return "act" if any(_active(t, settings.max_turns) for t in trajectories) else "record"
+        return "act" if any(_active(t) for t in trajectories) else "record"
 
     def record(state: LoopState) -> LoopState:
         trajectories = [Trajectory.model_validate(item) for item in state["batch"]]
@@ -223,7 +224,7 @@ def build_graph(runtime: Runtime, checkpointer=None):
             since = 0
         baseline_skills = runtime.memory.retrieve(
             "", family.name, token_budget=settings.token_budget,
-            count_tokens=lambda text: runtime.engine.count_tokens([{"role": "user", "content": text}]),
+            count_tokens=lambda text: context_tokens(runtime.engine, text),
             k=settings.retrieve_k,
         ) if candidates else []
         verdicts: list[Verdict] = verify(

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from engines.base import Engine, SamplingParams
 from envs.base import Message, TaskFamily, Trajectory
 from learners.rollout import run_episodes
-from memory import Skill
+from memory import Memory, Skill
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,16 @@ def render_context(skills: Sequence[Skill]) -> list[Message]:
 
 def context_tokens(engine: Engine, text: str) -> int:
     return engine.count_tokens([{"role": "user", "content": text}])
+
+
+def retrieve_for(
+    memory: Memory, engine: Engine, family: str, prompt: Sequence[Message], token_budget: int, k: int
+) -> list[Skill]:
+    """Active skills of `family` for a task prompt (its user messages are the query), within budget."""
+    query = "\n".join(message.content for message in prompt if message.role == "user")
+    return memory.retrieve(
+        query, family, token_budget=token_budget, count_tokens=lambda text: context_tokens(engine, text), k=k
+    )
 
 
 def exemplar_from(trajectory: Trajectory) -> Skill:

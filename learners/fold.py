@@ -330,7 +330,7 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
         teacher_contexts=[[] if item.anchor else list(item.context) for item in batch],
         guided=guided_rollout(engine, teacher, config, step),
     )
-    views, kept_items, kept_trajectories = _views(engine, batch, trajectories, config)
+    views, kept_items = _views(engine, batch, trajectories, config)
     generated = sum(t.completion_tokens for t in trajectories)
     teacher_tokens = sum(turn.info.get("teacher_tokens", 0) for t in trajectories for turn in t.turns)
     record: dict[str, Any] = {
@@ -420,7 +420,7 @@ def guided_rollout(engine, teacher: Teacher, config: FoldConfig, step: int):
 
 
 def _views(engine, batch, trajectories: Sequence[Trajectory], config: FoldConfig):
-    views, kept_items, kept_trajectories = [], [], []
+    views, kept_items = [], []
     for item, trajectory in zip(batch, trajectories, strict=True):
         if not trajectory.turns:
             continue  # the environment failed before the model acted
@@ -434,8 +434,7 @@ def _views(engine, batch, trajectories: Sequence[Trajectory], config: FoldConfig
         if view.student.trained_positions:
             views.append(view)
             kept_items.append(item)
-            kept_trajectories.append(trajectory)
-    return views, kept_items, kept_trajectories
+    return views, kept_items
 
 
 def _item_order(items: Sequence[FoldItem], config: FoldConfig) -> list[FoldItem]:

@@ -137,16 +137,21 @@ def run_episodes(
     return trajectories
 
 
+def score_trajectory(trajectory: Trajectory, success_threshold: float) -> None:
+    """Set reward (the sum of step rewards) and success (no error, not truncated, threshold reached)."""
+    trajectory.reward = sum(turn.reward for turn in trajectory.turns)
+    trajectory.success = trajectory.error is None and not trajectory.truncated and (
+        trajectory.reward >= success_threshold - 1e-9
+    )
+
+
 def _finish(
     trajectory: Trajectory,
     started: float,
     success_threshold: float,
     on_finish: Callable[[Trajectory], None] | None,
 ) -> None:
-    trajectory.reward = sum(turn.reward for turn in trajectory.turns)
-    trajectory.success = trajectory.error is None and not trajectory.truncated and (
-        trajectory.reward >= success_threshold - 1e-9
-    )
+    score_trajectory(trajectory, success_threshold)
     trajectory.duration_s = time.perf_counter() - started
     if on_finish:
         on_finish(trajectory)
