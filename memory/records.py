@@ -33,7 +33,7 @@ from memory.errors import InvalidSkill
 SkillKind = Literal["exemplar", "rule", "taught"]
 SkillStatus = Literal["active", "folded", "retired"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def now() -> datetime:
@@ -202,42 +202,45 @@ def _dump_list(items: list[Any]) -> str:
 
 
 def skill_to_chroma(skill: Skill) -> tuple[str, str, dict[str, str | int | float | bool]]:
-    """(id, document, metadata) for one Chroma upsert of the whole record."""
+    """(id, document, metadata) for one Chroma upsert of the whole record.
+
+    Only what a `where` filter needs is a metadata key of its own; the rest of the record is one
+    JSON string. Chroma keeps metadata one row per key, so fewer keys make every fetch cheaper
+    (family-scoped top-5 at 100k skills: see docs/benchmarks.md).
+    """
+    record = skill.model_dump(mode="json", exclude={"id", "text", "family", "kind", "status", "demoted"})
     metadata: dict[str, str | int | float | bool] = {
         "schema": SCHEMA_VERSION,
         "family": skill.family,
         "kind": skill.kind,
-        "title": skill.title,
         "status": skill.status,
         "demoted": skill.demoted,
-        "successes_with": skill.successes_with,
-        "failures_with": skill.failures_with,
-        "uses": skill.uses,
         "text_sha256": text_digest(skill.text),
-        "created_at": skill.created_at.isoformat(),
-        "updated_at": skill.updated_at.isoformat(),
-        "provenance": json.dumps(skill.provenance),
-        "versions": _dump_list(skill.versions),
-        "status_history": _dump_list(skill.status_history),
+        "record": json.dumps(record, separators=(",", ":")),
     }
     return skill.id, skill.text, metadata
 
 
 def skill_from_chroma(skill_id: str, document: str, metadata: dict[str, Any]) -> Skill:
-    """The record that `skill_to_chroma` flattened."""
+    """The record that `skill_to_chroma` flattened (or the one-key-per-field layout of schema 1)."""
+    common = {
+        "id": skill_id,
+        "text": document,
+        "family": metadata["family"],
+        "kind": metadata["kind"],
+        "status": metadata["status"],
+        "demoted": metadata["demoted"],
+    }
+    if "record" in metadata:
+        return Skill.model_validate({**json.loads(metadata["record"]), **common})
     return Skill(
-        id=skill_id,
-        kind=metadata["kind"],
-        family=metadata["family"],
+        **common,
         title=metadata["title"],
-        text=document,
         provenance=json.loads(metadata["provenance"]),
         versions=json.loads(metadata["versions"]),
         successes_with=metadata["successes_with"],
         failures_with=metadata["failures_with"],
-        status=metadata["status"],
         status_history=json.loads(metadata["status_history"]),
-        demoted=metadata["demoted"],
         created_at=metadata["created_at"],
         updated_at=metadata["updated_at"],
     )

@@ -409,3 +409,19 @@ def test_reopen_keeps_everything(tmp_path):
     assert reopened.get_trajectory(trajectory.id).model_dump() == trajectory.model_dump()
     assert reopened.family_stats(FAMILY).baseline_episodes == 1
     assert reopened.search_skills("spiders", FAMILY)[0][0].id == skill.id
+
+
+def test_skill_record_round_trips_through_chroma_layout_and_reads_schema_1():
+    from memory.records import skill_from_chroma, skill_to_chroma
+
+    skill = Skill(kind="rule", family="rg:x", title="t", text="do this", provenance=["a", "b"], successes_with=3)
+    skill_id, document, metadata = skill_to_chroma(skill)
+    assert set(metadata) == {"schema", "family", "kind", "status", "demoted", "text_sha256", "record"}
+    assert skill_from_chroma(skill_id, document, metadata) == skill
+    old_layout = {  # schema 1: one metadata key per field
+        "schema": 1, "family": "rg:x", "kind": "rule", "title": "t", "status": "active", "demoted": False,
+        "successes_with": 3, "failures_with": 0, "uses": 3, "text_sha256": metadata["text_sha256"],
+        "created_at": skill.created_at.isoformat(), "updated_at": skill.updated_at.isoformat(),
+        "provenance": '["a", "b"]', "versions": "[]", "status_history": "[]",
+    }
+    assert skill_from_chroma(skill_id, document, old_layout) == skill
