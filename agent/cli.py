@@ -357,6 +357,123 @@ def _fold_progress(total: int):
         yield on_step
 
 
+# ------------------------------------------------------------------ evolve
+@app.command("evolve")
+def evolve_command(
+    stream: Annotated[Path, typer.Option("--stream", help="stream config (TOML/YAML): phases, schedule, fold rule; "
+                                         "an experiment config works too (its model and stream)")],
+    home: Annotated[Path | None, typer.Option(help="skillfold home (memory, adapters, evolve runs)")] = None,
+    run_id: Annotated[str | None, typer.Option(help="run name (default evolve); running it again resumes it")] = None,
+    model: ModelOption = None,
+    memory_url: MemoryUrlOption = None,
+    json_output: JsonOption = False,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Learn a stream of task families: fast path every phase, folds on a schedule, folded skills leave the prompt."""
+    from agent.evolve import Stream, check_run, check_stream, read_events, run_evolve, stream_families
+    from learners.fold import FoldError
+
+    quiet_libraries()
+    with user_errors():
+        flags = {"model.name": model, "home": str(home) if home else None, "memory_url": memory_url, "run_id": run_id}
+        config = _evolve_config(stream, flags, overrides or [])
+        families = stream_families(config.stream)
+        check_stream(config.stream, families, config.stream.assess_offset + config.stream.assess_items)
+        run_dir = config.home / "evolve" / config.run_id
+        check_run(run_dir, config.stream)
+        save_config(config, run_dir)
+        store = _open_memory(config.home, config.memory_url)
+        engine = _load_engine(config.model, config.home)
+        runtime = Stream(engine=engine, memory=store, settings=config.stream, families=families, home=config.home,
+                         run_id=config.run_id, say=console.print, on_fold_step=_fold_step_line(config.stream.fold.steps))
+        started = time.perf_counter()
+        try:
+            with console.status(f"evolve {config.run_id}"):
+                state = run_evolve(runtime)
+        except FoldError as error:
+            fail(str(error))
+    kinds = [event.kind for event in read_events(run_dir)]
+    summary = {
+        "run_dir": str(run_dir), "phases": len(families), "folds": state.folds, "adapter": state.adapter,
+        "folded": kinds.count("folded"), "unfolded": kinds.count("unfolded"), "memory": store.stats()["skills"],
+    }
+    console.print(
+        f"{summary['phases']} phases, {summary['folds']} folds; a family's skills were folded {summary['folded']} "
+        f"times, unfolded {summary['unfolded']}; {time.perf_counter() - started:.0f}s; memory {summary['memory']}; "
+        f"events in {run_dir / 'evolve.jsonl'}"
+    )
+    if json_output:
+        print(json.dumps(summary))
+
+
+def _evolve_config(path: Path, flags: dict, overrides: list[str]):
+    """The evolve config of `--stream FILE`; an experiment config works too (its model and stream)."""
+    from agent.config import read_config_file
+    from agent.evolve import EvolveConfig
+    from agent.experiment import ExperimentConfig
+
+    data = read_config_file(path)
+    unknown = sorted(set(data) - set(EvolveConfig.model_fields) - set(ExperimentConfig.model_fields))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a stream config holds "
+                          f"{', '.join(EvolveConfig.model_fields)}")
+    taken = {key: value for key, value in data.items() if key in EvolveConfig.model_fields}
+    return build_config(EvolveConfig, None, {**taken, **flags}, overrides)
+
+
+def _fold_step_line(total: int):
+    def on_step(record: dict) -> None:
+        if record["step"] % 5 == 0 or record["step"] == total:
+            console.print(f"  fold step {record['step']}/{total}: loss {record['loss']:.4f} kl {record['kl']:.4f} "
+                          f"rollout-ok {record['rollout_success']:.0%}")
+
+    return on_step
+
+
+# -------------------------------------------------------------- experiment
+@app.command("experiment")
+def experiment_command(
+    config: Annotated[Path | None, typer.Argument(help="experiment config (TOML/YAML), e.g. experiments/stream.toml")] = None,
+    overrides: OverridesArgument = None,
+    out: Annotated[Path | None, typer.Option(help="experiment directory; the same command again resumes it")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="rebuild report.md and plots from --out/metrics.json")] = False,
+    model: ModelOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Compare base, memory, sft, fold and skillfold on one stream: accuracy matrices, forgetting, report."""
+    from agent.experiment import ExperimentConfig, check_experiment, prepare_out, run_experiment
+    from agent.report import write_report
+    from learners.fold import FoldError
+
+    quiet_libraries()
+    with user_errors():
+        if out is None:
+            fail("name the experiment directory with --out DIR")
+        if not report_only:
+            if config is None:
+                fail("name the experiment config, e.g. `skillfold experiment experiments/stream.toml --out DIR`")
+            experiment = build_config(ExperimentConfig, config, {"model.name": model}, overrides or [])
+            check_experiment(experiment)
+            prepare_out(out, experiment)
+            engine = _load_engine(experiment.model)
+            started = time.perf_counter()
+            try:
+                run_experiment(engine, experiment, out, say=console.print)
+            except FoldError as error:
+                fail(str(error))
+            console.print(f"experiment done in {time.perf_counter() - started:.0f}s")
+        summary = write_report(out)
+    table = Table(title=f"targets ({out / 'report.md'})")
+    for column in ("target", "arm", "value", "status"):
+        table.add_column(column)
+    for target in summary.targets:
+        table.add_row(target.target, target.arm, target.value,
+                      "not measured" if target.met is None else "met" if target.met else "MISSED")
+    console.print(table)
+    if json_output:
+        print(json.dumps({"out": str(out), "report": str(out / "report.md"), **summary.model_dump(mode="json")}))
+
+
 # -------------------------------------------------------------------- demo
 @app.command("demo")
 def demo_command(

@@ -1,0 +1,360 @@
+"""`skillfold experiment CONFIG --out DIR`: the arms of the comparison, run on one stream of families.
+
+Every arm plays the same phases with the same seeds and is measured on the same held-out items:
+- `base`: the model alone. Evaluated once per seed; later phases reuse that evaluation (nothing changes);
+- `memory`: the fast path only (the evolve loop with no folds); evaluated with memory on;
+- `sft`: the fast path, then LoRA SFT on the phase's successful train episodes (`agent.sft`) with the
+  fold's steps and batch size; evaluated with memory off (what the weights learned);
+- `fold`: the fast path and folds on the stream's schedule, skills never marked folded; evaluated with
+  memory on and the adapter;
+- `skillfold`: the full evolve loop; evaluated with memory on, where folded skills have left the prompt.
+After every phase, every family of the stream is evaluated on eval items [0, eval_items) (the arms that
+fold also with memory off, for retention); the evolve loop's fold decisions use the eval items after
+those. A seed sets the loop's sampling seed, the fold's and the SFT's.
+
+Layout of DIR: `config.json`; `homes/<arm>-seed<s>/` (each arm's memory, adapters, evolve state);
+`units/<arm>/seed-<s>/phase-<p>.json`, one per (arm, seed, phase), written atomically when the unit is
+done, with its evaluations' trajectories under `phase-<p>/`; `metrics.json` (all units), then
+`report.md` and plots (`agent.report`). Running the same command again skips finished units and
+resumes the unfinished one where its loop, fold or evolve state stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from agent.config import ConfigError, ModelConfig, save_config
+from agent.evaluate import EvalResult
+from agent.evolve import (
+    EvolveEvent,
+    Stream,
+    StreamSettings,
+    check_stream,
+    evolve_phase,
+    heldout,
+    load_state,
+    log_event,
+    read_events,
+    serve,
+    stream_families,
+    train,
+    write_atomic,
+)
+from agent.folding import adapters_dir, register_adapter, resolve_adapter
+from agent.sft import SftConfig, SftResult, sft
+from envs.base import TaskFamily, Trajectory
+from learners.fold import fold
+from memory import Memory
+
+Arm = Literal["base", "memory", "sft", "fold", "skillfold"]
+ARMS: tuple[Arm, ...] = ("base", "memory", "sft", "fold", "skillfold")
+MEMORY_ON: dict[str, bool] = {"base": False, "memory": True, "sft": False, "fold": True, "skillfold": True}
+FOLDING = ("fold", "skillfold")
+HOW_NOT_WHAT = ("threads", "batch_size", "device")  # model settings a resumed run may change
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stream: StreamSettings
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1, description="subset of " + ", ".join(ARMS))
+    eval_items: int = Field(default=100, ge=1, description="held-out items per family behind every number")
+    sft: SftConfig = Field(default_factory=SftConfig)
+
+    @field_validator("seeds", "arms")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"repeated entries in {values}")
+        return values
+
+
+class FamilyEval(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    family: str
+    memory: bool = Field(description="skills were retrieved into the prompt")
+    items: int
+    successes: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    errors: int
+    skill_tokens: int = Field(description="prompt tokens the skills took, summed over every turn of every episode")
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    trajectories: str = Field(description="the episodes, relative to the experiment directory")
+
+
+class TrainStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    episodes: int = 0
+    successes: int = 0
+    generated_tokens: int = 0
+    folds: int = 0
+    fold_generated_tokens: int = 0
+    sft_episodes: int = 0
+    sft_steps: int = 0
+
+
+class UnitResult(BaseModel):
+    """One arm, seed and phase: its training and the evaluation of every family after it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arm: Arm
+    seed: int
+    phase: int
+    family: str = Field(description="the family the phase trains")
+    evals: list[FamilyEval] = Field(description="as the arm is measured (memory on or off)")
+    evals_off: list[FamilyEval] = Field(default_factory=list, description="memory off (arms that fold)")
+    skills: dict[str, int] = Field(default_factory=dict, description="active/folded/retired skills after the phase")
+    transitions: list[dict[str, Any]] = Field(default_factory=list, description="folded/unfolded events of the phase")
+    train: TrainStats = Field(default_factory=TrainStats)
+    seconds: float = Field(description="wall time of the unit (a resumed unit: from the resume on)")
+    generated_tokens: int = Field(description="train, fold and evaluation tokens (probe checks not counted)")
+    reused_from: int | None = Field(default=None, description="phase whose evaluation this reuses (base)")
+    finished_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class Metrics(BaseModel):
+    """Everything behind the report: the config, the stream's order, and every unit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: ExperimentConfig
+    phases: list[str] = Field(description="the family each phase trains")
+    families: list[str] = Field(description="the matrices' rows, in stream order")
+    units: list[UnitResult]
+
+
+@dataclass
+class Lab:
+    """What the units share: the engine, the config and the output directory."""
+
+    engine: Any
+    config: ExperimentConfig
+    out: Path
+    families: list[TaskFamily]
+    embedding: Any = None
+    say: Callable[[str], None] = lambda text: None
+    fold_fn: Callable = fold
+    sft_fn: Callable[..., SftResult] = sft
+    memories: dict[str, Memory] = field(default_factory=dict)
+
+    def home(self, arm: str, seed: int) -> Path:
+        return self.out / "homes" / f"{arm}-seed{seed}"
+
+    def memory(self, arm: str, seed: int) -> Memory:
+        key = f"{arm}-{seed}"
+        if key not in self.memories:
+            self.memories[key] = Memory.open(home=self.home(arm, seed), embedding=self.embedding)
+        return self.memories[key]
+
+    def stream(self, arm: str, seed: int) -> Stream:
+        return Stream(engine=self.engine, memory=self.memory(arm, seed), settings=arm_settings(self.config, arm, seed),
+                      families=self.families, home=self.home(arm, seed), fold_fn=self.fold_fn,
+                      say=lambda text: self.say(f"  {arm} seed {seed}: {text}"))
+
+
+def arm_settings(config: ExperimentConfig, arm: str, seed: int) -> StreamSettings:
+    """The stream as an arm plays it: the seed applied, folds only where the arm folds."""
+    stream = config.stream
+    update: dict[str, Any] = {
+        "loop": stream.loop.model_copy(update={"sampling": stream.loop.sampling.model_copy(update={"seed": seed})}),
+        "fold": stream.fold.model_copy(update={"seed": seed}),
+        "assess_offset": config.eval_items + stream.assess_offset,
+    }
+    if arm not in FOLDING:
+        update["schedule"] = stream.schedule.model_copy(update={"every": "never"})
+    if arm == "fold":
+        update["rule"] = stream.rule.model_copy(update={"mark_folded": False})
+    return stream.model_copy(update=update)
+
+
+def unit_path(out: Path, arm: str, seed: int, phase: int) -> Path:
+    return out / "units" / arm / f"seed-{seed}" / f"phase-{phase}.json"
+
+
+def prepare_out(out: Path, config: ExperimentConfig) -> None:
+    """Make or reopen the experiment directory (ConfigError naming the fix when it cannot be used)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a directory for the experiment")
+    saved = out / "config.json"
+    if out.is_dir() and any(out.iterdir()) and not saved.is_file():
+        raise ConfigError(f"--out {out} is not empty and holds no experiment; pass a new or empty directory")
+    if saved.is_file() and _comparable(json.loads(saved.read_text())) != _comparable(config.model_dump(mode="json")):
+        raise ConfigError(f"{out} holds an experiment with another config; resume it with the same config "
+                          "(see its config.json) or pass a new --out")
+    try:
+        save_config(config, out)
+    except OSError as error:
+        raise ConfigError(f"cannot write to --out {out}: {error.strerror}; pass a writable directory") from error
+
+
+def _comparable(data: dict[str, Any]) -> dict[str, Any]:
+    model = {key: value for key, value in data.get("model", {}).items() if key not in HOW_NOT_WHAT}
+    return {**data, "model": model}
+
+
+def check_experiment(config: ExperimentConfig) -> list[TaskFamily]:
+    """The stream's families, checked for room: train episodes and eval + assess items (ConfigError)."""
+    families = stream_families(config.stream)
+    needed = config.eval_items + config.stream.assess_offset + config.stream.assess_items
+    check_stream(config.stream, families, needed)
+    return families
+
+
+def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=None, say=lambda text: None,
+                   fold_fn: Callable = fold, sft_fn: Callable[..., SftResult] = sft) -> Metrics:
+    """Run (or resume) every unit, then write metrics.json; returns the metrics."""
+    families = check_experiment(config)
+    prepare_out(out, config)
+    lab = Lab(engine=engine, config=config, out=out, families=families, embedding=embedding, say=say,
+              fold_fn=fold_fn, sft_fn=sft_fn)
+    for seed in config.seeds:
+        for arm in config.arms:
+            for phase, family in enumerate(families):
+                path = unit_path(out, arm, seed, phase)
+                if path.is_file():
+                    continue
+                say(f"seed {seed} {arm}: phase {phase + 1}/{len(families)} ({family.name})")
+                unit = run_unit(lab, arm, seed, phase)
+                write_atomic(path, unit.model_dump_json(indent=2))
+                mean = sum(e.accuracy for e in unit.evals) / len(unit.evals)
+                say(f"seed {seed} {arm}: phase {phase + 1} done, mean accuracy {mean:.1%} ({unit.seconds:.0f}s)")
+    metrics = collect(out, config, families)
+    write_atomic(out / "metrics.json", metrics.model_dump_json(indent=2))
+    return metrics
+
+
+def collect(out: Path, config: ExperimentConfig, families: list[TaskFamily]) -> Metrics:
+    units = [UnitResult.model_validate_json(unit_path(out, arm, seed, phase).read_text())
+             for seed in config.seeds for arm in config.arms for phase in range(len(families))]
+    names = list(dict.fromkeys(family.name for family in families))
+    return Metrics(config=config, phases=[family.name for family in families], families=names, units=units)
+
+
+# ----------------------------------------------------------------------------- units
+def run_unit(lab: Lab, arm: str, seed: int, phase: int) -> UnitResult:
+    started = time.perf_counter()
+    family = lab.families[phase].name
+    if arm == "base":
+        if phase > 0:
+            first = UnitResult.model_validate_json(unit_path(lab.out, arm, seed, 0).read_text())
+            return first.model_copy(update={"phase": phase, "family": family, "seconds": 0.0, "generated_tokens": 0,
+                                            "reused_from": 0, "finished_at": datetime.now(UTC)})
+        serve(lab.engine, None)
+        evals, evals_off, tokens = evaluate_unit(lab, arm, seed, phase, None)
+        return UnitResult(arm=arm, seed=seed, phase=phase, family=family, evals=evals,
+                          seconds=time.perf_counter() - started, generated_tokens=tokens)
+    stream = lab.stream(arm, seed)
+    stats, transitions = (sft_phase if arm == "sft" else evolve_unit)(lab, stream, seed, phase)
+    memory = lab.memory(arm, seed)
+    evals, evals_off, tokens = evaluate_unit(lab, arm, seed, phase, memory)
+    return UnitResult(
+        arm=arm, seed=seed, phase=phase, family=family, evals=evals, evals_off=evals_off,
+        skills=memory.stats()["skills"], transitions=transitions, train=stats, seconds=time.perf_counter() - started,
+        generated_tokens=tokens + stats.generated_tokens + stats.fold_generated_tokens,
+    )
+
+
+def _train_stats(events: list[EvolveEvent]) -> TrainStats:
+    """Totals of a phase's trained and fold events (a repeated line, from a resumed stage, counts once)."""
+    trained = {event.chunk: event.evidence for event in events if event.kind == "trained"}
+    folds = {event.evidence["adapter"]: event.evidence for event in events if event.kind == "fold"}
+    return TrainStats(
+        episodes=sum(e["episodes"] for e in trained.values()), successes=sum(e["successes"] for e in trained.values()),
+        generated_tokens=sum(e["generated_tokens"] for e in trained.values()), folds=len(folds),
+        fold_generated_tokens=sum(e.get("generated_tokens", 0) for e in folds.values()),
+    )
+
+
+def evolve_unit(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainStats, list[dict[str, Any]]]:
+    state = load_state(stream.run_dir)
+    serve(lab.engine, state.adapter if state else None)  # the engine may come from another arm
+    evolve_phase(stream, phase)
+    events = [event for event in read_events(stream.run_dir) if event.phase == phase]
+    transitions = [event.model_dump(mode="json") for event in events if event.kind in ("folded", "unfolded")]
+    return _train_stats(events), transitions
+
+
+def sft_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainStats, list[dict[str, Any]]]:
+    """The fast path for the phase, then SFT on its successes (a registered phase adapter is not redone)."""
+    serve(lab.engine, resolve_adapter("latest", stream.home))
+    events = [event for event in read_events(stream.run_dir) if event.phase == phase and event.kind == "trained"]
+    if not events:
+        events = [train(stream, phase, 0)]
+        log_event(stream.run_dir, events[0])
+    stats = _train_stats(events)
+    name = f"sft-p{phase}"
+    run_dir, target = stream.home / "sft" / name, adapters_dir(stream.home) / name
+    if not (run_dir / "result.json").is_file():
+        prefix = f"{stream.run_id}-p{phase}-"
+        played = [t for t in stream.memory.list_trajectories(env=lab.families[phase].name, split="train", limit=None)
+                  if t.id.startswith(prefix)]
+        result = lab.sft_fn(lab.engine, played, stream.settings.fold, lab.config.sft, run_dir, seed=seed)
+        write_atomic(run_dir / "result.json", result.model_dump_json(indent=2))
+    result = SftResult.model_validate_json((run_dir / "result.json").read_text())
+    if result.adapter and not target.is_dir():
+        register_adapter(stream.home, name, Path(result.adapter))
+    if result.adapter:
+        serve(lab.engine, str(target))
+    return stats.model_copy(update={"sft_episodes": result.episodes, "sft_steps": result.steps}), []
+
+
+def evaluate_unit(lab: Lab, arm: str, seed: int, phase: int,
+                  memory: Memory | None) -> tuple[list[FamilyEval], list[FamilyEval], int]:
+    """Every family of the stream as the arm is measured (and memory off for arms that fold);
+    the evaluations and the tokens they generated."""
+    unit_dir = unit_path(lab.out, arm, seed, phase).with_suffix("")
+    settings = lab.config.stream
+    evals, evals_off, tokens = [], [], 0
+    for family in {family.name: family for family in lab.families}.values():
+        result, trajectories = heldout(lab.engine, family, lab.config.eval_items, settings,
+                                       memory=memory if MEMORY_ON[arm] else None)
+        main = record_eval(lab, result, trajectories, unit_dir)
+        tokens += result.completion_tokens
+        evals.append(main)
+        if arm in FOLDING:
+            if main.memory:
+                result, trajectories = heldout(lab.engine, family, lab.config.eval_items, settings)
+                tokens += result.completion_tokens
+            evals_off.append(record_eval(lab, result, trajectories, unit_dir) if main.memory else main)
+    return evals, evals_off, tokens
+
+
+def record_eval(lab: Lab, result: EvalResult, trajectories: list[Trajectory], unit_dir: Path) -> FamilyEval:
+    """The evaluation's numbers, its episodes written (atomically) next to the unit."""
+    path = unit_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', result.env)}-{'on' if result.memory else 'off'}.jsonl"
+    write_atomic(path, "".join(trajectory.model_dump_json() + "\n" for trajectory in trajectories))
+    return FamilyEval(
+        family=result.env, memory=result.memory, items=result.items, successes=result.successes,
+        accuracy=result.accuracy, ci_low=result.ci_low, ci_high=result.ci_high, errors=result.errors,
+        skill_tokens=sum(skill_tokens(lab.engine, trajectory) for trajectory in trajectories),
+        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens, seconds=result.seconds,
+        trajectories=str(path.relative_to(lab.out)),
+    )
+
+
+def skill_tokens(engine, trajectory: Trajectory) -> int:
+    """Prompt tokens the retrieved skills added, once per turn (every turn sends the prompt again)."""
+    if not trajectory.context:
+        return 0
+    bare = trajectory.model_copy(update={"turns": []})
+    with_skills = engine.count_tokens([message.as_dict() for message in bare.messages(with_context=True)])
+    without = engine.count_tokens([message.as_dict() for message in bare.messages()])
+    return (with_skills - without) * max(1, len(trajectory.turns))

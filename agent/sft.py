@@ -1,0 +1,130 @@
+"""Rejection-sampling fine-tuning, the experiment's `sft` arm: LoRA SFT on the agent's own successes.
+
+The data are the successful train episodes of a phase, seen as the student sees them: the task
+prompt and every turn, *without* the skills that were in the prompt. Token masks come from
+`learners.views.token_view`: every assistant token and its end-of-turn token is trained; prompts,
+tool results and environment text are not. The loss is plain cross-entropy over a batch's trained
+tokens,
+
+    L = -(1/N) Σ_{(b,t) trained} log p_θ(x_{b,t} | x_{b,<t}),
+
+computed from final hidden states in chunks (`learners.losses.chunked_head_loss`), so the
+(tokens x vocabulary) logits are never whole. For equal compute with the fold, the steps, batch
+size, LoRA shape, weight decay and grad-norm clip are the fold's (`FoldConfig`); only the learning
+rate is the SFT's own. Batches cycle through a seeded shuffle of the episodes; a later phase trains
+the adapter of the earlier ones further.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from envs.base import Trajectory
+from learners.fold import FoldConfig, _release, _save_adapter, attach_student, causal_lm, hidden_at
+from learners.losses import chunked_head_loss
+from learners.views import TemplateError, TokenView, token_view
+
+log = logging.getLogger(__name__)
+
+
+class SftConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate (the rest is the fold's)")
+    max_tokens: int = Field(default=2048, ge=16, description="longer episodes are left out")
+
+
+class SftResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    episodes: int
+    steps: int
+    trained_tokens: int
+    loss_first: float | None
+    loss_last: float | None
+    adapter: str | None = Field(description="the new adapter directory; None when there was nothing to train on")
+    seconds: float
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood: logits (n, V), targets (n,) -> (n,), (n,)."""
+    nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    return nll, nll.detach()
+
+
+def sft_loss(model, views: Sequence[TokenView], chunk_size: int = 128) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the trained tokens of `views`, and how many there were."""
+    positions = [view.trained_positions for view in views]
+    hidden = hidden_at(model, [view.input_ids for view in views], positions)  # (N, H)
+    targets = torch.tensor(
+        [view.input_ids[p] for view, row in zip(views, positions, strict=True) for p in row], device=hidden.device
+    )  # (N,)
+    weight = causal_lm(model).get_output_embeddings().weight  # (V, H)
+    mask = torch.ones((1, targets.numel()), dtype=torch.bool, device=hidden.device)  # (1, N)
+    loss, _ = chunked_head_loss(hidden[None], weight, mask, _cross_entropy, (targets[None],), chunk_size)
+    return loss, int(targets.numel())
+
+
+def training_views(engine, trajectories: Sequence[Trajectory], max_tokens: int) -> list[TokenView]:
+    """Student views (no skills in the prompt) of the successful episodes that fit."""
+    views = []
+    for trajectory in trajectories:
+        if not trajectory.success or not trajectory.turns:
+            continue
+        try:
+            view = token_view(engine.tokenizer, trajectory.messages(), engine.stop_ids)
+        except TemplateError as error:
+            log.warning("skipping episode %s: %s", trajectory.id, error)
+            continue
+        if view.trained_positions and len(view.input_ids) <= max_tokens:
+            views.append(view)
+    return views
+
+
+def sft(engine, trajectories: Sequence[Trajectory], fold_config: FoldConfig, config: SftConfig, run_dir: Path,
+        seed: int = 0) -> SftResult:
+    """Fine-tune the engine's model on the successes; the engine serves the new adapter afterwards."""
+    started = time.perf_counter()
+    views = training_views(engine, trajectories, config.max_tokens)
+    if not views:
+        return SftResult(episodes=0, steps=0, trained_tokens=0, loss_first=None, loss_last=None, adapter=None,
+                         seconds=time.perf_counter() - started)
+    torch.manual_seed(seed)
+    order = list(range(len(views)))
+    random.Random(seed).shuffle(order)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = engine.adapter
+    engine.unload_adapter()
+    student = attach_student(engine.base_model, fold_config, previous)
+    parameters = [parameter for parameter in student.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=fold_config.weight_decay)
+    losses, trained = [], 0
+    student.train()
+    with open(run_dir / "metrics.jsonl", "w") as sink:
+        for step in range(fold_config.steps):
+            batch = [views[order[(step * fold_config.batch_size + i) % len(order)]] for i in range(fold_config.batch_size)]
+            loss, tokens = sft_loss(student, batch, fold_config.chunk_size)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, fold_config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            trained += tokens
+            sink.write(json.dumps({"step": step + 1, "loss": losses[-1], "trained_tokens": tokens}) + "\n")
+    student.eval()
+    adapter_dir = run_dir / "adapter"
+    _save_adapter(student, adapter_dir)
+    engine.model = _release(student, fold_config)
+    engine.base_model = engine.model
+    if not fold_config.full_finetune:
+        engine.load_adapter(str(adapter_dir))
+    return SftResult(episodes=len(views), steps=fold_config.steps, trained_tokens=trained, loss_first=losses[0],
+                     loss_last=losses[-1], adapter=str(adapter_dir), seconds=time.perf_counter() - started)

@@ -1,0 +1,297 @@
+"""The experiment harness on the scripted agent of test_evolve: arms, resume, the report's numbers, SFT.
+
+The scripted fold here knows every word except in a stream's second fold (it forgets); the scripted
+SFT adapter knows every word after phase 1 and none after phase 2 (it forgets too). So skillfold
+unfolds toy:1 in phase 2 and keeps it through memory, while SFT loses it.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from agent.cli import app
+from agent.experiment import ARMS, ExperimentConfig, arm_settings, prepare_out, run_experiment
+from agent.report import (
+    forgetting,
+    forward_transfer,
+    gain_over_base,
+    load_metrics,
+    retention,
+    summarize,
+    write_report,
+)
+from agent.sft import SftConfig, SftResult, sft, sft_loss, training_views
+from envs.base import Message, Trajectory, Turn
+from learners.fold import FoldConfig, FoldResult
+from memory import HashingEmbedding, Memory
+from tests.unit.test_evolve import Killed, World, settings
+
+runner = CliRunner()
+
+
+def _adapter(run_dir: Path, knows: bool, engine) -> Path:
+    adapter = Path(run_dir) / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "knows.json").write_text(json.dumps(knows))
+    engine.load_adapter(str(adapter))
+    return adapter
+
+
+def forgetful_fold(engine, families, items, config, run_dir, *, resume=False, on_step=None):
+    adapter = _adapter(run_dir, not Path(run_dir).name.endswith("fold-2"), engine)
+    return FoldResult(steps=config.steps, loss_first=1.0, loss_last=0.5, kl_first=1.0, kl_last=0.5,
+                      adapter=str(adapter), run_dir=str(run_dir), seconds=0.0)
+
+
+def forgetful_sft(engine, trajectories, fold_config, config, run_dir, seed=0):
+    adapter = _adapter(run_dir, Path(run_dir).name == "sft-p0", engine)
+    return SftResult(episodes=sum(t.success for t in trajectories), steps=fold_config.steps, trained_tokens=10,
+                     loss_first=1.0, loss_last=0.5, adapter=str(adapter), seconds=0.0)
+
+
+def experiment(**overrides) -> ExperimentConfig:
+    values = dict(stream=settings(assess_items=4), seeds=[0, 1], arms=list(ARMS), eval_items=6)
+    values.update(overrides)
+    return ExperimentConfig(**values)
+
+
+def run(out: Path, world: World, config: ExperimentConfig):
+    return run_experiment(world.engine, config, out, embedding=HashingEmbedding(), fold_fn=forgetful_fold,
+                          sft_fn=forgetful_sft)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("experiment") / "out"
+    run(out, World(), experiment())
+    write_report(out)
+    return out
+
+
+# ------------------------------------------------------------------------------ math
+def test_forgetting_transfer_gain_and_retention_on_a_hand_made_matrix():
+    phases = ["A", "B", "C"]
+    matrix = {"A": [0.8, 0.6, 0.5], "B": [0.2, 0.9, 0.7], "C": [0.1, 0.3, 0.2]}
+    base = {"A": 0.1, "B": 0.2, "C": 0.1}
+    # A: max(0.8, 0.6) - 0.5; B: 0.9 - 0.7; C is trained last and left out
+    assert forgetting(matrix, phases) == pytest.approx((0.3 + 0.2) / 2)
+    # B before its phase: 0.2 - 0.2; C before its phase: 0.3 - 0.1
+    assert forward_transfer(matrix, base, phases) == pytest.approx((0.0 + 0.2) / 2)
+    assert gain_over_base(matrix, base, phases) == pytest.approx((0.7 + 0.7 + 0.1) / 3)
+    off = {"A": [0.45, 0.4, 0.4], "B": [0.2, 0.2, 0.2], "C": [0.1, 0.1, 0.1]}
+    # gains where memory helped: A 0.7, B 0.7, C 0.1; kept off: A 0.35, B 0.0, C 0.0
+    assert retention(off, matrix, base, phases) == pytest.approx(0.35 / 1.5)
+    # a family trained twice counts from its first phase and is not "forgotten" if trained last
+    assert forgetting({"A": [0.9, 0.4, 0.8], "B": [0.0, 0.6, 0.5]}, ["A", "B", "A"]) == pytest.approx(0.6 - 0.5)
+    # accuracy before a family's own phase is not what it forgets
+    assert forgetting({"A": [0.5, 0.5, 0.5], "B": [0.95, 0.6, 0.5], "C": [0, 0, 0]}, phases) == pytest.approx(0.1 / 2)
+    assert forgetting({"A": [0.9]}, ["A"]) is None and forward_transfer({"A": [0.9]}, {"A": 0.0}, ["A"]) is None
+
+
+def test_arms_play_the_stream_their_way():
+    config = experiment()
+    assert arm_settings(config, "memory", 3).schedule.every == "never"
+    assert arm_settings(config, "sft", 3).schedule.every == "never"
+    assert arm_settings(config, "fold", 3).rule.mark_folded is False
+    skillfold = arm_settings(config, "skillfold", 3)
+    assert skillfold.rule.mark_folded and skillfold.schedule.every == "phase"
+    assert (skillfold.loop.sampling.seed, skillfold.fold.seed) == (3, 3)
+    assert skillfold.assess_offset == config.eval_items  # fold decisions never see the reported items
+
+
+# --------------------------------------------------------------------------- the run
+def test_arms_start_alike_and_differ_as_designed(straight):
+    metrics = load_metrics(straight)
+    units = {(u.arm, u.seed, u.phase): u for u in metrics.units}
+    assert len(units) == 5 * 2 * 2
+    for seed in (0, 1):
+        first = {arm: (units[(arm, seed, 0)].train.episodes, units[(arm, seed, 0)].train.successes)
+                 for arm in ("memory", "sft", "fold", "skillfold")}
+        assert set(first.values()) == {(4, 2)}, first  # same items, seed and (base) weights in every arm
+        assert units[("base", seed, 1)].reused_from == 0
+        assert units[("base", seed, 1)].evals == units[("base", seed, 0)].evals
+        changes = [(c["kind"], c["family"], u.phase) for u in metrics.units if u.arm == "skillfold" and u.seed == seed
+                   for c in u.transitions]
+        assert changes == [("folded", "toy:1", 0), ("unfolded", "toy:1", 1)]
+        assert units[("fold", seed, 1)].train.folds == 1 and units[("fold", seed, 1)].transitions == []
+    assert all(bool(u.evals_off) == (u.arm in ("fold", "skillfold")) for u in metrics.units)
+    for unit in metrics.units:  # an arm only ever serves its own adapters (the engine is shared)
+        home = str(straight / "homes" / f"{unit.arm}-seed{unit.seed}")
+        for cell in unit.evals:
+            adapters = {Trajectory.model_validate_json(line).adapter
+                        for line in (straight / cell.trajectories).read_text().splitlines()}
+            assert all(adapter is None or adapter.startswith(home) for adapter in adapters), (unit.arm, adapters)
+            assert (None in adapters) == (unit.arm in ("base", "memory")), (unit.arm, unit.phase, adapters)
+        if unit.arm != "base" and unit.phase == 0:  # every arm's first phase is played by the base weights
+            played = Memory.open(home=Path(home), embedding=HashingEmbedding()).list_trajectories(split="train")
+            assert played and {t.adapter for t in played if t.id.startswith("evolve-p0-")} == {None}, unit.arm
+    memory_on = {u.arm: any(e.memory for e in u.evals) for u in metrics.units if u.phase == 1}
+    assert memory_on == {"base": False, "memory": True, "sft": False, "fold": True, "skillfold": True}
+
+
+def _accuracy(raw: dict, arm: str, seed: int, phase: int, family: str, key: str = "evals") -> float:
+    unit = next(u for u in raw["units"] if (u["arm"], u["seed"], u["phase"]) == (arm, seed, phase))
+    cell = next(e for e in unit[key] if e["family"] == family)
+    return cell["successes"] / cell["items"]
+
+
+def test_report_numbers_match_a_recomputation_from_metrics_json(straight):
+    raw = json.loads((straight / "metrics.json").read_text())
+    summary = summarize(load_metrics(straight))
+    report = (straight / "report.md").read_text()
+    families, seeds, last = raw["families"], raw["config"]["seeds"], len(raw["phases"]) - 1
+    for arm in raw["config"]["arms"]:
+        final = sum(_accuracy(raw, arm, s, last, f) for s in seeds for f in families) / (len(seeds) * len(families))
+        assert summary.arms[arm].final_accuracy == pytest.approx(final)
+        assert f"| {arm} | {'off' if arm in ('base', 'sft') else 'on'} | {100 * final:.1f}% |" in report
+        lost = sum(max(_accuracy(raw, arm, s, p, "toy:1") for p in range(last)) - _accuracy(raw, arm, s, last, "toy:1")
+                   for s in seeds) / len(seeds)
+        assert summary.arms[arm].forgetting == pytest.approx(lost)
+    assert summary.arms["sft"].forgetting == pytest.approx(1 - 2 / 6)  # all six words, then cedar and falcon only
+    assert summary.arms["skillfold"].forgetting == 0.0
+    gain = sum(_accuracy(raw, "memory", s, p, f) - _accuracy(raw, "base", s, 0, f)
+               for s in seeds for p, f in enumerate(families)) / (len(seeds) * len(families))
+    assert summary.arms["memory"].gain_over_base == pytest.approx(gain)
+    kept = [sum(_accuracy(raw, "skillfold", s, p, f, "evals_off") - _accuracy(raw, "base", s, 0, f)
+                for p, f in enumerate(families))
+            / sum(_accuracy(raw, "memory", s, p, f) - _accuracy(raw, "base", s, 0, f) for p, f in enumerate(families))
+            for s in seeds]
+    assert summary.arms["skillfold"].retention == pytest.approx(sum(kept) / len(seeds))
+    statuses = {t.target: ("met" if t.met else "MISSED") for t in summary.targets}
+    assert statuses["skillfold forgets less than sft"] == "met"
+    for target, status in statuses.items():
+        assert f"| {target} |" in report and status in report
+    for unit in raw["units"]:  # every evaluation can be recounted from its episodes
+        for cell in unit["evals"] + unit["evals_off"]:
+            lines = (straight / cell["trajectories"]).read_text().splitlines()
+            assert len(lines) == cell["items"]
+            assert sum(Trajectory.model_validate_json(line).success for line in lines) == cell["successes"]
+    assert {"learning_curves.png", "memory_size.png", "matrix_skillfold.png"} <= {p.name for p in straight.iterdir()}
+
+
+def _outcome(metrics) -> list:
+    return [(u.arm, u.seed, u.phase, [(e.family, e.memory, e.successes, e.skill_tokens) for e in u.evals + u.evals_off],
+             u.skills, [(c["kind"], c["family"]) for c in u.transitions], u.train.model_dump())
+            for u in metrics.units]
+
+
+def test_a_killed_experiment_resumes_without_repeating_a_unit(tmp_path):
+    config = experiment(seeds=[0])
+    expected = _outcome(run(tmp_path / "straight", World(), config))
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run(out, World(crash_after=260), config)  # in the fold arm's second phase
+    done = {path: path.read_text() for path in (out / "units").rglob("phase-*.json")}
+    assert 4 <= len(done) < 10
+    resumed = run(out, World(), config)
+    assert all(path.read_text() == text for path, text in done.items())  # finished units are never redone
+    assert _outcome(resumed) == expected
+    assert len(list((out / "units").rglob("phase-*.json"))) == 10
+
+
+def test_report_only_rebuilds_the_report_from_metrics_json_alone(straight, tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(straight / "metrics.json", alone / "metrics.json")
+    result = runner.invoke(app, ["experiment", "--out", str(alone), "--report-only", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (alone / "report.md").read_text() == (straight / "report.md").read_text()
+    assert json.loads(result.stdout.splitlines()[-1])["targets"][0]["target"] == "memory gain >= 15 points"
+    assert (alone / "matrix_sft.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------ bad input
+CONFIG = """
+eval_items = 4
+arms = {arms}
+[stream]
+episodes = 2
+assess_items = 2
+[[stream.phases]]
+family = "{family}"
+[stream.loop]
+probes = 4
+"""
+
+
+def _config(tmp: Path, arms: str = '["base"]', family: str = "toy:1", extra: str = "") -> Path:
+    path = tmp / "experiment.toml"
+    path.write_text(extra + CONFIG.format(arms=arms, family=family))
+    return path
+
+
+def _different(tmp: Path) -> list:
+    prepare_out(tmp / "out", experiment(seeds=[0], arms=["base"]))
+    return ["experiment", _config(tmp), "--out", tmp / "out"]
+
+
+def _another_stream(tmp: Path) -> list:
+    run_dir = tmp / "h" / "evolve" / "evolve"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"stream": {"episodes": 99}}))
+    return ["evolve", "--stream", _config(tmp), "--home", tmp / "h"]
+
+
+BAD_INPUT = {
+    "missing config": (lambda tmp: ["experiment", tmp / "nope.toml", "--out", tmp / "o"], "nope.toml does not exist"),
+    "no out": (lambda tmp: ["experiment", _config(tmp)], "--out DIR"),
+    "no config": (lambda tmp: ["experiment", "--out", tmp / "o"], "name the experiment config"),
+    "unknown family": (lambda tmp: ["experiment", _config(tmp, family="nope:1"), "--out", tmp / "o"],
+                       "unknown environment 'nope:1'"),
+    "unknown arm": (lambda tmp: ["experiment", _config(tmp, arms='["base", "magic"]'), "--out", tmp / "o"],
+                    "arms.1: Input should be 'base', 'memory', 'sft', 'fold' or 'skillfold'"),
+    "too many items": (lambda tmp: ["experiment", _config(tmp), "--out", tmp / "o", "eval_items=15"],
+                       "toy:1 has 16 eval items but 17 are needed"),
+    "out is a file": (lambda tmp: ["experiment", _config(tmp), "--out", _config(tmp)], "is a file"),
+    "out holds other things": (lambda tmp: ["experiment", _config(tmp), "--out", tmp], "is not empty"),
+    "out holds another experiment": (_different, "holds an experiment with another config"),
+    "report without metrics": (lambda tmp: ["experiment", "--out", tmp, "--report-only"], "holds no metrics.json"),
+    "evolve missing stream": (lambda tmp: ["evolve", "--stream", tmp / "nope.toml"], "nope.toml does not exist"),
+    "evolve unknown key": (lambda tmp: ["evolve", "--stream", _config(tmp, extra="colour = 1\n")],
+                           "unknown key(s) colour"),
+    "evolve unknown family": (lambda tmp: ["evolve", "--stream", _config(tmp, family="nope:1"), "--home", tmp / "h"],
+                              "unknown environment 'nope:1'"),
+    "evolve bad anchor": (lambda tmp: ["evolve", "--stream", _config(tmp), "--home", tmp / "h", "stream.anchors=[nope]"],
+                          "unknown environment 'nope'"),
+    "evolve another stream": (_another_stream, "was started with another stream"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT), ids=list(BAD_INPUT))
+def test_bad_input_exits_2_naming_the_fix(case, tmp_path):
+    arguments, fragment = BAD_INPUT[case]
+    result = runner.invoke(app, [str(argument) for argument in arguments(tmp_path)])
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output and result.stdout == ""
+    message = " ".join(result.stderr.split())
+    assert message.startswith("error: ") and fragment in message, message
+
+
+# ------------------------------------------------------------------------------ sft
+def _episode(word: str, success: bool, context: list[Message] = ()) -> Trajectory:
+    return Trajectory(env="toy:1", item_id=word, split="train", prompt=[Message(role="user", content=f"Say the word: {word}")],
+                      context=list(context), turns=[Turn(action=word, reward=1.0, done=True)], success=success)
+
+
+def test_sft_trains_on_successes_without_their_skills_and_lowers_their_loss(tiny_engine, tmp_path):
+    skill = [Message(role="user", content="Say the word: cherry"), Message(role="assistant", content="cherry")]
+    episodes = [_episode("apple", True, skill), _episode("banana", True), _episode("river", False)]
+    views = training_views(tiny_engine, episodes, max_tokens=512)
+    assert len(views) == 2  # the failure is left out
+    assert views[0] == training_views(tiny_engine, [_episode("apple", True)], 512)[0]  # skills are not trained on
+    with torch.no_grad():
+        before = float(sft_loss(tiny_engine.model, views)[0])
+    result = sft(tiny_engine, episodes, FoldConfig(steps=8, batch_size=2, lora_rank=4, lora_alpha=8),
+                 SftConfig(learning_rate=1e-2), tmp_path / "sft", seed=0)
+    assert (result.episodes, result.steps) == (2, 8) and tiny_engine.adapter == result.adapter
+    with torch.no_grad():
+        after = float(sft_loss(tiny_engine.model, views)[0])
+    assert after < before * 0.7, (before, after)
+    assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 8
+    nothing = sft(tiny_engine, [_episode("river", False)], FoldConfig(steps=2), SftConfig(), tmp_path / "none")
+    assert nothing.adapter is None and nothing.steps == 0
