@@ -83,6 +83,12 @@ class FoldConfig(BaseModel):
     anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items")
     checkpoint_every: int = Field(default=5, ge=1)
     chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
+    normalize: Literal["token", "episode"] = Field(
+        default="token",
+        description="token: the loss is the mean over every trained token of the batch; episode: the mean over "
+        "episodes of each episode's token mean (a short episode, where the decisive first tokens are most of "
+        "what is trained, weighs as much as a long one)",
+    )
     seed: int = 0
 
 
@@ -95,6 +101,7 @@ class FoldItem(BaseModel):
     index: int
     context: list[Message] = Field(default_factory=list)
     anchor: bool = False
+    split: Literal["train", "eval"] = Field(default="train", description="eval only to measure (measure_kl)")
 
 
 class FoldResult(BaseModel):
@@ -241,6 +248,8 @@ def fold(
     """
     if not items:
         raise FoldError("no fold prompts: no family has active skills (run `skillfold run` first)")
+    if any(item.split != "train" for item in items):
+        raise FoldError("fold prompts must be train-split items; held-out items are for measuring only")
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -364,6 +373,8 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
             - sampled_log_probs(student_hidden.detach(), weight.detach(), targets, config.chunk_size)
         ).abs()
         mask = _top_per_episode(disagreement, [len(v.student.trained_positions) for v in views], config.relevance_top)
+    if config.normalize == "episode":
+        mask = mask * _episode_weights([len(v.student.trained_positions) for v in views], mask.device)
     if config.loss == "sampled":
         teacher_log_probs = sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size)
         loss, _ = chunked_sampled_token_reverse_kl(
@@ -487,6 +498,11 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+def _episode_weights(lengths: Sequence[int], device) -> torch.Tensor:
+    """(1, N) token weights 1/length of the token's episode: the masked mean becomes a mean of episode means."""
+    return torch.cat([torch.full((length,), 1.0 / length, device=device) for length in lengths])[None]
+
+
 def _top_per_episode(scores: torch.Tensor, lengths: Sequence[int], top: int) -> torch.Tensor:
     """RMSD's relevance mask on flattened episodes: each episode's `top` highest-scoring tokens (1, N)."""
     from learners.masks import top_positions
@@ -501,3 +517,39 @@ def _top_per_episode(scores: torch.Tensor, lengths: Sequence[int], top: int) -> 
         start += length
     chosen = top_positions(padded, valid, top)  # (E, L)
     return chosen[valid][None]  # (1, N), in the flattened order
+
+
+def measure_kl(engine, families: dict[str, TaskFamily], items: Sequence[FoldItem], config: FoldConfig) -> dict[str, float]:
+    """Per-token KL(student || skill-conditioned teacher) on the student's own episodes of `items`.
+
+    The student is the engine as it serves now (its adapter, no context); the teacher is the base
+    weights (no adapter) with each item's privileged context, i.e. what a first fold distils toward.
+    Use held-out items to see how much of the skills' effect the weights carry. Returns
+    {"kl", "tokens", "success"} (success: the student's rollout success on these items).
+    """
+    environments = [families[item.family].make(item.split, item.index) for item in items]
+    sampling = config.sampling.model_copy(update={"seed": config.seed})
+    trajectories = run_episodes(engine, environments, sampling, split="eval", max_turns=config.max_turns)
+    views, _ = _views(engine, items, trajectories, config)
+    success = sum(t.success for t in trajectories) / max(len(trajectories), 1)
+    if not views:
+        return {"kl": 0.0, "tokens": 0, "success": success}
+    adapter = engine.adapter
+    with torch.no_grad():
+        student_hidden = hidden_at(engine.model, [v.student.input_ids for v in views],
+                                   [v.student.trained_positions for v in views])
+        weight = causal_lm(engine.model).get_output_embeddings().weight
+        if adapter:
+            engine.unload_adapter()
+        try:
+            teacher_hidden = hidden_at(engine.model, [v.teacher.input_ids for v in views],
+                                       [v.teacher.trained_positions for v in views])
+            teacher_weight = causal_lm(engine.model).get_output_embeddings().weight
+            mask = torch.ones((1, student_hidden.shape[0]), dtype=torch.bool)
+            kl = chunked_generalized_jsd(student_hidden[None], weight, teacher_hidden[None], 1.0, mask,
+                                         teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size)
+        finally:
+            if adapter:
+                engine.load_adapter(adapter)
+    return {"kl": float(kl), "tokens": int(student_hidden.shape[0]), "success": success}
+

@@ -179,3 +179,34 @@ def test_trb_anneals_to_pure_student_rollouts(tiny_tokenizer, tmp_path):
 def test_no_items_is_a_clear_error(tiny_tokenizer, tmp_path):
     with pytest.raises(FoldError, match="no fold prompts"):
         fold(make_engine(tiny_tokenizer), {}, [], config(), tmp_path / "run")
+
+
+def test_measure_kl_falls_after_a_fold_and_eval_items_are_never_folded(tiny_tokenizer, tmp_path):
+    from learners.fold import FoldError, measure_kl
+
+    engine = make_engine(tiny_tokenizer)
+    family = make_family("toy")
+    greedy = config(sampling={"max_new_tokens": 8})
+    held_out = [FoldItem(family=family.name, index=i, context=CONTEXT, split="eval") for i in range(6)]
+    before = measure_kl(engine, {family.name: family}, held_out, greedy)
+    assert before["tokens"] > 0 and before["kl"] > 0
+    with pytest.raises(FoldError, match="train-split"):
+        fold(engine, {family.name: family}, held_out, config(steps=1), tmp_path / "refused")
+    fold(engine, {family.name: family}, items(family), config(steps=10), tmp_path / "run")
+    after = measure_kl(engine, {family.name: family}, held_out, greedy)
+    assert engine.adapter is not None  # measuring put the adapter back
+    assert after["kl"] < before["kl"] * 0.8, (before, after)
+
+
+def test_episode_normalization_weighs_every_episode_equally(tiny_tokenizer, tmp_path):
+    from learners.fold import _episode_weights
+
+    weights = _episode_weights([1, 3], "cpu")
+    assert torch.allclose(weights, torch.tensor([[1.0, 1 / 3, 1 / 3, 1 / 3]]))
+    losses = torch.tensor([[4.0, 1.0, 1.0, 1.0]])  # episode means 4 and 1
+    assert float((losses * weights).sum() / weights.sum()) == pytest.approx(2.5)  # not the token mean 1.75
+    engine = make_engine(tiny_tokenizer)
+    family = make_family("toy")
+    before = heldout_kl(engine, family)
+    fold(engine, {family.name: family}, items(family), config(steps=10, normalize="episode"), tmp_path / "run")
+    assert heldout_kl(engine, family) < before * 0.8
