@@ -58,7 +58,7 @@ class FoldConfig(BaseModel):
         "tokens; speculative: opsd on SKD rollouts (teacher replaces tokens outside its top-k); trb: opsd on "
         "rollouts from a student-teacher mixture annealed to pure student",
     )
-    steps: int = Field(default=20, ge=1)
+    steps: int = Field(default=32, ge=1, description="measured: the calculator skill clicks at step ~25 of 32 (docs/benchmarks.md)")
     batch_size: int = Field(default=8, ge=1, description="episodes per optimizer step")
     learning_rate: float = Field(default=5e-4, gt=0)
     weight_decay: float = 0.0
@@ -74,7 +74,10 @@ class FoldConfig(BaseModel):
     teacher_model: str | None = Field(default=None, description="model id/dir of the external teacher")
     ema_decay: float = Field(default=0.95, ge=0, lt=1)
     teacher_max_tokens: int = Field(default=2048, ge=64, description="the teacher view's own length limit")
-    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=32))
+    sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=16),
+        description="per assistant turn; short turns keep the decisive first tokens a large share of the loss",
+    )
     max_turns: int = Field(default=3, ge=1)
     relevance_top: int = Field(default=8, ge=1, description="rmsd: positions kept per episode")
     speculative_top_k: int = Field(default=20, ge=1, description="speculative: the teacher's top-k that accepts a student token")
