@@ -24,8 +24,8 @@ from agent.config import LoopSettings, parse_value  # noqa: E402
 from agent.evaluate import evaluate, memory_contexts  # noqa: E402
 from agent.folding import fold_items  # noqa: E402
 from agent.loop import Runtime, run_loop  # noqa: E402
-from engines.hf import HFEngine  # noqa: E402
 from engines.base import SamplingParams  # noqa: E402
+from engines.hf import HFEngine  # noqa: E402
 from engines.models import resolve_model  # noqa: E402
 from envs import make_family  # noqa: E402
 from learners.fold import FoldConfig, FoldItem, fold, measure_kl  # noqa: E402
