@@ -478,13 +478,13 @@ def experiment_command(
 @app.command("demo")
 def demo_command(
     home: Annotated[Path, typer.Option(help="where the demo keeps its memory and adapter (wiped first)")] = Path(".skillfold/demo"),
-    items: Annotated[int, typer.Option(help="held-out items per measurement")] = 48,
+    items: Annotated[int, typer.Option(help="held-out items per measurement")] = 40,
     episodes: Annotated[int, typer.Option(help="train episodes of the fast path")] = 16,
-    fold_steps: Annotated[int, typer.Option("--fold-steps", help="fold steps of the slow path (0 = skip)")] = 0,
+    fold_steps: Annotated[int, typer.Option("--fold-steps", help="fold steps of the slow path (0 = skip)")] = 32,
     model: ModelOption = None,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """The main job end to end: baseline, skills in memory (off vs on), optionally a fold."""
+    """The main job end to end: baseline, skills in memory, then folded into the weights (memory off)."""
     from agent.demo import run_demo
 
     quiet_libraries()
