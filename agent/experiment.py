@@ -3,7 +3,7 @@
 Every arm plays the same phases with the same seeds and is measured on the same held-out items:
 - `base`: the model alone. Evaluated once per seed; later phases reuse that evaluation (nothing changes);
 - `memory`: the fast path only (the evolve loop with no folds); evaluated with memory on;
-- `sft`: the fast path, then LoRA SFT on the phase's successful train episodes (`agent.sft`) with the
+- `sft`: the fast path, then LoRA SFT on the phase's successful train episodes (`learners.sft`) with the
   fold's steps and batch size; evaluated with memory off (what the weights learned);
 - `fold`: the fast path and folds on the stream's schedule, skills never marked folded; evaluated with
   memory on and the adapter;
@@ -50,9 +50,9 @@ from agent.evolve import (
     write_atomic,
 )
 from agent.folding import adapters_dir, register_adapter, resolve_adapter
-from agent.sft import SftConfig, SftResult, sft
 from envs.base import TaskFamily, Trajectory
 from learners.fold import fold
+from learners.sft import SftConfig, SftResult, sft
 from memory import Memory
 
 Arm = Literal["base", "memory", "sft", "fold", "skillfold"]

@@ -309,12 +309,7 @@ def fold(
     finally:
         if writer is not None:
             writer.close()
-    adapter_dir = run_dir / "adapter"
-    _save_adapter(student, adapter_dir)
-    engine.model = _release(student, config)
-    engine.base_model = engine.model
-    if not config.full_finetune:
-        engine.load_adapter(str(adapter_dir))
+    adapter_dir = finish_training(engine, student, config, run_dir)
     if not first and checkpoint_path is not None:
         first = last = json.loads(checkpoint_path.joinpath("state.json").read_text())
     return FoldResult(
@@ -470,6 +465,18 @@ def _item_order(items: Sequence[FoldItem], config: FoldConfig) -> list[FoldItem]
             order.append(anchors[anchor_index % len(anchors)])
             anchor_index += 1
     return order
+
+
+def finish_training(engine, student, config: FoldConfig, run_dir: Path) -> Path:
+    """Save the trained adapter to `run_dir/adapter` (atomically), give the engine its base model back,
+    and serve the adapter (a full fine-tune is served as the engine's weights). Returns the adapter dir."""
+    adapter_dir = run_dir / "adapter"
+    _save_adapter(student, adapter_dir)
+    engine.model = _release(student, config)
+    engine.base_model = engine.model
+    if not config.full_finetune:
+        engine.load_adapter(str(adapter_dir))
+    return adapter_dir
 
 
 def _save_adapter(student, adapter_dir: Path) -> None:

@@ -24,9 +24,9 @@ from agent.report import (
     summarize,
     write_report,
 )
-from agent.sft import SftConfig, SftResult, sft, sft_loss, training_views
 from envs.base import Message, Trajectory, Turn
 from learners.fold import FoldConfig, FoldResult
+from learners.sft import SftConfig, SftResult, sft, sft_loss, training_views
 from memory import HashingEmbedding, Memory
 from tests.unit.test_evolve import Killed, World, settings
 

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.base import Trajectory
-from learners.fold import FoldConfig, _release, _save_adapter, attach_student, causal_lm, hidden_at
+from learners.fold import FoldConfig, attach_student, causal_lm, finish_training, hidden_at
 from learners.losses import chunked_head_loss
 from learners.views import TemplateError, TokenView, token_view
 
@@ -120,11 +120,6 @@ def sft(engine, trajectories: Sequence[Trajectory], fold_config: FoldConfig, con
             trained += tokens
             sink.write(json.dumps({"step": step + 1, "loss": losses[-1], "trained_tokens": tokens}) + "\n")
     student.eval()
-    adapter_dir = run_dir / "adapter"
-    _save_adapter(student, adapter_dir)
-    engine.model = _release(student, fold_config)
-    engine.base_model = engine.model
-    if not fold_config.full_finetune:
-        engine.load_adapter(str(adapter_dir))
+    adapter_dir = finish_training(engine, student, fold_config, run_dir)
     return SftResult(episodes=len(views), steps=fold_config.steps, trained_tokens=trained, loss_first=losses[0],
                      loss_last=losses[-1], adapter=str(adapter_dir), seconds=time.perf_counter() - started)
