@@ -86,6 +86,9 @@ class FoldConfig(BaseModel):
     anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items")
     checkpoint_every: int = Field(default=5, ge=1)
     chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each layer's activations in the backward pass: less memory, more time"
+    )
     normalize: Literal["token", "episode"] = Field(
         default="token",
         description="token: the loss is the mean over every trained token of the batch; episode: the mean over "
@@ -217,6 +220,10 @@ def _adapter_parameters(model):
 # ------------------------------------------------------------------------------ the loop
 def attach_student(base_model, config: FoldConfig, adapter: str | None):
     """The trainable student: a new LoRA adapter, the given one made trainable, or all weights."""
+    if config.gradient_checkpointing:
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(base_model, "is_gradient_checkpointing", False):
+        base_model.gradient_checkpointing_disable()
     if config.full_finetune:
         base_model.train()
         for parameter in base_model.parameters():
@@ -495,6 +502,8 @@ def _release(student, config: FoldConfig):
     """The base model back without LoRA layers (the engine reloads the saved adapter)."""
     for parameter in student.parameters():
         parameter.requires_grad_(False)
+    if config.gradient_checkpointing:
+        causal_lm(student).gradient_checkpointing_disable()
     if config.full_finetune:
         return student.eval()
     return student.unload().eval()

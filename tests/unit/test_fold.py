@@ -1,5 +1,6 @@
 """The fold loop on a tiny random-weight Llama and the toy family: learning, exact resume, NaN stop."""
 
+import json
 import importlib
 from pathlib import Path
 
@@ -210,3 +211,20 @@ def test_episode_normalization_weighs_every_episode_equally(tiny_tokenizer, tmp_
     before = heldout_kl(engine, family)
     fold(engine, {family.name: family}, items(family), config(steps=10, normalize="episode"), tmp_path / "run")
     assert heldout_kl(engine, family) < before * 0.8
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        engine = make_engine(tiny_tokenizer)
+        family = make_family("toy")
+        fold(engine, {family.name: family}, items(family),
+             config(steps=2, gradient_checkpointing=checkpointing), tmp_path / f"run-{checkpointing}")
+        losses = [json.loads(line)["loss"] for line in (tmp_path / f"run-{checkpointing}" / "metrics.jsonl").open()]
+        results.append(losses)
+        assert not getattr(engine.base_model, "is_gradient_checkpointing", False)  # serving is unaffected
+    assert results[0] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
+    from learners.fold import attach_student, causal_lm
+
+    student = attach_student(build_model(tiny_tokenizer), config(gradient_checkpointing=True), None)
+    assert causal_lm(student).is_gradient_checkpointing
