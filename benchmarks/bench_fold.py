@@ -98,6 +98,7 @@ def fold_config(arguments):
         target_modules=list(ALL_LINEAR), loss="reverse_kl", teacher="self-frozen",
         sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=arguments.completion),
         max_turns=1, anchor_fraction=0.0, checkpoint_every=total, seed=arguments.seed,
+        gradient_checkpointing=arguments.gradient_checkpointing == "on",
     )
 
 
@@ -320,7 +321,8 @@ def run_child(side: str, arguments, log_dir: Path) -> dict:
                "--steps", str(arguments.steps), "--batch", str(arguments.batch),
                "--completion", str(arguments.completion), "--threads", str(arguments.threads),
                "--lr", str(arguments.lr), "--seed", str(arguments.seed),
-               "--trl-gradient-checkpointing", arguments.trl_gradient_checkpointing]
+               "--trl-gradient-checkpointing", arguments.trl_gradient_checkpointing,
+               "--gradient-checkpointing", arguments.gradient_checkpointing]
     thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     environment = {**os.environ, **{name: str(arguments.threads) for name in thread_vars},
                    "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -343,8 +345,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                        help="skillfold side (FoldConfig.gradient_checkpointing); on, as TRL's default")
     parser.add_argument("--trl-gradient-checkpointing", choices=["on", "off"], default="on",
-                        help="TRL's SDFTConfig default is on; ours does not recompute activations")
+                        help="TRL side; SDFTConfig default on")
     parser.add_argument("--out", type=Path, default=None, help="also write both sides' raw results as JSON here")
     parser.add_argument("--child", choices=["skillfold", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -392,7 +396,8 @@ def main() -> None:
           f"1.0, LoRA r{LORA_RANK} alpha {LORA_ALPHA} all linear layers, AdamW lr {arguments.lr:g} constant, "
           f"grad-norm clip 1.0, fp32, {ours['threads']} threads (TRL side: {theirs['threads']}), seed {arguments.seed}")
     print("- skillfold: learners.fold.fold, method opsd, teacher self-frozen, loss reverse_kl (full vocabulary, "
-          "chunked from hidden states), privileged context as one user message before the question")
+          f"chunked from hidden states), gradient_checkpointing {arguments.gradient_checkpointing}, privileged context as "
+          "one user message before the question")
     print(f"- TRL: SDFTTrainer, teacher_model_kind base, distillation_mode full_logits, distillation_alpha 1.0 "
           f"(reverse KL), num_generations 1, per_device_train_batch_size {arguments.batch}, "
           f"gradient_accumulation_steps 1, gradient_checkpointing {arguments.trl_gradient_checkpointing}, "

@@ -1,7 +1,7 @@
 """The fold loop on a tiny random-weight Llama and the toy family: learning, exact resume, NaN stop."""
 
-import json
 import importlib
+import json
 from pathlib import Path
 
 import pytest
