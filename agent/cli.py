@@ -499,7 +499,8 @@ def demo_command(
         table.add_row(row["stage"], row["env"], f"{row['successes']}/{row['items']}", f"{row['accuracy']:.1%}",
                       f"{row['ci_low']:.1%}-{row['ci_high']:.1%}")
     console.print(table)
-    console.print(f"done in {time.perf_counter() - started:.0f}s; memory, runs and figures in {home}")
+    console.print(f"done in {time.perf_counter() - started:.0f}s; report in {home / 'report.md'}, figures in "
+                  f"{home / 'demo.json'}, memory and adapter in {home}")
     if json_output:
         print(json.dumps(rows))
 

@@ -379,3 +379,19 @@ def test_chat_teaches_answers_and_rates(model_dir, tmp_path):
 def test_chat_rejects_a_home_that_is_a_file(model_dir, tmp_path):
     result = invoke("chat", "--model", model_dir, "--home", _write(tmp_path / "afile", "x"), input="/quit\n")
     assert_user_error(result, "afile exists but is not a directory")
+
+
+def test_demo_report_has_one_row_per_measurement_with_its_interval():
+    from agent.demo import demo_report
+
+    rows = [
+        {"stage": "base model", "env": "rg:a", "successes": 1, "items": 40, "accuracy": 0.025, "ci_low": 0.0044,
+         "ci_high": 0.1289, "adapter": None},
+        {"stage": "folded, memory off", "env": "rg:a", "successes": 39, "items": 40, "accuracy": 0.975,
+         "ci_low": 0.8712, "ci_high": 0.9956, "adapter": "/h/adapters/demo"},
+    ]
+    table = [line for line in demo_report(rows).splitlines() if line.startswith("| ") and "rg:a" in line]
+    assert table == [
+        "| base model | rg:a | 1/40 | 2.5% | 0.4%-12.9% | none |",
+        "| folded, memory off | rg:a | 39/40 | 97.5% | 87.1%-99.6% | /h/adapters/demo |",
+    ]
