@@ -58,10 +58,14 @@ def user_errors():
 
 
 def quiet_libraries() -> None:
+    import warnings
+
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # peft asks transformers a deprecated question when it wraps a model; nothing for a user to do
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @app.callback()

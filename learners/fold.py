@@ -218,11 +218,16 @@ def _adapter_parameters(model):
 
 
 # ------------------------------------------------------------------------------ the loop
+def checkpointing(model) -> bool:
+    """Whether any layer of `model` recomputes its activations in the backward pass."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
 def attach_student(base_model, config: FoldConfig, adapter: str | None):
     """The trainable student: a new LoRA adapter, the given one made trainable, or all weights."""
     if config.gradient_checkpointing:
         base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(base_model, "is_gradient_checkpointing", False):
+    elif checkpointing(base_model):
         base_model.gradient_checkpointing_disable()
     if config.full_finetune:
         base_model.train()

@@ -214,6 +214,8 @@ def test_episode_normalization_weighs_every_episode_equally(tiny_tokenizer, tmp_
 
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer, tmp_path):
+    from learners.fold import checkpointing
+
     results = []
     for checkpointing in (False, True):
         engine = make_engine(tiny_tokenizer)
@@ -222,9 +224,9 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer, tmp_path):
              config(steps=2, gradient_checkpointing=checkpointing), tmp_path / f"run-{checkpointing}")
         losses = [json.loads(line)["loss"] for line in (tmp_path / f"run-{checkpointing}" / "metrics.jsonl").open()]
         results.append(losses)
-        assert not getattr(engine.base_model, "is_gradient_checkpointing", False)  # serving is unaffected
+        assert not checkpointing(engine.base_model)  # serving is unaffected
     assert results[0] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
-    from learners.fold import attach_student, causal_lm
+    from learners.fold import attach_student
 
     student = attach_student(build_model(tiny_tokenizer), config(gradient_checkpointing=True), None)
-    assert causal_lm(student).is_gradient_checkpointing
+    assert checkpointing(student)
