@@ -217,12 +217,12 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer, tmp_path):
     from learners.fold import checkpointing
 
     results = []
-    for checkpointing in (False, True):
+    for recompute in (False, True):
         engine = make_engine(tiny_tokenizer)
         family = make_family("toy")
         fold(engine, {family.name: family}, items(family),
-             config(steps=2, gradient_checkpointing=checkpointing), tmp_path / f"run-{checkpointing}")
-        losses = [json.loads(line)["loss"] for line in (tmp_path / f"run-{checkpointing}" / "metrics.jsonl").open()]
+             config(steps=2, gradient_checkpointing=recompute), tmp_path / f"run-{recompute}")
+        losses = [json.loads(line)["loss"] for line in (tmp_path / f"run-{recompute}" / "metrics.jsonl").open()]
         results.append(losses)
         assert not checkpointing(engine.base_model)  # serving is unaffected
     assert results[0] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
