@@ -150,6 +150,15 @@ def hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Seq
     return hidden[rows, columns]  # (N, H)
 
 
+def reverse_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+               teacher_weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Mean per-token full-vocabulary KL(student || teacher) over N positions, (N, H) and (N, H'), without grad."""
+    with torch.no_grad():
+        every = torch.ones((1, student_hidden.shape[0]), dtype=torch.bool, device=student_hidden.device)
+        return chunked_generalized_jsd(student_hidden[None].detach(), weight.detach(), teacher_hidden[None], 1.0,
+                                       every, teacher_lm_head_weight=teacher_weight, chunk_size=chunk_size)
+
+
 def sampled_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[target] per row, (N, H) -> (N,), chunk by chunk, without grad."""
     with torch.no_grad():
@@ -374,17 +383,16 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
         [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=student_hidden.device
     )  # (N,)
     mask = torch.ones((1, targets.numel()), dtype=torch.bool, device=targets.device)
-    with torch.no_grad():  # the student-teacher KL on these tokens, for the logs (and rmsd's choice)
-        kl = chunked_generalized_jsd(student_hidden[None].detach(), weight.detach(), teacher_hidden[None], 1.0, mask,
-                                     teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size)
+    kl = reverse_kl(student_hidden, weight, teacher_hidden, teacher_weight, config.chunk_size)  # for the logs
+    lengths = [len(v.student.trained_positions) for v in views]
     if config.method == "rmsd":
         disagreement = (
             sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size)
             - sampled_log_probs(student_hidden.detach(), weight.detach(), targets, config.chunk_size)
         ).abs()
-        mask = _top_per_episode(disagreement, [len(v.student.trained_positions) for v in views], config.relevance_top)
+        mask = _top_per_episode(disagreement, lengths, config.relevance_top)
     if config.normalize == "episode":
-        mask = mask * _episode_weights([len(v.student.trained_positions) for v in views], mask.device)
+        mask = mask * _episode_weights(lengths, mask.device)
     if config.loss == "sampled":
         teacher_log_probs = sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size)
         loss, _ = chunked_sampled_token_reverse_kl(
@@ -569,9 +577,7 @@ def measure_kl(engine, families: dict[str, TaskFamily], items: Sequence[FoldItem
             teacher_hidden = hidden_at(engine.model, [v.teacher.input_ids for v in views],
                                        [v.teacher.trained_positions for v in views])
             teacher_weight = causal_lm(engine.model).get_output_embeddings().weight
-            mask = torch.ones((1, student_hidden.shape[0]), dtype=torch.bool)
-            kl = chunked_generalized_jsd(student_hidden[None], weight, teacher_hidden[None], 1.0, mask,
-                                         teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size)
+            kl = reverse_kl(student_hidden, weight, teacher_hidden, teacher_weight, config.chunk_size)
         finally:
             if adapter:
                 engine.load_adapter(adapter)
