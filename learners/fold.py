@@ -410,7 +410,7 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
     teacher.after_step()
     student.eval()
     record.update(loss=float(loss.detach()), kl=float(kl), trained_tokens=int(targets.numel()),
-                  distilled_tokens=int(mask.sum()), anchors=sum(item.anchor for item in kept_items))
+                  distilled_tokens=int((mask != 0).sum()), anchors=sum(item.anchor for item in kept_items))
     return record
 
 
