@@ -26,6 +26,11 @@ class SamplingParams(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=64, ge=1)
     stop: tuple[str, ...] = Field(default=(), description="generation ends after any of these strings")
+    min_tokens: int = Field(
+        default=0, ge=0,
+        description="EOS and stop strings cannot end a completion before this many tokens (vLLM's min_tokens); "
+        "log-probs stay those of the unconstrained model",
+    )
     seed: int = Field(default=0, description="row i of a batch samples from seed + i")
 
 

@@ -152,7 +152,7 @@ class HFEngine:
         next_positions = position_ids[:, -1:] + 1
         step_input, step_positions = input_ids, position_ids
         longest_stop = max((len(stop) for stop in params.stop), default=0)
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
             output = self.model(
                 input_ids=step_input,
                 attention_mask=attention_mask,
@@ -162,7 +162,8 @@ class HFEngine:
                 **{self._cache_kwarg: cache},
             )
             logits = output.logits[:, -1, :].float()  # (B_active, V)
-            chosen = self._choose(logits, params, [generators[row] for row in active] if generators else None)
+            allowed = self._no_stop_yet(logits, params, step)
+            chosen = self._choose(allowed, params, [generators[row] for row in active] if generators else None)
             chosen_logprobs = logits.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
             live: list[int] = []  # cache positions of rows still generating
             for position, row in enumerate(active):
@@ -171,7 +172,9 @@ class HFEngine:
                 token = int(chosen[position])
                 tokens[row].append(token)
                 logprobs[row].append(float(chosen_logprobs[position]))
-                if token in self.stop_ids:
+                if len(tokens[row]) <= params.min_tokens:
+                    live.append(position)
+                elif token in self.stop_ids:
                     finish[row] = "stop"
                 elif longest_stop and self._hit_stop(tokens[row], params.stop, longest_stop):
                     finish[row] = "stop"
@@ -298,7 +301,7 @@ class HFEngine:
         finish: list[str | None] = [None] * batch
         active = list(range(batch))  # batch rows still generating, in cache order (both views)
         longest_stop = max((len(stop) for stop in params.stop), default=0)
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
             student_logits = student.logits()  # (B_active, V)
             teacher_logits = teacher.logits().to(student_logits.device)  # (B_active, V)
             if teacher_logits.shape != student_logits.shape:
@@ -309,8 +312,12 @@ class HFEngine:
             row_generators = [generators[row] for row in active] if generators else None
             choose = _speculative_choice if policy == "speculative" else _mixture_choice
             chosen, chosen_sources, chosen_behaviour, student_chosen, teacher_chosen = choose(
-                student_logits, teacher_logits, params, row_generators, top_k=top_k, mix=mix
+                self._no_stop_yet(student_logits, params, step), self._no_stop_yet(teacher_logits, params, step),
+                params, row_generators, top_k=top_k, mix=mix,
             )
+            if step < params.min_tokens:  # log-probs of the unconstrained models (behaviour: what chose)
+                student_chosen = _gather(torch.log_softmax(student_logits, dim=-1), chosen)
+                teacher_chosen = _gather(torch.log_softmax(teacher_logits, dim=-1), chosen)
             keep: list[int] = []
             for position, row in enumerate(active):
                 token = int(chosen[position])
@@ -319,7 +326,9 @@ class HFEngine:
                 behaviour[row].append(float(chosen_behaviour[position]))
                 teacher_logprobs[row].append(float(teacher_chosen[position]))
                 sources[row].append(int(chosen_sources[position]))
-                if token in self.stop_ids:
+                if len(tokens[row]) <= params.min_tokens:
+                    keep.append(position)
+                elif token in self.stop_ids:
                     finish[row] = "stop"
                 elif longest_stop and self._hit_stop(tokens[row], params.stop, longest_stop):
                     finish[row] = "stop"
@@ -349,6 +358,15 @@ class HFEngine:
                 )
             )
         return outputs
+
+    def _no_stop_yet(self, logits: torch.Tensor, params: SamplingParams, length: int) -> torch.Tensor:
+        """The logits with every stop id masked out while fewer than `params.min_tokens` tokens exist
+        (`length`: the decoding step; no row can have stopped before min_tokens)."""
+        if length >= params.min_tokens or not self.stop_ids:
+            return logits
+        masked = logits.clone()
+        masked[:, sorted(self.stop_ids)] = float("-inf")
+        return masked
 
     @staticmethod
     def _choose(

@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.base import Trajectory
+from learners.allocator import cap_heap
 from learners.fold import FoldConfig, attach_student, causal_lm, finish_training, hidden_at
 from learners.losses import chunked_head_loss
 from learners.views import TemplateError, TokenView, token_view
@@ -97,6 +98,7 @@ def sft(engine, trajectories: Sequence[Trajectory], fold_config: FoldConfig, con
     if not views:
         return SftResult(episodes=0, steps=0, trained_tokens=0, loss_first=None, loss_last=None, adapter=None,
                          seconds=time.perf_counter() - started)
+    cap_heap(fold_config.heap_threshold_kib)
     torch.manual_seed(seed)
     order = list(range(len(views)))
     random.Random(seed).shuffle(order)

@@ -157,3 +157,24 @@ def test_adapter_for_another_model_is_refused(tiny_tokenizer, tmp_path):
     assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))[0].token_ids
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         engine.load_adapter(str(tmp_path))
+
+
+def test_min_tokens_holds_off_eos_and_keeps_model_logprobs(tiny_engine):
+    first_token = tiny_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4))[0].token_ids[0]
+    tiny_engine.stop_ids = {first_token}
+    held = tiny_engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, min_tokens=3))[0]
+    assert first_token not in held.token_ids[:3] and len(held.token_ids) >= 4
+    assert held.finish_reason == "stop" if first_token in held.token_ids else held.finish_reason == "length"
+    # the log-probs are the unconstrained model's: rescoring the sampled tokens gives the same values
+    rescored = tiny_engine.score_ids([tiny_engine.encode(PROMPTS[0])], [held.token_ids])[0]
+    assert torch.allclose(torch.tensor(held.logprobs), torch.tensor(rescored.logprobs), atol=1e-4)
+
+
+def test_min_tokens_gives_every_row_that_many_tokens_at_least(tiny_engine):
+    free = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, temperature=1.0, seed=3))
+    tiny_engine.stop_ids = {token for output in free for token in output.token_ids[:3]}  # common early tokens
+    assert all(len(output.token_ids) < 12 for output in tiny_engine.generate(
+        PROMPTS, SamplingParams(max_new_tokens=16, temperature=1.0, seed=3)))
+    held = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, min_tokens=12, temperature=1.0, seed=3))
+    assert all(len(output.token_ids) >= 12 for output in held)
+    assert all(not set(output.token_ids[:12]) & tiny_engine.stop_ids for output in held)

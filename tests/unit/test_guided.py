@@ -205,6 +205,23 @@ def test_stops_drop_rows_from_both_views(tiny_engine, tiny_tokenizer, other_mode
         assert output.teacher_logprobs == pytest.approx(chosen(teacher, output.token_ids), abs=1e-4)
 
 
+def test_min_tokens_in_guided_rollouts_matches_plain_generation(tiny_engine, tiny_tokenizer, other_model):
+    free = tiny_engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, temperature=1.0, seed=3))
+    tiny_engine.stop_ids = {token for output in free for token in output.token_ids[:3]}
+    params = SamplingParams(max_new_tokens=16, min_tokens=10, temperature=1.0, seed=3)
+    plain = tiny_engine.generate(PROMPTS, params)
+    guided = tiny_engine.generate_guided(PROMPTS, teacher_prompts(), params, policy="speculative",
+                                         top_k=len(tiny_tokenizer),
+                                         teacher_scope=lambda: swapped(tiny_engine.model, other_model))
+    for prompt, teacher_prompt, expected, output in zip(PROMPTS, teacher_prompts(), plain, guided, strict=True):
+        assert output.token_ids == expected.token_ids and len(output.token_ids) >= 10
+        assert not set(output.token_ids[:10]) & tiny_engine.stop_ids
+        student = plain_log_probs(tiny_engine, tiny_engine.model, prompt, output.token_ids)
+        teacher = plain_log_probs(tiny_engine, other_model, teacher_prompt, output.token_ids)
+        assert output.logprobs == pytest.approx(chosen(student, output.token_ids), abs=1e-4)
+        assert output.teacher_logprobs == pytest.approx(chosen(teacher, output.token_ids), abs=1e-4)
+
+
 def test_guided_rejects_bad_arguments(tiny_engine):
     params = SamplingParams(max_new_tokens=2)
     with pytest.raises(ValueError, match="2 student prompts but 1 teacher"):
