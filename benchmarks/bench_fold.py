@@ -18,7 +18,12 @@ are memory-mapped and count in RSS only when touched), so peak - load is what tr
 One warm-up step, then `--steps` timed steps.
 
 tokens/s = (completion tokens generated + completion tokens trained) / step time, summed over the
-timed steps on each side (neither side forces a minimum length, so both counts are reported).
+timed steps on each side. By default (--fixed-length on) every completion is exactly --completion
+tokens on both sides (EOS held off), so both sides generate and train the same number of tokens and
+tokens/s compares like with like; with it off each side stops at EOS and both counts are reported.
+Heap: --heap capped makes our fold cap glibc's heap (FoldConfig.heap_threshold_kib 128,
+learners.allocator: less memory, more time); --trl-heap capped gives TRL's process the same setting,
+to show what is allocator and what is algorithm.
 Prints a markdown table with the ratios skillfold / TRL. Exits non-zero only on a crash.
 
     .venv/bin/python benchmarks/bench_fold.py [--steps 3] [--batch 8] [--completion 64] [--threads 2]
@@ -96,9 +101,11 @@ def fold_config(arguments):
         method="opsd", steps=total, batch_size=arguments.batch, learning_rate=arguments.lr, weight_decay=0.0,
         max_grad_norm=1.0, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
         target_modules=list(ALL_LINEAR), loss="reverse_kl", teacher="self-frozen",
-        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=arguments.completion),
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=arguments.completion,
+                                min_tokens=arguments.completion if arguments.fixed_length == "on" else 0),
         max_turns=1, anchor_fraction=0.0, checkpoint_every=total, seed=arguments.seed,
         gradient_checkpointing=arguments.gradient_checkpointing == "on",
+        heap_threshold_kib=128 if arguments.heap == "capped" else 0,
     )
 
 
@@ -200,6 +207,10 @@ def run_trl(arguments) -> dict:
     from learners.fold import ALL_LINEAR
 
     torch.set_num_threads(arguments.threads)
+    if arguments.trl_heap == "capped":  # the same glibc setting as our side (learners.allocator)
+        from learners.allocator import cap_heap
+
+        cap_heap(128)
     family, indices, privileged = inputs(arguments.batch, arguments.steps)
     location = resolve_model(None)  # the same model directory HFEngine.load() reads
     tokenizer = AutoTokenizer.from_pretrained(location)
@@ -261,6 +272,7 @@ def run_trl(arguments) -> dict:
             shuffle_dataset=False, disable_dropout=True,
             logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
             dataloader_num_workers=0,
+            generation_kwargs={"min_new_tokens": arguments.completion} if arguments.fixed_length == "on" else None,
         )
         peft_config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                                  target_modules=list(ALL_LINEAR), task_type="CAUSAL_LM")
@@ -322,7 +334,8 @@ def run_child(side: str, arguments, log_dir: Path) -> dict:
                "--completion", str(arguments.completion), "--threads", str(arguments.threads),
                "--lr", str(arguments.lr), "--seed", str(arguments.seed),
                "--trl-gradient-checkpointing", arguments.trl_gradient_checkpointing,
-               "--gradient-checkpointing", arguments.gradient_checkpointing]
+               "--gradient-checkpointing", arguments.gradient_checkpointing,
+               "--fixed-length", arguments.fixed_length, "--heap", arguments.heap, "--trl-heap", arguments.trl_heap]
     thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     environment = {**os.environ, **{name: str(arguments.threads) for name in thread_vars},
                    "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -349,6 +362,14 @@ def main() -> None:
                         help="skillfold side (FoldConfig.gradient_checkpointing); on, as TRL's default")
     parser.add_argument("--trl-gradient-checkpointing", choices=["on", "off"], default="on",
                         help="TRL side; SDFTConfig default on")
+    parser.add_argument("--fixed-length", choices=["on", "off"], default="on",
+                        help="on: every completion is exactly --completion tokens on both sides (EOS held off: "
+                        "SamplingParams.min_tokens, TRL generation_kwargs min_new_tokens), so tokens per step match")
+    parser.add_argument("--heap", choices=["capped", "default"], default="default",
+                        help="skillfold side: FoldConfig.heap_threshold_kib 0 (its default: glibc as it is) or 128 "
+                        "(capped: less memory, more time)")
+    parser.add_argument("--trl-heap", choices=["default", "capped"], default="default",
+                        help="TRL side: glibc as it is (default) or the same heap cap as ours")
     parser.add_argument("--out", type=Path, default=None, help="also write both sides' raw results as JSON here")
     parser.add_argument("--child", choices=["skillfold", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -392,7 +413,8 @@ def main() -> None:
           "process's ru_maxrss (whole run, warm-up included); RSS after load = after from_pretrained with every "
           "weight read once (the safetensors file is memory-mapped, so untouched weights are not in RSS)")
     print(f"- settings: {FAMILY} train items (batch {arguments.batch}, same prompts per step on both sides: "
-          f"{'yes' if same_prompts else 'NO'}), completion <= {arguments.completion} tokens, sampling temperature "
+          f"{'yes' if same_prompts else 'NO'}), completion {'=' if arguments.fixed_length == 'on' else '<='} "
+          f"{arguments.completion} tokens, heap skillfold {arguments.heap} / TRL {arguments.trl_heap}, sampling temperature "
           f"1.0, LoRA r{LORA_RANK} alpha {LORA_ALPHA} all linear layers, AdamW lr {arguments.lr:g} constant, "
           f"grad-norm clip 1.0, fp32, {ours['threads']} threads (TRL side: {theirs['threads']}), seed {arguments.seed}")
     print("- skillfold: learners.fold.fold, method opsd, teacher self-frozen, loss reverse_kl (full vocabulary, "

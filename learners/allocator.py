@@ -6,7 +6,9 @@ MiB each) come from the heap, and the heap keeps what they freed: measured on th
 RSS of a fold step stayed ~1 GiB above what was live (2.1 GiB peak; `malloc_trim` gave 1.2 GiB of it
 back). A fixed threshold turns that off: blocks at or above it are mmap'd and returned to the system
 when freed. It is a process-wide setting, made once per process, on glibc only; elsewhere (macOS,
-musl) it does nothing. Measured cost in time: none beyond noise (docs/benchmarks.md).
+musl) it does nothing. It costs time: every large block is a fresh mapping, page-faulted in again
+(measured: a fold step's forward/backward at 128 KiB took 1.3-1.6x as long, docs/benchmarks.md), so
+the fold leaves it off unless `FoldConfig.heap_threshold_kib` asks for it.
 """
 
 from __future__ import annotations

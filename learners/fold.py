@@ -21,6 +21,7 @@ context: they teach "stay as you are" where no skill applies, against forgetting
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -97,9 +98,10 @@ class FoldConfig(BaseModel):
         "what is trained, weighs as much as a long one)",
     )
     heap_threshold_kib: int = Field(
-        default=128, ge=0,
-        description="blocks of this size and more are mmap'd and freed back to the system (glibc; "
-        "learners.allocator): the fold's peak RSS falls by about 1 GiB on the default model. 0 = leave malloc as it is",
+        default=0, ge=0,
+        description="glibc only (learners.allocator): blocks of this many KiB and more are mmap'd and freed back "
+        "to the system. 128 takes a fold step's peak RSS from ~2.1 to ~1.4 GiB on the default model, at ~1.3-1.6x "
+        "the step time (page faults); 0 = leave malloc as it is (the default: time over memory)",
     )
     seed: int = 0
 
@@ -156,6 +158,91 @@ def hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Seq
     return hidden[rows, columns]  # (N, H)
 
 
+def prefix_groups(sequences: Sequence[Sequence[int]], limits: Sequence[int], min_prefix: int) -> list[tuple[list[int], int]]:
+    """Rows that share a token prefix of at least `min_prefix` tokens: [(rows, prefix length)].
+
+    Rows are sorted, and runs of neighbours whose common prefix stays >= `min_prefix` form a group; a
+    group's prefix is the common prefix of all its rows, cut to every row's `limits[row]` (the prefix
+    may not reach a position whose hidden state is wanted). Every row is in exactly one group; a
+    row alone, or a prefix under `min_prefix`, is a group of its own with prefix 0.
+    """
+    order = sorted(range(len(sequences)), key=lambda row: list(sequences[row]))
+
+    def common(a: Sequence[int], b: Sequence[int]) -> int:
+        length = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            length += 1
+        return length
+
+    groups: list[tuple[list[int], int]] = []
+    rows: list[int] = []
+    prefix = 0
+    for row in order:
+        if rows:
+            shared = min(prefix, common(sequences[rows[-1]], sequences[row]), limits[row])
+            if shared >= min_prefix:
+                rows.append(row)
+                prefix = shared
+                continue
+            groups.append((rows, prefix if len(rows) > 1 else 0))
+        rows, prefix = [row], min(len(sequences[row]), limits[row])
+    if rows:
+        groups.append((rows, prefix if len(rows) > 1 else 0))
+    return groups
+
+
+def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                            min_prefix: int = 32) -> torch.Tensor:
+    """`hidden_at` without grad, computing a prefix shared by several rows once.
+
+    The teacher's prompts of a fold batch start alike (system prompt, the family's skills): each
+    group of rows with a common prefix (`prefix_groups`) runs it once at batch size 1, repeats its KV
+    cache over the group, and runs only the rows' own suffixes (right-padded) on top. Same values as
+    `hidden_at` up to float rounding. Returns (N, H) in the order of `positions`.
+    """
+    from transformers import DynamicCache
+
+    network = causal_lm(model)
+    device = next(network.parameters()).device
+    limits = [min(row_positions) - 1 if row_positions else len(sequence)
+              for sequence, row_positions in zip(sequences, positions, strict=True)]
+    import inspect
+
+    cache_kwarg = "cache" if "cache" in inspect.signature(network.model.forward).parameters else "past_key_values"
+    pieces: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for rows, prefix in prefix_groups(sequences, limits, min_prefix):
+            if prefix == 0:
+                hidden = hidden_at(model, [sequences[row] for row in rows], [positions[row] for row in rows])
+            else:
+                cache = DynamicCache()
+                network.model(input_ids=torch.tensor([list(sequences[rows[0]][:prefix])], device=device),
+                              use_cache=True, **{cache_kwarg: cache})
+                cache.batch_repeat_interleave(len(rows))
+                suffixes = [list(sequences[row][prefix:]) for row in rows]
+                width = max(len(suffix) for suffix in suffixes)
+                input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+                attention_mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
+                attention_mask[:, :prefix] = 1
+                for index, suffix in enumerate(suffixes):
+                    input_ids[index, : len(suffix)] = torch.tensor(suffix)
+                    attention_mask[index, prefix: prefix + len(suffix)] = 1
+                positions_ids = torch.arange(prefix, prefix + width)[None].expand(len(rows), -1)
+                output = network.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                       position_ids=positions_ids.to(device), use_cache=True, **{cache_kwarg: cache})
+                states = output.last_hidden_state  # (G, width, H)
+                index_rows = torch.tensor([i for i, row in enumerate(rows) for _ in positions[row]], device=device)
+                index_columns = torch.tensor([p - 1 - prefix for row in rows for p in positions[row]], device=device)
+                hidden = states[index_rows, index_columns]
+            start = 0
+            for row in rows:
+                pieces[row] = hidden[start: start + len(positions[row])]
+                start += len(positions[row])
+    return torch.cat([pieces[row] for row in range(len(sequences))])
+
+
 def reverse_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                teacher_weight: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Mean per-token full-vocabulary KL(student || teacher) over N positions, (N, H) and (N, H'), without grad."""
@@ -195,13 +282,18 @@ class Teacher:
         positions = [view.teacher.trained_positions for view in views]
         with torch.no_grad():
             if self.external is not None:
-                hidden = hidden_at(self.external, sequences, positions)
+                hidden = shared_prefix_hidden_at(self.external, sequences, positions)
                 return hidden, causal_lm(self.external).get_output_embeddings().weight.detach()
-            with self._teacher_weights():
-                hidden = hidden_at(self.student, sequences, positions)
-                weight = causal_lm(self.student).get_output_embeddings().weight.detach().clone() if (
-                    self.config.full_finetune) else causal_lm(self.student).get_output_embeddings().weight.detach()
-                return hidden, weight
+            was_training = self.student.training
+            self.student.eval()  # inference: no checkpointing, the KV cache of a shared prefix is kept
+            try:
+                with self._teacher_weights(), merged(self.student):
+                    hidden = shared_prefix_hidden_at(self.student, sequences, positions)
+                    weight = causal_lm(self.student).get_output_embeddings().weight.detach().clone() if (
+                        self.config.full_finetune) else causal_lm(self.student).get_output_embeddings().weight.detach()
+            finally:
+                self.student.train(was_training)
+            return hidden, weight
 
     def _teacher_weights(self):
         student, snapshot = self.student, self.snapshot
@@ -225,6 +317,25 @@ class Teacher:
             decay = self.config.ema_decay
             for name, parameter in _adapter_parameters(self.student):
                 self.snapshot[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+
+
+class merged:
+    """While inside, a LoRA student runs with its adapter merged into the base weights (peft's
+    merge_adapter / unmerge_adapter): inference through 210 unmerged LoRA pairs costs CPU decoding
+    several times the base model's. For rollouts and teacher passes only, never under autograd.
+    Does nothing for a full fine-tune or a model without adapters."""
+
+    def __init__(self, model) -> None:
+        self.model = model if hasattr(model, "merge_adapter") and hasattr(model, "peft_config") else None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.model.merge_adapter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.unmerge_adapter()
 
 
 def _adapter_parameters(model):
@@ -360,11 +471,12 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
     student.eval()  # no dropout while sampling
     environments = [families[item.family].make("train", item.index) for item in batch]
     sampling = config.sampling.model_copy(update={"seed": config.seed + step * 1000})
-    trajectories = run_episodes(
-        engine, environments, sampling, split="train", max_turns=config.max_turns,
-        teacher_contexts=[[] if item.anchor else list(item.context) for item in batch],
-        guided=guided_rollout(engine, teacher, config, step),
-    )
+    guided = guided_rollout(engine, teacher, config, step)
+    with merged(student) if guided is None else contextlib.nullcontext():  # guided: the teacher swaps LoRA weights
+        trajectories = run_episodes(
+            engine, environments, sampling, split="train", max_turns=config.max_turns,
+            teacher_contexts=[[] if item.anchor else list(item.context) for item in batch], guided=guided,
+        )
     views, kept_items = _views(engine, batch, trajectories, config)
     generated = sum(t.completion_tokens for t in trajectories)
     teacher_tokens = sum(turn.info.get("teacher_tokens", 0) for t in trajectories for turn in t.turns)
@@ -390,7 +502,6 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
         [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=student_hidden.device
     )  # (N,)
     mask = torch.ones((1, targets.numel()), dtype=torch.bool, device=targets.device)
-    kl = reverse_kl(student_hidden, weight, teacher_hidden, teacher_weight, config.chunk_size)  # for the logs
     lengths = [len(v.student.trained_positions) for v in views]
     if config.method == "rmsd":
         disagreement = (
@@ -410,6 +521,10 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
             student_hidden[None], weight, teacher_hidden[None], 1.0 if config.loss == "reverse_kl" else config.beta,
             mask, teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size,
         )
+    if config.loss == "reverse_kl" and config.method != "rmsd" and config.normalize == "token":
+        kl = loss.detach()  # the loss is this very KL: every trained token, weight 1
+    else:
+        kl = reverse_kl(student_hidden, weight, teacher_hidden, teacher_weight, config.chunk_size)  # for the logs
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for _, p in _adapter_parameters(student)], config.max_grad_norm)
     optimizer.step()

@@ -128,7 +128,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_tokeniz
     def poisoned(*args, **kwargs):
         value = real(*args, **kwargs)
         calls["n"] += 1
-        return value * float("nan") if calls["n"] > 4 else value  # 2 calls per step: metric + loss
+        return value * float("nan") if calls["n"] > 2 else value  # 1 call per step (the loss is the logged KL)
 
     monkeypatch.setattr(fold_module, "chunked_generalized_jsd", poisoned)
     with pytest.raises(FoldError, match="loss became nan at step 3"):
@@ -230,3 +230,85 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer, tmp_path):
 
     student = attach_student(build_model(tiny_tokenizer), config(gradient_checkpointing=True), None)
     assert checkpointing(student)
+
+
+def test_prefix_groups_by_hand():
+    sequences = [[1, 2, 3, 4, 9], [1, 2, 3, 5, 9], [7, 7, 7], [1, 2, 3, 4, 8], [7, 7, 6]]
+    groups = fold_module.prefix_groups(sequences, limits=[10] * 5, min_prefix=2)
+    assert sorted((sorted(rows), prefix) for rows, prefix in groups) == [([0, 1, 3], 3), ([2, 4], 2)]
+    # a limit (the first wanted position) cuts the prefix; under min_prefix a row stands alone
+    groups = fold_module.prefix_groups(sequences, limits=[10, 10, 1, 10, 10], min_prefix=2)
+    assert sorted((sorted(rows), prefix) for rows, prefix in groups) == [([0, 1, 3], 3), ([2], 0), ([4], 0)]
+    assert fold_module.prefix_groups([[1, 2]], [5], 1) == [([0], 0)]
+
+
+def test_shared_prefix_forward_equals_the_plain_one(tiny_tokenizer):
+    model = build_model(tiny_tokenizer).eval()
+    torch.manual_seed(0)
+    shared = torch.randint(5, 300, (20,)).tolist()
+    sequences = [shared + torch.randint(5, 300, (n,)).tolist() for n in (6, 11, 3)]
+    sequences += [torch.randint(5, 300, (14,)).tolist(), shared[:10] + [1, 2, 3, 4, 5, 6]]
+    positions = [list(range(len(seq) - 3, len(seq))) for seq in sequences]
+    positions[1] = [21, 25, 30]
+    expected = fold_module.hidden_at(model, sequences, positions)
+    got = fold_module.shared_prefix_hidden_at(model, sequences, positions, min_prefix=4)
+    groups = fold_module.prefix_groups(sequences, [min(p) - 1 for p in positions], 4)
+    assert any(prefix >= 10 and len(rows) >= 3 for rows, prefix in groups)  # the shared path ran
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def lora_student(tokenizer):
+    from learners.fold import attach_student
+
+    student = attach_student(build_model(tokenizer), FoldConfig(lora_rank=4, lora_alpha=8), None)
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    return student
+
+
+def test_merged_serves_the_same_model_and_restores_it(tiny_tokenizer):
+    student = lora_student(tiny_tokenizer).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    before = {name: parameter.detach().clone() for name, parameter in student.named_parameters()}
+    with torch.no_grad():
+        plain = student(ids).logits
+        with fold_module.merged(student):
+            inside = student(ids).logits
+            assert any(getattr(module, "merged", False) for module in student.modules())
+        after = student(ids).logits
+    # merge then unmerge rounds each weight twice in fp32: equal to float rounding, not bit for bit
+    assert torch.allclose(inside, plain, atol=1e-5) and torch.allclose(after, plain, atol=1e-5)
+    for name, parameter in student.named_parameters():
+        assert torch.allclose(parameter, before[name], atol=1e-6), name
+
+
+def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer):
+    from learners.fold import Teacher
+
+    student = lora_student(tiny_tokenizer)
+    teacher = Teacher(student, FoldConfig())
+    snapshot_reference = build_model(tiny_tokenizer)  # the same weights as the student had at the start
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)  # the student moves on; the teacher must not
+    views = [episode_views(tiny_tokenizer, [Message(role="user", content=f"what is {n} + 3 ?"),
+                                            Message(role="assistant", content="ANSWER : 5")], CONTEXT, {2})
+             for n in range(4)]
+    student.train()
+    hidden, _ = teacher.hidden(views)
+    assert student.training  # given back in train mode
+    # reference: the LoRA model at its starting weights, unmerged, plain forward
+    reference = lora_student(tiny_tokenizer)
+    with torch.no_grad():
+        for (name, parameter), value in zip(reference.named_parameters(), [teacher.snapshot.get(n) for n, _ in
+                                                                           reference.named_parameters()]):
+            if value is not None:
+                parameter.copy_(value)
+    expected = fold_module.hidden_at(reference.eval(), [v.teacher.input_ids for v in views],
+                                     [v.teacher.trained_positions for v in views])
+    assert torch.allclose(hidden, expected, atol=1e-4)
+    del snapshot_reference
