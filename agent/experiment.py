@@ -60,6 +60,9 @@ ARMS: tuple[Arm, ...] = ("base", "memory", "sft", "fold", "skillfold")
 MEMORY_ON: dict[str, bool] = {"base": False, "memory": True, "sft": False, "fold": True, "skillfold": True}
 FOLDING = ("fold", "skillfold")
 HOW_NOT_WHAT = ("threads", "batch_size", "device")  # model settings a resumed run may change
+# fold settings that change time and memory, not the update (gradient checkpointing: the same
+# gradients, tested; the heap threshold: the allocator)
+FOLD_HOW_NOT_WHAT = ("gradient_checkpointing", "heap_threshold_kib")
 
 
 class ExperimentConfig(BaseModel):
@@ -196,7 +199,7 @@ def prepare_out(out: Path, config: ExperimentConfig) -> None:
     saved = out / "config.json"
     if out.is_dir() and any(out.iterdir()) and not saved.is_file():
         raise ConfigError(f"--out {out} is not empty and holds no experiment; pass a new or empty directory")
-    if saved.is_file() and _comparable(json.loads(saved.read_text())) != _comparable(config.model_dump(mode="json")):
+    if saved.is_file() and _comparable(_as_now(saved)) != _comparable(config.model_dump(mode="json")):
         raise ConfigError(f"{out} holds an experiment with another config; resume it with the same config "
                           "(see its config.json) or pass a new --out")
     try:
@@ -205,9 +208,22 @@ def prepare_out(out: Path, config: ExperimentConfig) -> None:
         raise ConfigError(f"cannot write to --out {out}: {error.strerror}; pass a writable directory") from error
 
 
+def _as_now(saved: Path) -> dict[str, Any]:
+    """A saved config as this version reads it: settings added since it was written take their
+    defaults, so a run started by an older skillfold resumes (a config that no longer parses is
+    compared as it is, and so differs)."""
+    data = json.loads(saved.read_text())
+    try:
+        return ExperimentConfig.model_validate(data).model_dump(mode="json")
+    except ValueError:
+        return data
+
+
 def _comparable(data: dict[str, Any]) -> dict[str, Any]:
     model = {key: value for key, value in data.get("model", {}).items() if key not in HOW_NOT_WHAT}
-    return {**data, "model": model}
+    stream = data.get("stream", {})
+    fold = {key: value for key, value in (stream.get("fold") or {}).items() if key not in FOLD_HOW_NOT_WHAT}
+    return {**data, "model": model, "stream": {**stream, "fold": fold}}
 
 
 def check_experiment(config: ExperimentConfig) -> list[TaskFamily]:

@@ -295,3 +295,19 @@ def test_sft_trains_on_successes_without_their_skills_and_lowers_their_loss(tiny
     assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 8
     nothing = sft(tiny_engine, [_episode("river", False)], FoldConfig(steps=2), SftConfig(), tmp_path / "none")
     assert nothing.adapter is None and nothing.steps == 0
+
+
+def test_a_run_saved_by_an_older_version_or_with_other_fold_mechanics_resumes(tmp_path):
+    from agent.experiment import ConfigError
+
+    config = experiment(seeds=[0], arms=["base"])
+    prepare_out(tmp_path, config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["stream"]["fold"]["heap_threshold_kib"]  # a setting added after the run started
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    prepare_out(tmp_path, config)
+    fold = config.stream.fold.model_copy(update={"gradient_checkpointing": True, "heap_threshold_kib": 128})
+    prepare_out(tmp_path, config.model_copy(update={"stream": config.stream.model_copy(update={"fold": fold})}))
+    other = config.stream.fold.model_copy(update={"steps": config.stream.fold.steps + 1})  # what is learned: refused
+    with pytest.raises(ConfigError, match="another config"):
+        prepare_out(tmp_path, config.model_copy(update={"stream": config.stream.model_copy(update={"fold": other})}))
