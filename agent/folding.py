@@ -2,7 +2,7 @@
 
 `fold_items` turns memory into fold prompts: train-split items of every family with active skills,
 each with its teacher's privileged context (the family's skills retrieved for that item, rendered as
-in a memory-on prompt), plus anchor items of other families with no context. Probe items (the last
+in a memory-on prompt, oldest skill first), plus anchor items of other families with no context. Probe items (the last
 train items, kept for skill verification) and every eval item are never used.
 
 Adapters are registered under `home/adapters/<name>/`; `home/adapters/LATEST` names the newest.
@@ -42,7 +42,10 @@ def fold_items(
         indices = rng.sample(range(available), min(items_per_family, available))
         for index in indices:
             prompt = family.make("train", index).initial_observation()
-            skills = retrieve_for(memory, engine, name, prompt, token_budget, k)
+            # oldest first, not by similarity to this item: items whose retrieval picks the same skills
+            # then give the teacher the same context, a prefix its passes compute once per batch
+            skills = sorted(retrieve_for(memory, engine, name, prompt, token_budget, k),
+                            key=lambda skill: (skill.created_at, skill.id))
             if skills:
                 items.append(FoldItem(family=name, index=index, context=render_context(skills)))
     for name, family in anchors.items():

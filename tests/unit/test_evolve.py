@@ -215,3 +215,27 @@ def test_evolve_with_the_real_fold_on_a_tiny_model(tiny_engine, tmp_path):
     assert fold_event.evidence["generated_tokens"] > 0
     # a random model solves nothing, so nothing counts as learned
     assert memory.list_skills(family="toy:1", status="folded") == []
+
+
+def test_fold_items_give_every_item_the_same_context_when_they_retrieve_the_same_skills(tmp_path):
+    from datetime import timedelta
+
+    from agent.folding import fold_items
+    from envs import make_family
+
+    memory = Memory.open(home=tmp_path / "home", embedding=HashingEmbedding())
+    family = make_family("toy")
+    first = Skill(kind="rule", family=family.name, text="zebra zebra: answer the word")
+    texts = ["say the word you are asked for", "the word is in the question: copy it"]
+    later = [Skill(kind="rule", family=family.name, text=text, created_at=first.created_at + timedelta(seconds=n + 1))
+             for n, text in enumerate(texts)]
+    for skill in [later[1], first, later[0]]:
+        memory.add_skill(skill)
+    engine = ScriptedEngine(lambda chat: "")
+    items = fold_items(memory, engine, {family.name: family}, {}, items_per_family=8, probes=2, k=3)
+    contexts = {tuple(message.content for message in item.context) for item in items}
+    assert len(items) == 8 and len(contexts) == 1  # one context, whatever each item's similarity order
+    (context,) = contexts
+    assert [i for i, text in enumerate([first.text, *texts]) if any(text in part for part in context)] == [0, 1, 2]
+    joined = "\n".join(context)
+    assert joined.index(first.text) < joined.index(texts[0]) < joined.index(texts[1])  # oldest first
