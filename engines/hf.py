@@ -59,8 +59,7 @@ class HFEngine:
         self.pad_id: int = tokenizer.pad_token_id
         self.stop_ids = _eos_ids(model, tokenizer)
         self._adapter: str | None = None
-        forward_parameters = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in forward_parameters else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
 
     @classmethod
     def load(
@@ -359,10 +358,10 @@ class HFEngine:
             )
         return outputs
 
-    def _no_stop_yet(self, logits: torch.Tensor, params: SamplingParams, length: int) -> torch.Tensor:
-        """The logits with every stop id masked out while fewer than `params.min_tokens` tokens exist
-        (`length`: the decoding step; no row can have stopped before min_tokens)."""
-        if length >= params.min_tokens or not self.stop_ids:
+    def _no_stop_yet(self, logits: torch.Tensor, params: SamplingParams, step: int) -> torch.Tensor:
+        """The logits with every stop id masked out at decoding steps before `params.min_tokens`
+        (every active row then has exactly `step` tokens: none can have stopped yet)."""
+        if step >= params.min_tokens or not self.stop_ids:
             return logits
         masked = logits.clone()
         masked[:, sorted(self.stop_ids)] = float("-inf")
@@ -502,12 +501,9 @@ class _DecodeView:
         self.model = model
         self.scope = scope
         self.device = next(model.parameters()).device
-        if model is engine.model:
-            self.cache_kwarg = engine._cache_kwarg
-        else:  # another model (an external teacher), under a peft wrapper or not
-            network = model.get_base_model() if hasattr(model, "get_base_model") else model
-            parameters = inspect.signature(network.forward).parameters
-            self.cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        # the engine's model, or another one (an external teacher), under a peft wrapper or not
+        self.cache_kwarg = engine._cache_kwarg if model is engine.model else cache_kwarg(
+            model.get_base_model() if hasattr(model, "get_base_model") else model)
         self.cache = DynamicCache()
         self.step_input, self.attention_mask, self.step_positions = engine._left_pad(rows, self.device)
         self.next_positions = self.step_positions[:, -1:] + 1
@@ -593,6 +589,12 @@ def _mixture_choice(student_logits, teacher_logits, params, generators, *, top_k
     teacher_chosen = _gather(teacher_log_probs, chosen)
     sources = ((teacher_chosen > student_chosen) & (mix > 0.0)).long()
     return chosen, sources, behaviour, student_chosen, teacher_chosen
+
+
+def cache_kwarg(module) -> str:
+    """The name under which `module.forward` takes a KV cache: `cache` in newer transformers,
+    `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

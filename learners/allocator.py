@@ -31,7 +31,7 @@ def _libc():
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    return libc if hasattr(libc, "mallopt") else None
 
 
 def cap_heap(threshold_kib: int) -> bool:
@@ -48,8 +48,3 @@ def cap_heap(threshold_kib: int) -> bool:
         log.warning("mallopt refused a %d KiB threshold; the allocator is left as it is", threshold_kib)
     return applied
 
-
-def give_back() -> bool:
-    """Return the heap's free memory to the system (`malloc_trim(0)`); True if some was returned."""
-    libc = _libc()
-    return bool(libc.malloc_trim(0)) if libc is not None else False

@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import SamplingParams
+from engines.hf import cache_kwarg
 from envs.base import Message, TaskFamily, Trajectory
 from learners.allocator import cap_heap
 from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -170,7 +171,7 @@ def prefix_groups(sequences: Sequence[Sequence[int]], limits: Sequence[int], min
 
     def common(a: Sequence[int], b: Sequence[int]) -> int:
         length = 0
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):  # rows of different lengths
             if x != y:
                 break
             length += 1
@@ -208,9 +209,7 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
     device = next(network.parameters()).device
     limits = [min(row_positions) - 1 if row_positions else len(sequence)
               for sequence, row_positions in zip(sequences, positions, strict=True)]
-    import inspect
-
-    cache_kwarg = "cache" if "cache" in inspect.signature(network.model.forward).parameters else "past_key_values"
+    cache_name = cache_kwarg(network.model)
     pieces: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for rows, prefix in prefix_groups(sequences, limits, min_prefix):
@@ -219,7 +218,7 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
             else:
                 cache = DynamicCache()
                 network.model(input_ids=torch.tensor([list(sequences[rows[0]][:prefix])], device=device),
-                              use_cache=True, **{cache_kwarg: cache})
+                              use_cache=True, **{cache_name: cache})
                 cache.batch_repeat_interleave(len(rows))
                 suffixes = [list(sequences[row][prefix:]) for row in rows]
                 width = max(len(suffix) for suffix in suffixes)
@@ -231,7 +230,7 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
                     attention_mask[index, prefix: prefix + len(suffix)] = 1
                 positions_ids = torch.arange(prefix, prefix + width)[None].expand(len(rows), -1)
                 output = network.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                       position_ids=positions_ids.to(device), use_cache=True, **{cache_kwarg: cache})
+                                       position_ids=positions_ids.to(device), use_cache=True, **{cache_name: cache})
                 states = output.last_hidden_state  # (G, width, H)
                 index_rows = torch.tensor([i for i, row in enumerate(rows) for _ in positions[row]], device=device)
                 index_columns = torch.tensor([p - 1 - prefix for row in rows for p in positions[row]], device=device)
@@ -696,8 +695,8 @@ def measure_kl(engine, families: dict[str, TaskFamily], items: Sequence[FoldItem
         if adapter:
             engine.unload_adapter()
         try:
-            teacher_hidden = hidden_at(engine.model, [v.teacher.input_ids for v in views],
-                                       [v.teacher.trained_positions for v in views])
+            teacher_hidden = shared_prefix_hidden_at(engine.model, [v.teacher.input_ids for v in views],
+                                                     [v.teacher.trained_positions for v in views])
             teacher_weight = causal_lm(engine.model).get_output_embeddings().weight
             kl = reverse_kl(student_hidden, weight, teacher_hidden, teacher_weight, config.chunk_size)
         finally:

@@ -290,9 +290,8 @@ def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer):
 
     student = lora_student(tiny_tokenizer)
     teacher = Teacher(student, FoldConfig())
-    snapshot_reference = build_model(tiny_tokenizer)  # the same weights as the student had at the start
     with torch.no_grad():
-        for name, parameter in student.named_parameters():
+        for parameter in student.parameters():
             if parameter.requires_grad:
                 parameter.add_(1.0)  # the student moves on; the teacher must not
     views = [episode_views(tiny_tokenizer, [Message(role="user", content=f"what is {n} + 3 ?"),
@@ -304,11 +303,9 @@ def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer):
     # reference: the LoRA model at its starting weights, unmerged, plain forward
     reference = lora_student(tiny_tokenizer)
     with torch.no_grad():
-        for (name, parameter), value in zip(reference.named_parameters(), [teacher.snapshot.get(n) for n, _ in
-                                                                           reference.named_parameters()]):
-            if value is not None:
-                parameter.copy_(value)
+        for name, parameter in reference.named_parameters():
+            if name in teacher.snapshot:
+                parameter.copy_(teacher.snapshot[name])
     expected = fold_module.hidden_at(reference.eval(), [v.teacher.input_ids for v in views],
                                      [v.teacher.trained_positions for v in views])
     assert torch.allclose(hidden, expected, atol=1e-4)
-    del snapshot_reference
