@@ -42,10 +42,9 @@ def fold_items(
         indices = rng.sample(range(available), min(items_per_family, available))
         for index in indices:
             prompt = family.make("train", index).initial_observation()
-            # oldest first, not by similarity to this item: items whose retrieval picks the same skills
-            # then give the teacher the same context, a prefix its passes compute once per batch
-            skills = sorted(retrieve_for(memory, engine, name, prompt, token_budget, k),
-                            key=lambda skill: (skill.created_at, skill.id))
+            # rendered oldest first: items whose retrieval picks the same skills give the teacher the
+            # same context, a prefix its passes compute once per batch
+            skills = retrieve_for(memory, engine, name, prompt, token_budget, k)
             if skills:
                 items.append(FoldItem(family=name, index=index, context=render_context(skills)))
     for name, family in anchors.items():

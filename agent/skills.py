@@ -88,9 +88,15 @@ def skill_messages(skill: Skill) -> list[Message]:
 
 
 def render_context(skills: Sequence[Skill]) -> list[Message]:
-    """Rules first (as system hints), then exemplars as earlier dialogue turns."""
-    rules = [skill for skill in skills if skill.kind != "exemplar"]
-    exemplars = [skill for skill in skills if skill.kind == "exemplar"]
+    """Rules first (as system hints), then exemplars as earlier dialogue turns, each oldest first.
+
+    The order is the skills' own, not their similarity to the task: prompts of a family that retrieve
+    the same skills then start with the same context, which the engine runs once per batch (a shared
+    prefix), and a fold's teacher sees the skills as the memory-on evaluation shows them.
+    """
+    ordered = sorted(skills, key=lambda skill: (skill.created_at, skill.id))
+    rules = [skill for skill in ordered if skill.kind != "exemplar"]
+    exemplars = [skill for skill in ordered if skill.kind == "exemplar"]
     context: list[Message] = []
     for skill in [*rules, *exemplars]:
         context.extend(skill_messages(skill))

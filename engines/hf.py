@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from engines.base import Chat, Generation, GuidedGeneration, SamplingParams, TokenScores
+from engines.prefix import left_pad, prefill
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +100,7 @@ class HFEngine:
     def _left_pad(
         self, rows: Sequence[Sequence[int]], device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        device = device or self.device
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            attention_mask[index, width - len(row):] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+        return left_pad(rows, self.pad_id, device or self.device)
 
     # -------------------------------------------------------------- generation
     @torch.inference_mode()
@@ -118,7 +111,8 @@ class HFEngine:
         progress: Callable[[int], None] | None = None,
     ) -> list[Generation]:
         encoded = [self.encode(prompt) for prompt in prompts]
-        order = sorted(range(len(encoded)), key=lambda index: len(encoded[index]))
+        # token order puts prompts with the same start (system prompt, skills) in the same batch
+        order = sorted(range(len(encoded)), key=lambda index: encoded[index])
         results: list[Generation | None] = [None] * len(encoded)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
@@ -132,10 +126,7 @@ class HFEngine:
     def _generate_batch(
         self, rows: list[list[int]], row_numbers: list[int], params: SamplingParams
     ) -> list[Generation]:
-        from transformers import DynamicCache
-
         batch = len(rows)
-        input_ids, attention_mask, position_ids = self._left_pad(rows)
         generators = None
         if params.temperature > 0:
             generators = []
@@ -143,24 +134,19 @@ class HFEngine:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed + row_number)
                 generators.append(generator)
-        cache = DynamicCache()
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finish: list[str | None] = [None] * batch
         active = list(range(batch))  # batch rows still generating, in cache order
-        next_positions = position_ids[:, -1:] + 1
-        step_input, step_positions = input_ids, position_ids
+        if params.max_new_tokens < 1:
+            return [Generation(text="", token_ids=[], logprobs=[], prompt_tokens=len(row), finish_reason="length")
+                    for row in rows]
+        # the prompts, each group's shared prefix once (engines.prefix)
+        prefilled = prefill(self.model, self._cache_kwarg, rows, self.pad_id)
+        cache, attention_mask, next_positions = prefilled.cache, prefilled.attention_mask, prefilled.next_positions
+        logits = prefilled.logits
         longest_stop = max((len(stop) for stop in params.stop), default=0)
         for step in range(params.max_new_tokens):
-            output = self.model(
-                input_ids=step_input,
-                attention_mask=attention_mask,
-                position_ids=step_positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kwarg: cache},
-            )
-            logits = output.logits[:, -1, :].float()  # (B_active, V)
             allowed = self._no_stop_yet(logits, params, step)
             chosen = self._choose(allowed, params, [generators[row] for row in active] if generators else None)
             chosen_logprobs = logits.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -190,9 +176,18 @@ class HFEngine:
                 next_positions = next_positions[keep_index]
                 chosen = chosen[keep_index]
                 active = [active[position] for position in live]
+            if step + 1 == params.max_new_tokens:
+                break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
-            step_input = chosen[:, None]
-            step_positions = next_positions
+            output = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kwarg: cache},
+            )
+            logits = output.logits[:, -1, :].float()  # (B_active, V)
             next_positions = next_positions + 1
         outputs = []
         for row in range(batch):
@@ -254,7 +249,7 @@ class HFEngine:
             raise ValueError(f"mix must be in [0, 1], got {mix}")
         student_rows = [self.encode(prompt) for prompt in student_prompts]
         teacher_rows = [self.encode(prompt) for prompt in teacher_prompts]
-        order = sorted(range(len(student_rows)), key=lambda index: len(student_rows[index]))
+        order = sorted(range(len(student_rows)), key=lambda index: student_rows[index])  # as `generate`
         results: list[GuidedGeneration | None] = [None] * len(student_rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
@@ -496,21 +491,27 @@ class _DecodeView:
     """One left-padded batch decoding through one model with its own KV cache (a view of a guided rollout)."""
 
     def __init__(self, engine: HFEngine, model, rows: list[list[int]], scope) -> None:
-        from transformers import DynamicCache
-
         self.model = model
         self.scope = scope
         self.device = next(model.parameters()).device
+        self.pad_id = engine.pad_id
         # the engine's model, or another one (an external teacher), under a peft wrapper or not
         self.cache_kwarg = engine._cache_kwarg if model is engine.model else cache_kwarg(
             model.get_base_model() if hasattr(model, "get_base_model") else model)
-        self.cache = DynamicCache()
-        self.step_input, self.attention_mask, self.step_positions = engine._left_pad(rows, self.device)
-        self.next_positions = self.step_positions[:, -1:] + 1
+        self.rows: list[list[int]] | None = rows  # the prompts, until the first call prefills them
+        self.cache = self.attention_mask = self.next_positions = None
+        self.step_input = self.step_positions = None
 
     def logits(self) -> torch.Tensor:
-        """Next-token logits (B_active, V) in fp32, feeding the pending input into the cache."""
+        """Next-token logits (B_active, V) in fp32: the prompts' (each group's shared prefix once, in
+        this view's weights) at the first call, then feeding the pending token into the cache."""
         with self.scope() if self.scope is not None else contextlib.nullcontext():
+            if self.rows is not None:
+                prefilled = prefill(self.model, self.cache_kwarg, self.rows, self.pad_id)
+                self.rows = None
+                self.cache, self.attention_mask = prefilled.cache, prefilled.attention_mask
+                self.next_positions = prefilled.next_positions
+                return prefilled.logits
             output = self.model(
                 input_ids=self.step_input,
                 attention_mask=self.attention_mask,

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import SamplingParams
 from engines.hf import cache_kwarg
+from engines.prefix import prefix_groups
 from envs.base import Message, TaskFamily, Trajectory
 from learners.allocator import cap_heap
 from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -157,41 +158,6 @@ def hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Seq
     rows = torch.tensor([row for row, row_positions in enumerate(positions) for _ in row_positions], device=device)
     columns = torch.tensor([position - 1 for row_positions in positions for position in row_positions], device=device)
     return hidden[rows, columns]  # (N, H)
-
-
-def prefix_groups(sequences: Sequence[Sequence[int]], limits: Sequence[int], min_prefix: int) -> list[tuple[list[int], int]]:
-    """Rows that share a token prefix of at least `min_prefix` tokens: [(rows, prefix length)].
-
-    Rows are sorted, and runs of neighbours whose common prefix stays >= `min_prefix` form a group; a
-    group's prefix is the common prefix of all its rows, cut to every row's `limits[row]` (the prefix
-    may not reach a position whose hidden state is wanted). Every row is in exactly one group; a
-    row alone, or a prefix under `min_prefix`, is a group of its own with prefix 0.
-    """
-    order = sorted(range(len(sequences)), key=lambda row: list(sequences[row]))
-
-    def common(a: Sequence[int], b: Sequence[int]) -> int:
-        length = 0
-        for x, y in zip(a, b, strict=False):  # rows of different lengths
-            if x != y:
-                break
-            length += 1
-        return length
-
-    groups: list[tuple[list[int], int]] = []
-    rows: list[int] = []
-    prefix = 0
-    for row in order:
-        if rows:
-            shared = min(prefix, common(sequences[rows[-1]], sequences[row]), limits[row])
-            if shared >= min_prefix:
-                rows.append(row)
-                prefix = shared
-                continue
-            groups.append((rows, prefix if len(rows) > 1 else 0))
-        rows, prefix = [row], min(len(sequences[row]), limits[row])
-    if rows:
-        groups.append((rows, prefix if len(rows) > 1 else 0))
-    return groups
 
 
 def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],

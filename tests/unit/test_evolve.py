@@ -239,3 +239,8 @@ def test_fold_items_give_every_item_the_same_context_when_they_retrieve_the_same
     assert [i for i, text in enumerate([first.text, *texts]) if any(text in part for part in context)] == [0, 1, 2]
     joined = "\n".join(context)
     assert joined.index(first.text) < joined.index(texts[0]) < joined.index(texts[1])  # oldest first
+    # the held-out evaluation renders them the same way: the fold's teacher sees what evaluation shows
+    from agent.evaluate import memory_contexts
+
+    evaluated = {tuple(m.content for m in context) for context, _ in memory_contexts(engine, memory, family, 8, 600, 3)}
+    assert evaluated == contexts

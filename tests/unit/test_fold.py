@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from engines.hf import HFEngine
+from engines.prefix import prefix_groups
 from envs import make_family
 from envs.base import Message
 from learners.fold import FoldConfig, FoldError, FoldItem, fold
@@ -234,12 +235,12 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer, tmp_path):
 
 def test_prefix_groups_by_hand():
     sequences = [[1, 2, 3, 4, 9], [1, 2, 3, 5, 9], [7, 7, 7], [1, 2, 3, 4, 8], [7, 7, 6]]
-    groups = fold_module.prefix_groups(sequences, limits=[10] * 5, min_prefix=2)
+    groups = prefix_groups(sequences, limits=[10] * 5, min_prefix=2)
     assert sorted((sorted(rows), prefix) for rows, prefix in groups) == [([0, 1, 3], 3), ([2, 4], 2)]
     # a limit (the first wanted position) cuts the prefix; under min_prefix a row stands alone
-    groups = fold_module.prefix_groups(sequences, limits=[10, 10, 1, 10, 10], min_prefix=2)
+    groups = prefix_groups(sequences, limits=[10, 10, 1, 10, 10], min_prefix=2)
     assert sorted((sorted(rows), prefix) for rows, prefix in groups) == [([0, 1, 3], 3), ([2], 0), ([4], 0)]
-    assert fold_module.prefix_groups([[1, 2]], [5], 1) == [([0], 0)]
+    assert prefix_groups([[1, 2]], [5], 1) == [([0], 0)]
 
 
 def test_shared_prefix_forward_equals_the_plain_one(tiny_tokenizer):
@@ -252,7 +253,7 @@ def test_shared_prefix_forward_equals_the_plain_one(tiny_tokenizer):
     positions[1] = [21, 25, 30]
     expected = fold_module.hidden_at(model, sequences, positions)
     got = fold_module.shared_prefix_hidden_at(model, sequences, positions, min_prefix=4)
-    groups = fold_module.prefix_groups(sequences, [min(p) - 1 for p in positions], 4)
+    groups = prefix_groups(sequences, [min(p) - 1 for p in positions], 4)
     assert any(prefix >= 10 and len(rows) >= 3 for rows, prefix in groups)  # the shared path ran
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5)

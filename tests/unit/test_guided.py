@@ -8,6 +8,7 @@ import torch
 
 from engines.base import GuidedGeneration, SamplingParams
 from engines.hf import HFEngine
+from engines.prefix import prefix_groups
 from envs import make_family
 from envs.base import Message
 from learners.rollout import run_episodes
@@ -267,3 +268,20 @@ def test_an_external_teacher_model_serves_the_teacher_view(tiny_engine, other_mo
     for first, second in zip(swapped_in, external, strict=True):
         assert first.token_ids == second.token_ids and first.sources == second.sources
         assert first.behaviour_logprobs == pytest.approx(second.behaviour_logprobs, abs=1e-5)
+
+
+def test_shared_prefixes_run_in_each_views_own_weights(tiny_engine, other_model):
+    """Prompts sharing a long system prompt: each view runs the prefix once, the teacher's under its scope."""
+    system = {"role": "system", "content": "rule : call CALC ( a * b ) then answer . " * 4}
+    prompts = [[system, *prompt] for prompt in PROMPTS if prompt[0]["role"] != "system"]
+    teachers = teacher_prompts(prompts)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=2)
+    rows = [tiny_engine.encode(p) for p in teachers]
+    assert any(prefix for _, prefix in prefix_groups(rows, [len(r) - 1 for r in rows], 16))  # shared here
+    guided = tiny_engine.generate_guided(prompts, teachers, params, policy="speculative", top_k=2,
+                                         teacher_scope=lambda: swapped(tiny_engine.model, other_model))
+    for prompt, teacher, output in zip(prompts, teachers, guided, strict=True):
+        student = plain_log_probs(tiny_engine, tiny_engine.model, prompt, output.token_ids)
+        reference = plain_log_probs(tiny_engine, other_model, teacher, output.token_ids)
+        assert output.logprobs == pytest.approx(chosen(student, output.token_ids), abs=1e-4)
+        assert output.teacher_logprobs == pytest.approx(chosen(reference, output.token_ids), abs=1e-4)

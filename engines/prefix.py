@@ -1,0 +1,155 @@
+"""Shared prompt prefixes: run a prefix that several rows of a batch start with once, not once a row.
+
+Prompts of one batch usually start alike: the system prompt, then a family's retrieved skills (the
+skills are rendered oldest first, so items that retrieve the same skills have the same context). A
+batch is split into groups of rows that share a prefix (`prefix_groups`). `prefill` runs each group
+on its own: the group's prefix once at batch size 1, its KV cache repeated over the group's rows, then
+the rows' own suffixes (left-padded within the group) on top. The groups' caches are then put side by
+side, each left-padded with masked zeros to the longest, and decoding goes on over the whole batch.
+Rotary position embeddings are applied before keys are cached, so where a key sits in the cache does
+not change what it encodes: only the attention mask decides what a row sees, and every row keeps its
+own positions. Results equal a plain left-padded batch up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+MIN_PREFIX = 16  # tokens rows must share before their prefix is run once for the group
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):  # rows of different lengths
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def prefix_groups(sequences: Sequence[Sequence[int]], limits: Sequence[int], min_prefix: int) -> list[tuple[list[int], int]]:
+    """Rows that share a token prefix of at least `min_prefix` tokens: [(rows, prefix length)].
+
+    Rows are sorted, and the sorted order is cut into runs so that the tokens saved, the sum over runs
+    of (rows - 1) x prefix, is largest (dynamic programming over the cuts): rows that share only a
+    system prompt but retrieved different skills form one group per skill set, not one group on the
+    system prompt. A run's prefix is the common prefix of its rows, cut to every row's
+    `limits[row]` (the prefix may not reach a position whose output is wanted). Every row is in
+    exactly one group; a row alone, or a run sharing under `min_prefix` tokens, has prefix 0.
+    """
+    order = sorted(range(len(sequences)), key=lambda row: list(sequences[row]))
+    count = len(order)
+    lengths = [min(len(sequences[row]), limits[row]) for row in order]
+    adjacent = [0] + [_common(sequences[order[k - 1]], sequences[order[k]]) for k in range(1, count)]
+    best = [0] * (count + 1)  # best[j]: tokens saved over the first j sorted rows
+    cut = [0] * (count + 1)  # where the last run of that optimum starts
+    for end in range(1, count + 1):
+        best[end], cut[end] = best[end - 1], end - 1  # the row alone
+        prefix = lengths[end - 1]
+        for start in range(end - 2, -1, -1):  # the run order[start:end]
+            prefix = min(prefix, adjacent[start + 1], lengths[start])
+            if prefix < min_prefix:
+                break
+            saved = best[start] + (end - start - 1) * prefix
+            if saved > best[end]:
+                best[end], cut[end] = saved, start
+    groups: list[tuple[list[int], int]] = []
+    end = count
+    while end > 0:
+        start = cut[end]
+        rows = order[start:end]
+        prefix = min([*lengths[start:end], *adjacent[start + 1:end]]) if len(rows) > 1 else 0
+        groups.append((rows, prefix))
+        end = start
+    return groups[::-1]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+             offsets: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each (B, W): rows right-aligned, positions counted
+    from `offsets[row]` (default 0: a row that continues a cached prefix starts after it)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, width - len(row):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if offsets is not None:
+        position_ids = position_ids + torch.tensor(offsets, dtype=torch.long)[:, None]
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+@dataclass
+class Prefilled:
+    """A batch's prompts run into a KV cache: what decoding goes on from."""
+
+    logits: torch.Tensor  # (B, V) fp32: the next-token logits of every row
+    cache: object  # a transformers DynamicCache over B rows
+    attention_mask: torch.Tensor  # (B, L): which cached positions each row sees
+    next_positions: torch.Tensor  # (B, 1): the position of each row's next token
+
+
+def prefill(model, cache_name: str, rows: Sequence[Sequence[int]], pad_id: int,
+            min_prefix: int = MIN_PREFIX) -> Prefilled:
+    """Run prompts into a fresh KV cache, each group's shared prefix once (module docstring).
+
+    `model` is a causal LM called as `model(input_ids=, attention_mask=, position_ids=, use_cache=True,
+    logits_to_keep=1, **{cache_name: cache})`.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    groups = prefix_groups(rows, [len(row) - 1 for row in rows], min_prefix)
+    plain = [row for members, prefix in groups if not prefix for row in members]
+    runs = [(members, prefix) for members, prefix in groups if prefix]
+    if plain:  # the rows that share nothing run together, as a plain left-padded batch
+        runs.append((sorted(plain), 0))
+    pieces = []
+    for members, prefix in runs:
+        cache = DynamicCache()
+        mask_head = torch.ones((len(members), prefix), dtype=torch.long, device=device)
+        if prefix:
+            model(input_ids=torch.tensor([list(rows[members[0]][:prefix])], device=device),
+                  position_ids=torch.arange(prefix, device=device)[None], use_cache=True, logits_to_keep=1,
+                  **{cache_name: cache})
+            cache.batch_repeat_interleave(len(members))
+        input_ids, suffix_mask, positions = left_pad([rows[row][prefix:] for row in members], pad_id, device,
+                                                     [prefix] * len(members))
+        attention_mask = torch.cat([mask_head, suffix_mask], dim=-1)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{cache_name: cache})
+        pieces.append((members, output.logits[:, -1, :].float(), cache, attention_mask, positions[:, -1:] + 1))
+    if len(pieces) == 1:
+        members, logits, cache, attention_mask, next_positions = pieces[0]
+        back = torch.tensor(sorted(range(len(members)), key=lambda i: members[i]), device=device)
+        cache.batch_select_indices(back)  # into the caller's row order
+        return Prefilled(logits[back], cache, attention_mask[back], next_positions[back])
+    return _side_by_side(pieces, len(rows), device)
+
+
+def _side_by_side(pieces, batch: int, device: torch.device) -> Prefilled:
+    """One cache over the batch from the groups' caches, each left-padded (masked zeros) to the longest."""
+    from transformers import DynamicCache
+
+    length = max(attention_mask.shape[1] for _, _, _, attention_mask, _ in pieces)
+    order = torch.tensor([row for members, *_ in pieces for row in members], device=device)
+    place = torch.empty_like(order)
+    place[order] = torch.arange(batch, device=device)  # batch row -> its place in the concatenation
+    layers = len(pieces[0][2].layers)
+    cache = DynamicCache()
+    for layer in range(layers):
+        keys, values = [], []
+        for _, _, group_cache, attention_mask, _ in pieces:
+            pad = length - attention_mask.shape[1]
+            keys.append(torch.nn.functional.pad(group_cache.layers[layer].keys, (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(group_cache.layers[layer].values, (0, 0, pad, 0)))
+        cache.update(torch.cat(keys)[place], torch.cat(values)[place], layer)
+    attention_mask = torch.cat([torch.nn.functional.pad(mask, (length - mask.shape[1], 0))
+                                for _, _, _, mask, _ in pieces])[place]
+    logits = torch.cat([logits for _, logits, _, _, _ in pieces])[place]
+    next_positions = torch.cat([positions for *_, positions in pieces])[place]
+    return Prefilled(logits, cache, attention_mask, next_positions)
