@@ -39,7 +39,7 @@ from agent.folding import adapters_dir, fold_items, register_adapter
 from agent.loop import Runtime, run_loop
 from engines.base import Engine, SamplingParams
 from envs import make_family
-from envs.base import TaskFamily, Trajectory
+from envs.base import Message, TaskFamily, Trajectory
 from learners.fold import FoldConfig, FoldResult, fold
 from memory import Memory
 
@@ -278,13 +278,26 @@ class _Shifted:
         return self.family.make(split, index + (self.offset if split == "eval" else 0))
 
 
+def heldout_contexts(engine: Engine, family: TaskFamily, items: int, settings: StreamSettings, *, offset: int = 0,
+                     memory: Memory | None = None) -> list[tuple[list[Message], list[str]]]:
+    """The retrieved skills (context, ids) of eval items [offset, offset + items): none without `memory`
+    or without active skills of the family."""
+    if memory is None or not memory.list_skills(family=family.name, status="active"):
+        return []
+    shifted = _Shifted(family, offset) if offset else family
+    return memory_contexts(engine, memory, shifted, items, settings.loop.token_budget, settings.loop.retrieve_k)
+
+
 def heldout(engine: Engine, family: TaskFamily, items: int, settings: StreamSettings, *, offset: int = 0,
-            memory: Memory | None = None) -> tuple[EvalResult, list[Trajectory]]:
-    """Accuracy on eval items [offset, offset + items); with `memory`, its active skills in the prompt."""
+            memory: Memory | None = None,
+            contexts: list[tuple[list[Message], list[str]]] | None = None) -> tuple[EvalResult, list[Trajectory]]:
+    """Accuracy on eval items [offset, offset + items); with `memory`, its active skills in the prompt
+    (`contexts`: those already retrieved, `heldout_contexts`)."""
     shifted = _Shifted(family, offset) if offset else family
     loop = settings.loop
-    with_skills = memory is not None and bool(memory.list_skills(family=family.name, status="active"))
-    contexts = memory_contexts(engine, memory, shifted, items, loop.token_budget, loop.retrieve_k) if with_skills else []
+    if contexts is None:
+        contexts = heldout_contexts(engine, family, items, settings, offset=offset, memory=memory)
+    with_skills = bool(contexts)
     result, trajectories = evaluate(
         engine, shifted, items, settings.eval_sampling, max_turns=loop.max_turns,
         contexts=[context for context, _ in contexts] or None, skill_ids=[ids for _, ids in contexts] or None,

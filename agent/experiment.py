@@ -21,6 +21,7 @@ resumes the unfinished one where its loop, fold or evolve state stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -41,6 +42,7 @@ from agent.evolve import (
     check_stream,
     evolve_phase,
     heldout,
+    heldout_contexts,
     load_state,
     log_event,
     read_events,
@@ -99,6 +101,8 @@ class FamilyEval(BaseModel):
     completion_tokens: int
     seconds: float
     trajectories: str = Field(description="the episodes, relative to the experiment directory")
+    reused_from: str | None = Field(default=None, description="the identical earlier evaluation whose episodes "
+                                    "these are (same weights, items and skills; greedy), relative to the directory")
 
 
 class TrainStats(BaseModel):
@@ -337,25 +341,73 @@ def evaluate_unit(lab: Lab, arm: str, seed: int, phase: int,
     """Every family of the stream as the arm is measured (and memory off for arms that fold);
     the evaluations and the tokens they generated."""
     unit_dir = unit_path(lab.out, arm, seed, phase).with_suffix("")
-    settings = lab.config.stream
     evals, evals_off, tokens = [], [], 0
     for family in {family.name: family for family in lab.families}.values():
-        result, trajectories = heldout(lab.engine, family, lab.config.eval_items, settings,
-                                       memory=memory if MEMORY_ON[arm] else None)
-        main = record_eval(lab, result, trajectories, unit_dir)
-        tokens += result.completion_tokens
+        main = evaluate_family(lab, family, memory if MEMORY_ON[arm] else None, unit_dir)
+        tokens += main.completion_tokens if main.reused_from is None else 0
         evals.append(main)
         if arm in FOLDING:
-            if main.memory:
-                result, trajectories = heldout(lab.engine, family, lab.config.eval_items, settings)
-                tokens += result.completion_tokens
-            evals_off.append(record_eval(lab, result, trajectories, unit_dir) if main.memory else main)
+            off = evaluate_family(lab, family, None, unit_dir) if main.memory else main
+            tokens += off.completion_tokens if main.memory and off.reused_from is None else 0
+            evals_off.append(off)
     return evals, evals_off, tokens
 
 
-def record_eval(lab: Lab, result: EvalResult, trajectories: list[Trajectory], unit_dir: Path) -> FamilyEval:
-    """The evaluation's numbers, its episodes written (atomically) next to the unit."""
-    path = unit_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', result.env)}-{'on' if result.memory else 'off'}.jsonl"
+def evaluate_family(lab: Lab, family: TaskFamily, memory: Memory | None, unit_dir: Path) -> FamilyEval:
+    """One held-out evaluation, or an earlier identical one reused.
+
+    Decoding is greedy, so an evaluation is fixed by the weights (model and adapter contents), the
+    family's items and the skills in each prompt: when all of these match an evaluation already run in
+    this experiment (another arm's, or an earlier phase's with the same skills), its episodes are copied
+    (recorded as served here: this engine's adapter path, whose contents are the same) and `reused_from`
+    names where they came from. The unit's files hold the episodes either way.
+    """
+    settings = lab.config.stream
+    contexts = heldout_contexts(lab.engine, family, lab.config.eval_items, settings, memory=memory)
+    key = eval_key(lab.engine, family.name, lab.config.eval_items, settings, contexts)
+    path = unit_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', family.name)}-{'on' if contexts else 'off'}.jsonl"
+    earlier = lab.out / "evals" / f"{key}.json"
+    if earlier.is_file():
+        original = FamilyEval.model_validate_json(earlier.read_text())
+        source = lab.out / original.trajectories
+        if source.is_file():  # the episodes, as served here (the same weights under this arm's adapter path)
+            episodes = [Trajectory.model_validate_json(line).model_copy(
+                update={"model": lab.engine.model_name, "adapter": lab.engine.adapter})
+                for line in source.read_text().splitlines() if line.strip()]
+            write_atomic(path, "".join(episode.model_dump_json() + "\n" for episode in episodes))
+            return original.model_copy(update={"trajectories": str(path.relative_to(lab.out)),
+                                               "reused_from": original.trajectories})
+    result, trajectories = heldout(lab.engine, family, lab.config.eval_items, settings, contexts=contexts)
+    recorded = record_eval(lab, result, trajectories, path)
+    write_atomic(earlier, recorded.model_dump_json(indent=2))
+    return recorded
+
+
+def eval_key(engine, family: str, items: int, settings: StreamSettings, contexts: list) -> str:
+    """What fixes a greedy held-out evaluation, hashed: model, adapter contents, family, items, decoding,
+    turns and every item's skills."""
+    payload = {
+        "model": engine.model_name, "adapter": adapter_digest(engine.adapter), "family": family, "items": items,
+        "sampling": settings.eval_sampling.model_dump(mode="json"), "max_turns": settings.loop.max_turns,
+        "contexts": [[message.model_dump(mode="json") for message in context] for context, _ in contexts],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def adapter_digest(adapter: str | None) -> str | None:
+    """A digest of an adapter directory's files (None: the model alone)."""
+    if not adapter:
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(Path(adapter).rglob("*")):
+        if file.is_file():
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def record_eval(lab: Lab, result: EvalResult, trajectories: list[Trajectory], path: Path) -> FamilyEval:
+    """The evaluation's numbers, its episodes written (atomically) to `path`."""
     write_atomic(path, "".join(trajectory.model_dump_json() + "\n" for trajectory in trajectories))
     return FamilyEval(
         family=result.env, memory=result.memory, items=result.items, successes=result.successes,

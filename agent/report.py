@@ -243,6 +243,12 @@ def render(metrics: Metrics, summary: Summary, plots: list[str]) -> str:
             f"{percent(numbers.retention)} | {percent(numbers.folded_fraction)} | {numbers.skill_tokens:.0f} | "
             f"{numbers.generated_tokens:.0f} | {numbers.seconds:.0f} s |"
         )
+    cells = [cell for unit in metrics.units for cell in [*unit.evals, *unit.evals_off]]
+    reused = sum(cell.reused_from is not None for cell in cells)
+    if reused:
+        lines += ["", f"{reused} of {len(cells)} evaluations reused an identical earlier one (the same weights, items "
+                  "and skills in every prompt, greedy decoding): their episodes are copied, their tokens and time "
+                  "are not counted again (`reused_from` in metrics.json)."]
     lines += ["", "## Accuracy matrices (pooled over seeds, 95% Wilson interval in points)", ""]
     for arm in config.arms:
         lines += [f"### {arm} (memory {'on' if MEMORY_ON[arm] else 'off'})", "", *_matrix_table(metrics, arm, False), ""]

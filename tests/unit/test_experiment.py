@@ -311,3 +311,23 @@ def test_a_run_saved_by_an_older_version_or_with_other_fold_mechanics_resumes(tm
     other = config.stream.fold.model_copy(update={"steps": config.stream.fold.steps + 1})  # what is learned: refused
     with pytest.raises(ConfigError, match="another config"):
         prepare_out(tmp_path, config.model_copy(update={"stream": config.stream.model_copy(update={"fold": other})}))
+
+
+def test_an_evaluation_identical_to_an_earlier_one_is_reused_not_rerun(straight):
+    metrics = load_metrics(straight)
+    units = {(u.arm, u.seed, u.phase): u for u in metrics.units}
+    base = {e.family: e for e in units[("base", 0, 0)].evals}
+    # the memory arm has no skills for toy:2 in phase 0: the base weights, no skills, the base's episodes
+    unseen = next(e for e in units[("memory", 0, 0)].evals if e.family == "toy:2")
+    assert not unseen.memory and unseen.reused_from == base["toy:2"].trajectories
+    assert (unseen.successes, unseen.completion_tokens) == (base["toy:2"].successes, base["toy:2"].completion_tokens)
+    # with skills in the prompt the evaluation is its own, and it is recorded for later reuse
+    learned = next(e for e in units[("memory", 0, 0)].evals if e.family == "toy:1")
+    assert learned.memory and learned.reused_from is None
+    # a reused evaluation's own file holds the episodes behind its numbers, as this arm served them
+    for unit in metrics.units:
+        for cell in [*unit.evals, *unit.evals_off]:
+            episodes = [Trajectory.model_validate_json(line) for line in (straight / cell.trajectories).read_text().splitlines()]
+            assert sum(t.success for t in episodes) == cell.successes and len(episodes) == cell.items
+    reused = [cell for unit in metrics.units for cell in unit.evals if cell.reused_from]
+    assert reused and all(cell.trajectories != cell.reused_from for cell in reused)
