@@ -162,49 +162,53 @@ def hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Seq
 
 def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
                             min_prefix: int = 32) -> torch.Tensor:
-    """`hidden_at` without grad, computing a prefix shared by several rows once.
+    """`hidden_at`, computing a prefix shared by several rows once (with or without grad, as called).
 
-    The teacher's prompts of a fold batch start alike (system prompt, the family's skills): each
-    group of rows with a common prefix (`prefix_groups`) runs it once at batch size 1, repeats its KV
-    cache over the group, and runs only the rows' own suffixes (right-padded) on top. Same values as
-    `hidden_at` up to float rounding. Returns (N, H) in the order of `positions`.
+    The prompts of a fold batch start alike (the system prompt; the teacher's also the family's skills):
+    each group of rows with a common prefix (`engines.prefix.prefix_groups`) runs it once at batch size 1,
+    repeats its KV cache over the group, and runs only the rows' own suffixes (right-padded) on top.
+    Under grad the repeat sums the rows' gradients back into the one prefix pass, so values and
+    gradients are those of `hidden_at` up to float rounding. A model with gradient checkpointing on,
+    in training mode, keeps no cache: it takes `hidden_at` as it is. Returns (N, H) in the order of
+    `positions`.
     """
     from transformers import DynamicCache
 
     network = causal_lm(model)
+    if network.training and checkpointing(network):
+        return hidden_at(model, sequences, positions)
     device = next(network.parameters()).device
     limits = [min(row_positions) - 1 if row_positions else len(sequence)
               for sequence, row_positions in zip(sequences, positions, strict=True)]
     cache_name = cache_kwarg(network.model)
     pieces: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for rows, prefix in prefix_groups(sequences, limits, min_prefix):
-            if prefix == 0:
-                hidden = hidden_at(model, [sequences[row] for row in rows], [positions[row] for row in rows])
-            else:
-                cache = DynamicCache()
-                network.model(input_ids=torch.tensor([list(sequences[rows[0]][:prefix])], device=device),
-                              use_cache=True, **{cache_name: cache})
-                cache.batch_repeat_interleave(len(rows))
-                suffixes = [list(sequences[row][prefix:]) for row in rows]
-                width = max(len(suffix) for suffix in suffixes)
-                input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-                attention_mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
-                attention_mask[:, :prefix] = 1
-                for index, suffix in enumerate(suffixes):
-                    input_ids[index, : len(suffix)] = torch.tensor(suffix)
-                    attention_mask[index, prefix: prefix + len(suffix)] = 1
-                positions_ids = torch.arange(prefix, prefix + width)[None].expand(len(rows), -1)
-                output = network.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                       position_ids=positions_ids.to(device), use_cache=True, **{cache_name: cache})
-                states = output.last_hidden_state  # (G, width, H)
-                index_rows = torch.tensor([i for i, row in enumerate(rows) for _ in positions[row]], device=device)
-                index_columns = torch.tensor([p - 1 - prefix for row in rows for p in positions[row]], device=device)
-                hidden = states[index_rows, index_columns]
-            start = 0
-            for row in rows:
-                pieces[row] = hidden[start: start + len(positions[row])]
-                start += len(positions[row])
+    for rows, prefix in prefix_groups(sequences, limits, min_prefix):
+        if prefix == 0:
+            hidden = hidden_at(model, [sequences[row] for row in rows], [positions[row] for row in rows])
+        else:
+            cache = DynamicCache()
+            network.model(input_ids=torch.tensor([list(sequences[rows[0]][:prefix])], device=device),
+                          use_cache=True, **{cache_name: cache})
+            cache.batch_repeat_interleave(len(rows))
+            suffixes = [list(sequences[row][prefix:]) for row in rows]
+            width = max(len(suffix) for suffix in suffixes)
+            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
+            attention_mask[:, :prefix] = 1
+            for index, suffix in enumerate(suffixes):
+                input_ids[index, : len(suffix)] = torch.tensor(suffix)
+                attention_mask[index, prefix: prefix + len(suffix)] = 1
+            positions_ids = torch.arange(prefix, prefix + width)[None].expand(len(rows), -1)
+            output = network.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   position_ids=positions_ids.to(device), use_cache=True, **{cache_name: cache})
+            states = output.last_hidden_state  # (G, width, H)
+            index_rows = torch.tensor([i for i, row in enumerate(rows) for _ in positions[row]], device=device)
+            index_columns = torch.tensor([p - 1 - prefix for row in rows for p in positions[row]], device=device)
+            hidden = states[index_rows, index_columns]
+        start = 0
+        for row in rows:
+            pieces[row] = hidden[start: start + len(positions[row])]
+            start += len(positions[row])
     return torch.cat([pieces[row] for row in range(len(sequences))])
 
 
@@ -459,9 +463,9 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
         return record
     student.train()
     teacher_hidden, teacher_weight = teacher.hidden(views)  # (N, H'), (V, H')
-    student_hidden = hidden_at(
+    student_hidden = shared_prefix_hidden_at(
         student, [v.student.input_ids for v in views], [v.student.trained_positions for v in views]
-    )  # (N, H)
+    )  # (N, H), with grad: the batch's shared prompt prefix runs once
     weight = causal_lm(student).get_output_embeddings().weight  # (V, H)
     targets = torch.tensor(
         [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=student_hidden.device
@@ -655,8 +659,8 @@ def measure_kl(engine, families: dict[str, TaskFamily], items: Sequence[FoldItem
         return {"kl": 0.0, "tokens": 0, "success": success}
     adapter = engine.adapter
     with torch.no_grad():
-        student_hidden = hidden_at(engine.model, [v.student.input_ids for v in views],
-                                   [v.student.trained_positions for v in views])
+        student_hidden = shared_prefix_hidden_at(engine.model, [v.student.input_ids for v in views],
+                                                 [v.student.trained_positions for v in views])
         weight = causal_lm(engine.model).get_output_embeddings().weight
         if adapter:
             engine.unload_adapter()

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from envs.base import Trajectory
 from learners.allocator import cap_heap
-from learners.fold import FoldConfig, attach_student, causal_lm, finish_training, hidden_at
+from learners.fold import FoldConfig, attach_student, causal_lm, finish_training, shared_prefix_hidden_at
 from learners.losses import chunked_head_loss
 from learners.views import TemplateError, TokenView, token_view
 
@@ -64,7 +64,7 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 def sft_loss(model, views: Sequence[TokenView], chunk_size: int = 128) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the trained tokens of `views`, and how many there were."""
     positions = [view.trained_positions for view in views]
-    hidden = hidden_at(model, [view.input_ids for view in views], positions)  # (N, H)
+    hidden = shared_prefix_hidden_at(model, [view.input_ids for view in views], positions)  # (N, H)
     targets = torch.tensor(
         [view.input_ids[p] for view, row in zip(views, positions, strict=True) for p in row], device=hidden.device
     )  # (N,)

@@ -270,6 +270,28 @@ def lora_student(tokenizer):
     return student
 
 
+def test_shared_prefix_student_pass_has_the_plain_passes_values_and_gradients(tiny_tokenizer):
+    student = lora_student(tiny_tokenizer).train()
+    torch.manual_seed(1)
+    shared = torch.randint(5, 300, (24,)).tolist()
+    sequences = [shared + torch.randint(5, 300, (n,)).tolist() for n in (7, 12, 4)] + [torch.randint(5, 300, (9,)).tolist()]
+    positions = [list(range(len(seq) - 3, len(seq))) for seq in sequences]
+    trained = [parameter for parameter in student.parameters() if parameter.requires_grad]
+
+    def run(function):
+        student.zero_grad(set_to_none=True)
+        hidden = function(student, sequences, positions)
+        (hidden.pow(2).sum() + hidden[:, :3].sum()).backward()
+        return hidden.detach(), [parameter.grad.clone() for parameter in trained]
+
+    plain, plain_grads = run(fold_module.hidden_at)
+    shared_hidden, shared_grads = run(lambda *a: fold_module.shared_prefix_hidden_at(*a, min_prefix=8))
+    assert any(prefix >= 20 for _, prefix in prefix_groups(sequences, [min(p) - 1 for p in positions], 8))
+    assert torch.allclose(shared_hidden, plain, atol=1e-5)
+    for expected, got in zip(plain_grads, shared_grads, strict=True):
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_merged_serves_the_same_model_and_restores_it(tiny_tokenizer):
     student = lora_student(tiny_tokenizer).eval()
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
