@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import SamplingParams
 from engines.hf import cache_kwarg
-from engines.prefix import prefix_groups
+from engines.prefix import MIN_PREFIX, prefix_groups
 from envs.base import Message, TaskFamily, Trajectory
 from learners.allocator import cap_heap
 from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -161,7 +161,7 @@ def hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Seq
 
 
 def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                            min_prefix: int = 32) -> torch.Tensor:
+                            min_prefix: int = MIN_PREFIX) -> torch.Tensor:
     """`hidden_at`, computing a prefix shared by several rows once (with or without grad, as called).
 
     The prompts of a fold batch start alike (the system prompt; the teacher's also the family's skills):
