@@ -8,7 +8,12 @@ same token budget, in one process. Competitors:
 Every side generates until EOS or the budget, so all sides do the same work (greedy outputs are
 checked to agree). Prints a markdown table with tokens/s and the ratio to the naive loop.
 
-    .venv/bin/python benchmarks/bench_engine.py [--prompts 32] [--max-new-tokens 64]
+With `--skills N`, every prompt is a memory-on prompt: its family's N worked examples (solved train
+items, as user/assistant turns, the same for every item of the family) come before the question, as
+the agent's retrieved skills do. Prompts of the 4 families alternate, so each batch holds 4 contexts;
+skillfold runs each shared context once per batch (`engines.prefix`), HF `generate` runs every row.
+
+    .venv/bin/python benchmarks/bench_engine.py [--prompts 32] [--max-new-tokens 64] [--skills 0]
 """
 
 from __future__ import annotations
@@ -20,16 +25,23 @@ import time
 
 import torch
 
+EXAMPLE_INDEX = 4000  # train items whose solutions make the worked examples
 
-def build_prompts(count: int) -> list[list[dict[str, str]]]:
+
+def build_prompts(count: int, skills: int = 0) -> list[list[dict[str, str]]]:
     from envs import make_family
 
     families = ["rg:leg_counting", "rg:basic_arithmetic", "rg:letter_counting", "rg:spell_backward"]
     prompts = []
     for index in range(count):
         family = make_family(families[index % len(families)])
+        context = []
+        for offset in range(skills):  # worked examples: the family's solved train items as dialogue turns
+            example = family.make("train", EXAMPLE_INDEX + offset)
+            question = [message.as_dict() for message in example.initial_observation() if message.role == "user"]
+            context += [*question, {"role": "assistant", "content": str(example.entry["answer"])}]
         environment = family.make("eval", index)
-        prompts.append([message.as_dict() for message in environment.initial_observation()])
+        prompts.append([*context, *[message.as_dict() for message in environment.initial_observation()]])
     return prompts
 
 
@@ -78,6 +90,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skills", type=int, default=0, help="worked examples before every question (memory on)")
     arguments = parser.parse_args()
 
     import transformers
@@ -88,7 +101,7 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     engine = HFEngine.load(threads=arguments.threads)
-    prompts = build_prompts(arguments.prompts)
+    prompts = build_prompts(arguments.prompts, arguments.skills)
     params = SamplingParams(max_new_tokens=arguments.max_new_tokens)
     engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
 
@@ -115,7 +128,9 @@ def main() -> None:
             rows.append(("HF model.generate, left-padded batch", batch_size, hf_tokens, hf_seconds, hf_tokens / hf_seconds))
 
     print(
-        f"\nmodel SmolLM2-135M-Instruct fp32, {len(prompts)} prompts, greedy, <= {arguments.max_new_tokens} new tokens, "
+        f"\nmodel SmolLM2-135M-Instruct fp32, {len(prompts)} prompts "
+        f"({sum(len(engine.encode(p)) for p in prompts) / len(prompts):.0f} tokens on average, {arguments.skills} worked "
+        f"examples each), greedy, <= {arguments.max_new_tokens} new tokens, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
     )
     print(f"greedy outputs identical to the naive loop at batch 1: {agreement}\n")
