@@ -441,6 +441,9 @@ def experiment_command(
     overrides: OverridesArgument = None,
     out: Annotated[Path | None, typer.Option(help="experiment directory; the same command again resumes it")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="rebuild report.md and plots from --out/metrics.json")] = False,
+    seed: Annotated[list[int] | None, typer.Option(
+        "--seed", help="run only this seed of the config (repeatable); another process may run the others "
+        "into the same --out, e.g. with model.threads=1 each on a 2-core machine")] = None,
     model: ModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -462,10 +465,14 @@ def experiment_command(
             engine = _load_engine(experiment.model)
             started = time.perf_counter()
             try:
-                run_experiment(engine, experiment, out, say=console.print)
+                metrics = run_experiment(engine, experiment, out, say=console.print, seeds=seed or None)
             except FoldError as error:
                 fail(str(error))
             console.print(f"experiment done in {time.perf_counter() - started:.0f}s")
+            if metrics is None:
+                console.print("the report waits for the other seeds: run the same command without --seed (or "
+                              "--report-only) once they are done")
+                return
         summary = write_report(out)
     table = Table(title=f"targets ({out / 'report.md'})")
     for column in ("target", "arm", "value", "status"):

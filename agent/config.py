@@ -196,7 +196,7 @@ def apply_overrides_value(data: dict[str, Any], dotted: str, value: Any) -> None
 def save_config(config: BaseModel, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.json"
-    temporary = path.with_suffix(".json.tmp")
+    temporary = path.with_suffix(f".json.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
     os.replace(temporary, path)
     return path

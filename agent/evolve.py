@@ -179,7 +179,7 @@ class Stream:
 # --------------------------------------------------------------------------- files
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes sharing a directory never collide
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 

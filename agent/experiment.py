@@ -239,13 +239,23 @@ def check_experiment(config: ExperimentConfig) -> list[TaskFamily]:
 
 
 def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=None, say=lambda text: None,
-                   fold_fn: Callable = fold, sft_fn: Callable[..., SftResult] = sft) -> Metrics:
-    """Run (or resume) every unit, then write metrics.json; returns the metrics."""
+                   fold_fn: Callable = fold, sft_fn: Callable[..., SftResult] = sft,
+                   seeds: list[int] | None = None) -> Metrics | None:
+    """Run (or resume) every unit, then write metrics.json; returns the metrics.
+
+    `seeds` runs only those seeds' units: other processes (a core or a machine each) may run the
+    others into the same directory, as the units of different seeds share nothing but the reused
+    evaluations (written atomically). metrics.json is written by whichever process finds every unit
+    done; until then this returns None.
+    """
     families = check_experiment(config)
+    if seeds is not None and not set(seeds) <= set(config.seeds):
+        raise ConfigError(f"--seed {sorted(set(seeds) - set(config.seeds))} is not among the config's seeds "
+                          f"{config.seeds}; pass some of those")
     prepare_out(out, config)
     lab = Lab(engine=engine, config=config, out=out, families=families, embedding=embedding, say=say,
               fold_fn=fold_fn, sft_fn=sft_fn)
-    for seed in config.seeds:
+    for seed in [seed for seed in config.seeds if seeds is None or seed in seeds]:
         for arm in config.arms:
             for phase, family in enumerate(families):
                 path = unit_path(out, arm, seed, phase)
@@ -256,6 +266,12 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
                 write_atomic(path, unit.model_dump_json(indent=2))
                 mean = sum(e.accuracy for e in unit.evals) / len(unit.evals)
                 say(f"seed {seed} {arm}: phase {phase + 1} done, mean accuracy {mean:.1%} ({unit.seconds:.0f}s)")
+    missing = [(arm, seed) for seed in config.seeds for arm in config.arms
+               if not all(unit_path(out, arm, seed, phase).is_file() for phase in range(len(families)))]
+    if missing:
+        say("not done yet (another process may be running them): "
+            + ", ".join(f"{arm} seed {seed}" for arm, seed in missing))
+        return None
     metrics = collect(out, config, families)
     write_atomic(out / "metrics.json", metrics.model_dump_json(indent=2))
     return metrics

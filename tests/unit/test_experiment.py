@@ -331,3 +331,19 @@ def test_an_evaluation_identical_to_an_earlier_one_is_reused_not_rerun(straight)
             assert sum(t.success for t in episodes) == cell.successes and len(episodes) == cell.items
     reused = [cell for unit in metrics.units for cell in unit.evals if cell.reused_from]
     assert reused and all(cell.trajectories != cell.reused_from for cell in reused)
+
+
+def test_seeds_run_by_separate_processes_give_the_straight_runs_outcome(straight, tmp_path):
+    from agent.config import ConfigError
+
+    config = experiment()
+    out = tmp_path / "split"
+    assert run_experiment(World().engine, config, out, embedding=HashingEmbedding(), fold_fn=forgetful_fold,
+                          sft_fn=forgetful_sft, seeds=[1]) is None  # seed 0 is not done: no metrics yet
+    assert not (out / "metrics.json").exists() and not list((out / "units").rglob("seed-0/*.json"))
+    metrics = run_experiment(World().engine, config, out, embedding=HashingEmbedding(), fold_fn=forgetful_fold,
+                             sft_fn=forgetful_sft, seeds=[0])
+    assert metrics is not None and (out / "metrics.json").is_file()
+    assert _outcome(metrics) == _outcome(load_metrics(straight))
+    with pytest.raises(ConfigError, match="not among the config's seeds"):
+        run_experiment(World().engine, config, out, embedding=HashingEmbedding(), seeds=[7])
