@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ from agent.evolve import (
 )
 from agent.folding import adapters_dir, register_adapter, resolve_adapter
 from envs.base import TaskFamily, Trajectory
-from learners.fold import fold
+from learners.fold import FoldResult, fold
 from learners.sft import SftConfig, SftResult, sft
 from memory import Memory
 
@@ -173,8 +175,48 @@ class Lab:
 
     def stream(self, arm: str, seed: int) -> Stream:
         return Stream(engine=self.engine, memory=self.memory(arm, seed), settings=arm_settings(self.config, arm, seed),
-                      families=self.families, home=self.home(arm, seed), fold_fn=self.fold_fn,
+                      families=self.families, home=self.home(arm, seed), fold_fn=self.reusing_fold,
                       say=lambda text: self.say(f"  {arm} seed {seed}: {text}"))
+
+
+    def reusing_fold(self, engine, families, items, config, run_dir: Path, *, resume: bool = False, on_step=None):
+        """`fold_fn`, or an identical fold already run in this experiment, reused.
+
+        A fold is fixed by the adapter it starts from (its contents), its families, its prompts (items
+        and the skills in each) and its config (seed included): arms that reach the same fold (`fold`
+        and `skillfold` before their rules first differ) run it once. The reused adapter is copied;
+        the fold's metrics are copied too, so the arm's fold tokens count what the fold cost.
+        """
+        key = hashlib.sha256(json.dumps({
+            "model": engine.model_name, "start": adapter_digest(engine.adapter), "families": sorted(families),
+            "items": [item.model_dump(mode="json") for item in items], "config": config.model_dump(mode="json"),
+        }, sort_keys=True).encode()).hexdigest()[:32]
+        store = self.out / "folds" / key
+        if (store / "result.json").is_file() and not config.full_finetune:
+            earlier = FoldResult.model_validate_json((store / "result.json").read_text())
+            run_dir.mkdir(parents=True, exist_ok=True)
+            adapter = run_dir / "adapter"
+            if not adapter.is_dir():
+                partial = run_dir / ".adapter.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(store / "adapter", partial)
+                os.replace(partial, adapter)
+            if (store / "metrics.jsonl").is_file():
+                write_atomic(run_dir / "metrics.jsonl", (store / "metrics.jsonl").read_text())
+            self.say(f"  fold reused: the same start, prompts and config as {earlier.run_dir}")
+            return earlier.model_copy(update={"adapter": str(adapter), "run_dir": str(run_dir),
+                                              "reused_from": earlier.run_dir})
+        result = self.fold_fn(engine, families, items, config, run_dir, resume=resume, on_step=on_step)
+        if not config.full_finetune:  # kept before the evolve loop moves the adapter into its home
+            partial = store.with_name(f".{key}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(result.adapter, partial / "adapter")
+            if (Path(result.run_dir) / "metrics.jsonl").is_file():
+                shutil.copy(Path(result.run_dir) / "metrics.jsonl", partial / "metrics.jsonl")
+            (partial / "result.json").write_text(result.model_dump_json(indent=2))
+            shutil.rmtree(store, ignore_errors=True)
+            os.replace(partial, store)
+        return result
 
 
 def arm_settings(config: ExperimentConfig, arm: str, seed: int) -> StreamSettings:

@@ -132,6 +132,8 @@ class FoldResult(BaseModel):
     run_dir: str
     seconds: float
     resumed_from: int = 0
+    reused_from: str | None = Field(default=None, description="an identical earlier fold whose adapter this is "
+                                    "(the experiment harness reuses a fold of the same start, items and config)")
 
 
 # ----------------------------------------------------------------------- the model side

@@ -347,3 +347,22 @@ def test_seeds_run_by_separate_processes_give_the_straight_runs_outcome(straight
     assert _outcome(metrics) == _outcome(load_metrics(straight))
     with pytest.raises(ConfigError, match="not among the config's seeds"):
         run_experiment(World().engine, config, out, embedding=HashingEmbedding(), seeds=[7])
+
+
+def test_a_fold_identical_to_an_earlier_one_is_reused(straight):
+    from agent.evolve import read_events
+
+    def folds(arm: str, seed: int) -> list[dict]:
+        run_dir = next((straight / "homes" / f"{arm}-seed{seed}" / "evolve").iterdir())
+        return [event.evidence for event in read_events(run_dir) if event.kind == "fold"]
+
+    for seed in (0, 1):
+        first_fold, first_skillfold = folds("fold", seed)[0], folds("skillfold", seed)[0]
+        # the same start (base weights), prompts and config: the skillfold arm reuses the fold arm's fold
+        assert first_fold.get("reused_from") is None and first_skillfold["reused_from"]
+        assert "fold-seed" in first_skillfold["reused_from"]
+        adapter = Path(first_skillfold["adapter"])
+        assert adapter.is_dir() and str(adapter).startswith(str(straight / "homes" / f"skillfold-seed{seed}"))
+        assert first_skillfold["generated_tokens"] == first_fold["generated_tokens"]  # what the fold cost
+        # after it, skillfold's rule retires skills and its folds differ: each runs its own
+        assert all(evidence.get("reused_from") is None for evidence in folds("skillfold", seed)[1:])
