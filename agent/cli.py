@@ -489,7 +489,7 @@ def experiment_command(
 @app.command("demo")
 def demo_command(
     home: Annotated[Path, typer.Option(help="where the demo keeps its memory and adapter (wiped first)")] = Path(".skillfold/demo"),
-    items: Annotated[int, typer.Option(help="held-out items per measurement")] = 32,
+    items: Annotated[int, typer.Option(help="held-out items per measurement")] = 64,
     episodes: Annotated[int, typer.Option(help="train episodes of the fast path")] = 12,
     fold_steps: Annotated[int, typer.Option("--fold-steps", help="fold steps of the slow path (0 = skip)")] = 32,
     model: ModelOption = None,
