@@ -448,7 +448,7 @@ def experiment_command(
     json_output: JsonOption = False,
 ) -> None:
     """Compare base, memory, sft, fold and skillfold on one stream: accuracy matrices, forgetting, report."""
-    from agent.experiment import ExperimentConfig, check_experiment, prepare_out, run_experiment
+    from agent.experiment import ExperimentConfig, check_experiment, check_seeds, prepare_out, run_experiment
     from agent.report import write_report
     from learners.fold import FoldError
 
@@ -461,6 +461,7 @@ def experiment_command(
                 fail("name the experiment config, e.g. `skillfold experiment experiments/stream.toml --out DIR`")
             experiment = build_config(ExperimentConfig, config, {"model.name": model}, overrides or [])
             check_experiment(experiment)
+            check_seeds(experiment, seed or None)
             prepare_out(out, experiment)
             engine = _load_engine(experiment.model)
             started = time.perf_counter()

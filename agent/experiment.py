@@ -291,9 +291,7 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
     done; until then this returns None.
     """
     families = check_experiment(config)
-    if seeds is not None and not set(seeds) <= set(config.seeds):
-        raise ConfigError(f"--seed {sorted(set(seeds) - set(config.seeds))} is not among the config's seeds "
-                          f"{config.seeds}; pass some of those")
+    check_seeds(config, seeds)
     prepare_out(out, config)
     lab = Lab(engine=engine, config=config, out=out, families=families, embedding=embedding, say=say,
               fold_fn=fold_fn, sft_fn=sft_fn)
@@ -317,6 +315,13 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
     metrics = collect(out, config, families)
     write_atomic(out / "metrics.json", metrics.model_dump_json(indent=2))
     return metrics
+
+
+def check_seeds(config: ExperimentConfig, seeds: list[int] | None) -> None:
+    """`--seed` values must be seeds of the config (ConfigError naming them)."""
+    if seeds is not None and not set(seeds) <= set(config.seeds):
+        raise ConfigError(f"--seed {sorted(set(seeds) - set(config.seeds))} is not among the config's seeds "
+                          f"{config.seeds}; pass some of those")
 
 
 def collect(out: Path, config: ExperimentConfig, families: list[TaskFamily]) -> Metrics:

@@ -250,6 +250,8 @@ BAD_INPUT = {
     "out is a file": (lambda tmp: ["experiment", _config(tmp), "--out", _config(tmp)], "is a file"),
     "out holds other things": (lambda tmp: ["experiment", _config(tmp), "--out", tmp], "is not empty"),
     "out holds another experiment": (_different, "holds an experiment with another config"),
+    "seed not in the config": (lambda tmp: ["experiment", _config(tmp), "--out", tmp / "o", "--seed", "7"],
+                               "--seed [7] is not among the config's seeds [0]"),
     "report without metrics": (lambda tmp: ["experiment", "--out", tmp, "--report-only"], "holds no metrics.json"),
     "evolve missing stream": (lambda tmp: ["evolve", "--stream", tmp / "nope.toml"], "nope.toml does not exist"),
     "evolve unknown key": (lambda tmp: ["evolve", "--stream", _config(tmp, extra="colour = 1\n")],
