@@ -178,7 +178,6 @@ class Lab:
                       families=self.families, home=self.home(arm, seed), fold_fn=self.reusing_fold,
                       say=lambda text: self.say(f"  {arm} seed {seed}: {text}"))
 
-
     def reusing_fold(self, engine, families, items, config, run_dir: Path, *, resume: bool = False, on_step=None):
         """`fold_fn`, or an identical fold already run in this experiment, reused.
 
@@ -187,10 +186,10 @@ class Lab:
         and `skillfold` before their rules first differ) run it once. The reused adapter is copied;
         the fold's metrics are copied too, so the arm's fold tokens count what the fold cost.
         """
-        key = hashlib.sha256(json.dumps({
+        key = content_key({
             "model": engine.model_name, "start": adapter_digest(engine.adapter), "families": sorted(families),
             "items": [item.model_dump(mode="json") for item in items], "config": config.model_dump(mode="json"),
-        }, sort_keys=True).encode()).hexdigest()[:32]
+        })
         store = self.out / "folds" / key
         if (store / "result.json").is_file() and not config.full_finetune:
             earlier = FoldResult.model_validate_json((store / "result.json").read_text())
@@ -406,13 +405,13 @@ def evaluate_unit(lab: Lab, arm: str, seed: int, phase: int,
     unit_dir = unit_path(lab.out, arm, seed, phase).with_suffix("")
     evals, evals_off, tokens = [], [], 0
     for family in {family.name: family for family in lab.families}.values():
-        main = evaluate_family(lab, family, memory if MEMORY_ON[arm] else None, unit_dir)
-        tokens += main.completion_tokens if main.reused_from is None else 0
-        evals.append(main)
-        if arm in FOLDING:
-            off = evaluate_family(lab, family, None, unit_dir) if main.memory else main
-            tokens += off.completion_tokens if main.memory and off.reused_from is None else 0
-            evals_off.append(off)
+        run = [evaluate_family(lab, family, memory if MEMORY_ON[arm] else None, unit_dir)]
+        evals.append(run[0])
+        if arm in FOLDING:  # memory off too; without skills in the prompt that is the same evaluation
+            if run[0].memory:
+                run.append(evaluate_family(lab, family, None, unit_dir))
+            evals_off.append(run[-1])
+        tokens += sum(cell.completion_tokens for cell in run if cell.reused_from is None)
     return evals, evals_off, tokens
 
 
@@ -449,11 +448,15 @@ def evaluate_family(lab: Lab, family: TaskFamily, memory: Memory | None, unit_di
 def eval_key(engine, family: str, items: int, settings: StreamSettings, contexts: list) -> str:
     """What fixes a greedy held-out evaluation, hashed: model, adapter contents, family, items, decoding,
     turns and every item's skills."""
-    payload = {
+    return content_key({
         "model": engine.model_name, "adapter": adapter_digest(engine.adapter), "family": family, "items": items,
         "sampling": settings.eval_sampling.model_dump(mode="json"), "max_turns": settings.loop.max_turns,
         "contexts": [[message.model_dump(mode="json") for message in context] for context, _ in contexts],
-    }
+    })
+
+
+def content_key(payload: dict[str, Any]) -> str:
+    """The name of a reusable result: a hash of everything that fixes it."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -138,9 +138,6 @@ class HFEngine:
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finish: list[str | None] = [None] * batch
         active = list(range(batch))  # batch rows still generating, in cache order
-        if params.max_new_tokens < 1:
-            return [Generation(text="", token_ids=[], logprobs=[], prompt_tokens=len(row), finish_reason="length")
-                    for row in rows]
         # the prompts, each group's shared prefix once (engines.prefix)
         prefilled = prefill(self.model, self._cache_kwarg, rows, self.pad_id)
         cache, attention_mask, next_positions = prefilled.cache, prefilled.attention_mask, prefilled.next_positions

@@ -83,6 +83,21 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device,
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
+def cached_prefix(model, cache_name: str, prefix: Sequence[int], rows: int, **kwargs):
+    """A fresh KV cache (transformers `DynamicCache`) holding `prefix` run once at batch size 1 and
+    repeated over `rows` rows; `kwargs` go to the model call (e.g. `logits_to_keep=1`). Under grad the
+    repeat sums the rows' gradients back into the one pass."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    model(input_ids=torch.tensor([list(prefix)], device=device),
+          position_ids=torch.arange(len(prefix), device=device)[None], use_cache=True, **kwargs,
+          **{cache_name: cache})
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 @dataclass
 class Prefilled:
     """A batch's prompts run into a KV cache: what decoding goes on from."""
@@ -110,13 +125,9 @@ def prefill(model, cache_name: str, rows: Sequence[Sequence[int]], pad_id: int,
         runs.append((sorted(plain), 0))
     pieces = []
     for members, prefix in runs:
-        cache = DynamicCache()
+        cache = cached_prefix(model, cache_name, rows[members[0]][:prefix], len(members), logits_to_keep=1) if (
+            prefix) else DynamicCache()
         mask_head = torch.ones((len(members), prefix), dtype=torch.long, device=device)
-        if prefix:
-            model(input_ids=torch.tensor([list(rows[members[0]][:prefix])], device=device),
-                  position_ids=torch.arange(prefix, device=device)[None], use_cache=True, logits_to_keep=1,
-                  **{cache_name: cache})
-            cache.batch_repeat_interleave(len(members))
         input_ids, suffix_mask, positions = left_pad([rows[row][prefix:] for row in members], pad_id, device,
                                                      [prefix] * len(members))
         attention_mask = torch.cat([mask_head, suffix_mask], dim=-1)

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import SamplingParams
 from engines.hf import cache_kwarg
-from engines.prefix import MIN_PREFIX, prefix_groups
+from engines.prefix import MIN_PREFIX, cached_prefix, prefix_groups
 from envs.base import Message, TaskFamily, Trajectory
 from learners.allocator import cap_heap
 from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -174,8 +174,6 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
     in training mode, keeps no cache: it takes `hidden_at` as it is. Returns (N, H) in the order of
     `positions`.
     """
-    from transformers import DynamicCache
-
     network = causal_lm(model)
     if network.training and checkpointing(network):
         return hidden_at(model, sequences, positions)
@@ -188,10 +186,7 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
         if prefix == 0:
             hidden = hidden_at(model, [sequences[row] for row in rows], [positions[row] for row in rows])
         else:
-            cache = DynamicCache()
-            network.model(input_ids=torch.tensor([list(sequences[rows[0]][:prefix])], device=device),
-                          use_cache=True, **{cache_name: cache})
-            cache.batch_repeat_interleave(len(rows))
+            cache = cached_prefix(network.model, cache_name, sequences[rows[0]][:prefix], len(rows))
             suffixes = [list(sequences[row][prefix:]) for row in rows]
             width = max(len(suffix) for suffix in suffixes)
             input_ids = torch.zeros((len(rows), width), dtype=torch.long)
