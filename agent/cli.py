@@ -441,14 +441,26 @@ def experiment_command(
     overrides: OverridesArgument = None,
     out: Annotated[Path | None, typer.Option(help="experiment directory; the same command again resumes it")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="rebuild report.md and plots from --out/metrics.json")] = False,
+    check: Annotated[bool, typer.Option("--check", help="recount every number of --out from its stored episodes "
+                                        "(replayed in fresh environments) and report.md from metrics.json; "
+                                        "exit 1 on any mismatch")] = False,
     seed: Annotated[list[int] | None, typer.Option(
         "--seed", help="run only this seed of the config (repeatable); another process may run the others "
         "into the same --out, e.g. with model.threads=1 each on a 2-core machine")] = None,
+    arm: Annotated[list[str] | None, typer.Option(
+        "--arm", help="run only this arm of the config (repeatable), like --seed")] = None,
     model: ModelOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Compare base, memory, sft, fold and skillfold on one stream: accuracy matrices, forgetting, report."""
-    from agent.experiment import ExperimentConfig, check_experiment, check_seeds, prepare_out, run_experiment
+    from agent.experiment import (
+        ExperimentConfig,
+        check_arms,
+        check_experiment,
+        check_seeds,
+        prepare_out,
+        run_experiment,
+    )
     from agent.report import write_report
     from learners.fold import FoldError
 
@@ -456,23 +468,28 @@ def experiment_command(
     with user_errors():
         if out is None:
             fail("name the experiment directory with --out DIR")
+        if check:
+            _check_experiment(out, json_output)
+            return
         if not report_only:
             if config is None:
                 fail("name the experiment config, e.g. `skillfold experiment experiments/stream.toml --out DIR`")
             experiment = build_config(ExperimentConfig, config, {"model.name": model}, overrides or [])
             check_experiment(experiment)
             check_seeds(experiment, seed or None)
+            check_arms(experiment, arm or None)
             prepare_out(out, experiment)
             engine = _load_engine(experiment.model)
             started = time.perf_counter()
             try:
-                metrics = run_experiment(engine, experiment, out, say=console.print, seeds=seed or None)
+                metrics = run_experiment(engine, experiment, out, say=console.print, seeds=seed or None,
+                                         arms=arm or None)
             except FoldError as error:
                 fail(str(error))
             console.print(f"experiment done in {time.perf_counter() - started:.0f}s")
             if metrics is None:
-                console.print("the report waits for the other seeds: run the same command without --seed (or "
-                              "--report-only) once they are done")
+                console.print("the report waits for the other seeds or arms: run the same command without "
+                              "--seed/--arm (or --report-only) once they are done")
                 return
         summary = write_report(out)
     table = Table(title=f"targets ({out / 'report.md'})")
@@ -484,6 +501,24 @@ def experiment_command(
     console.print(table)
     if json_output:
         print(json.dumps({"out": str(out), "report": str(out / "report.md"), **summary.model_dump(mode="json")}))
+
+
+def _check_experiment(out: Path, json_output: bool) -> None:
+    from agent.audit import audit_experiment
+
+    audit = audit_experiment(out)
+    for problem in audit.problems[:50]:
+        console.print(f"[red]mismatch[/red] {escape(problem)}", highlight=False)
+    if len(audit.problems) > 50:
+        console.print(f"... and {len(audit.problems) - 50} more")
+    verdict = "every number checks out" if not audit.problems else f"{len(audit.problems)} mismatches"
+    console.print(f"{out}: {audit.cells} evaluations recounted, {audit.episodes} episodes ({audit.turns} turns) "
+                  f"replayed, report.md {'rendered again and compared' if audit.report_checked else 'missing'}: "
+                  f"{verdict}")
+    if json_output:
+        print(json.dumps({"out": str(out), **audit.model_dump()}))
+    if audit.problems:
+        raise typer.Exit(1)
 
 
 # -------------------------------------------------------------------- demo

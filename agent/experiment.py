@@ -281,21 +281,23 @@ def check_experiment(config: ExperimentConfig) -> list[TaskFamily]:
 
 def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=None, say=lambda text: None,
                    fold_fn: Callable = fold, sft_fn: Callable[..., SftResult] = sft,
-                   seeds: list[int] | None = None) -> Metrics | None:
+                   seeds: list[int] | None = None, arms: list[str] | None = None) -> Metrics | None:
     """Run (or resume) every unit, then write metrics.json; returns the metrics.
 
     `seeds` runs only those seeds' units: other processes (a core or a machine each) may run the
     others into the same directory, as the units of different seeds share nothing but the reused
     evaluations (written atomically). metrics.json is written by whichever process finds every unit
-    done; until then this returns None.
+    done; until then this returns None. `arms` likewise runs only those arms (an arm's units depend on
+    nothing of another arm's, except that an identical fold or evaluation already on file is reused).
     """
     families = check_experiment(config)
     check_seeds(config, seeds)
+    check_arms(config, arms)
     prepare_out(out, config)
     lab = Lab(engine=engine, config=config, out=out, families=families, embedding=embedding, say=say,
               fold_fn=fold_fn, sft_fn=sft_fn)
     for seed in [seed for seed in config.seeds if seeds is None or seed in seeds]:
-        for arm in config.arms:
+        for arm in [arm for arm in config.arms if arms is None or arm in arms]:
             for phase, family in enumerate(families):
                 path = unit_path(out, arm, seed, phase)
                 if path.is_file():
@@ -321,6 +323,13 @@ def check_seeds(config: ExperimentConfig, seeds: list[int] | None) -> None:
     if seeds is not None and not set(seeds) <= set(config.seeds):
         raise ConfigError(f"--seed {sorted(set(seeds) - set(config.seeds))} is not among the config's seeds "
                           f"{config.seeds}; pass some of those")
+
+
+def check_arms(config: ExperimentConfig, arms: list[str] | None) -> None:
+    """`--arm` values must be arms of the config (ConfigError naming them)."""
+    if arms is not None and not set(arms) <= set(config.arms):
+        raise ConfigError(f"--arm {sorted(set(arms) - set(config.arms))} is not among the config's arms "
+                          f"{config.arms}; pass some of those")
 
 
 def collect(out: Path, config: ExperimentConfig, families: list[TaskFamily]) -> Metrics:

@@ -307,6 +307,11 @@ def _save(figure, path: Path) -> str:
     return path.name
 
 
+def plot_names(metrics: Metrics) -> list[str]:
+    """The files `plot` writes, in the report's order."""
+    return ["learning_curves.png", *[f"matrix_{arm}.png" for arm in metrics.config.arms], "memory_size.png"]
+
+
 def plot(metrics: Metrics, out: Path) -> list[str]:
     """Learning curves, one accuracy heatmap per arm, memory size over time (PNG, Agg)."""
     from matplotlib.figure import Figure

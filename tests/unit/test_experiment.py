@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from agent.audit import audit_experiment
 from agent.cli import app
 from agent.experiment import ARMS, ExperimentConfig, arm_settings, prepare_out, run_experiment
 from agent.report import (
@@ -20,6 +21,7 @@ from agent.report import (
     forward_transfer,
     gain_over_base,
     load_metrics,
+    plot_names,
     retention,
     summarize,
     write_report,
@@ -205,6 +207,58 @@ def test_report_only_rebuilds_the_report_from_metrics_json_alone(straight, tmp_p
     assert (alone / "matrix_sft.png").stat().st_size > 1000
 
 
+def _copy(straight: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    return copy
+
+
+def _cell_with_both_outcomes(raw: dict) -> dict:
+    return next(c for u in raw["units"] for c in u["evals"] if 0 < c["successes"] < c["items"])
+
+
+def test_check_recounts_every_cell_and_replays_every_episode(straight):
+    result = runner.invoke(app, ["experiment", "--out", str(straight), "--check", "--json"])
+    assert result.exit_code == 0, result.output
+    audit = json.loads(result.stdout.splitlines()[-1])
+    metrics = load_metrics(straight)
+    cells = [cell for unit in metrics.units for cell in [*unit.evals, *unit.evals_off]]
+    assert audit["cells"] == len(cells) and audit["episodes"] == sum(cell.items for cell in cells)
+    assert audit["report_checked"] and audit["problems"] == []
+    assert sorted(plot_names(metrics)) == sorted(p.name for p in straight.glob("*.png"))  # what plot() wrote
+
+
+def test_check_names_a_count_a_score_or_a_report_line_that_does_not_follow(straight, tmp_path):
+    copy = _copy(straight, tmp_path / "1")  # one more success claimed in metrics.json
+    raw = json.loads((copy / "metrics.json").read_text())
+    cell = _cell_with_both_outcomes(raw)
+    cell["successes"] += 1
+    (copy / "metrics.json").write_text(json.dumps(raw))
+    problems = audit_experiment(copy).problems
+    assert any(p.startswith(f"{cell['trajectories']}: successes is") for p in problems), problems
+    assert any(p.startswith("report.md line") for p in problems), problems
+
+    copy = _copy(straight, tmp_path / "2")  # a failed episode rewritten as a success, counts and all
+    raw = json.loads((copy / "metrics.json").read_text())
+    cell = _cell_with_both_outcomes(raw)
+    path = copy / cell["trajectories"]
+    episodes = [json.loads(line) for line in path.read_text().splitlines()]
+    failed = next(e for e in episodes if not e["success"])
+    failed["success"], failed["reward"], failed["turns"][-1]["reward"] = True, 1.0, 1.0
+    path.write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    for c in [c for u in raw["units"] for c in u["evals"] + u["evals_off"] if c["trajectories"] == cell["trajectories"]]:
+        c["successes"] += 1
+    (copy / "metrics.json").write_text(json.dumps(raw))
+    problems = audit_experiment(copy).problems
+    assert any("reward/done" in p for p in problems) and any("accuracy is" in p for p in problems), problems
+
+    copy = _copy(straight, tmp_path / "3")  # a report edited by hand
+    report = (copy / "report.md").read_text()
+    (copy / "report.md").write_text(report.replace("| met |", "| MISSED |", 1))
+    result = runner.invoke(app, ["experiment", "--out", str(copy), "--check"])
+    assert result.exit_code == 1 and "report.md line" in result.output
+
+
 # ------------------------------------------------------------------------ bad input
 CONFIG = """
 eval_items = 4
@@ -252,6 +306,8 @@ BAD_INPUT = {
     "out holds another experiment": (_different, "holds an experiment with another config"),
     "seed not in the config": (lambda tmp: ["experiment", _config(tmp), "--out", tmp / "o", "--seed", "7"],
                                "--seed [7] is not among the config's seeds [0]"),
+    "arm not in the config": (lambda tmp: ["experiment", _config(tmp), "--out", tmp / "o", "--arm", "sft"],
+                              "--arm ['sft'] is not among the config's arms ['base']"),
     "report without metrics": (lambda tmp: ["experiment", "--out", tmp, "--report-only"], "holds no metrics.json"),
     "evolve missing stream": (lambda tmp: ["evolve", "--stream", tmp / "nope.toml"], "nope.toml does not exist"),
     "evolve unknown key": (lambda tmp: ["evolve", "--stream", _config(tmp, extra="colour = 1\n")],
@@ -349,6 +405,18 @@ def test_seeds_run_by_separate_processes_give_the_straight_runs_outcome(straight
     assert _outcome(metrics) == _outcome(load_metrics(straight))
     with pytest.raises(ConfigError, match="not among the config's seeds"):
         run_experiment(World().engine, config, out, embedding=HashingEmbedding(), seeds=[7])
+
+
+def test_arms_run_by_separate_processes_give_the_straight_runs_outcome(straight, tmp_path):
+    config, out = experiment(), tmp_path / "split"
+    for arms in (["skillfold", "sft"], ["base", "memory"]):
+        assert run_experiment(World().engine, config, out, embedding=HashingEmbedding(), fold_fn=forgetful_fold,
+                              sft_fn=forgetful_sft, arms=arms) is None
+        assert {path.parent.parent.name for path in (out / "units").rglob("phase-*.json")} >= set(arms)
+        assert not list((out / "units").rglob("fold/seed-*/*.json"))
+    metrics = run_experiment(World().engine, config, out, embedding=HashingEmbedding(), fold_fn=forgetful_fold,
+                             sft_fn=forgetful_sft, arms=["fold"])
+    assert metrics is not None and _outcome(metrics) == _outcome(load_metrics(straight))
 
 
 def test_a_fold_identical_to_an_earlier_one_is_reused(straight):

@@ -1,0 +1,159 @@
+"""`skillfold experiment --out DIR --check`: recompute an experiment's numbers from what it stored.
+
+An experiment's report is only as honest as the path from its episodes to its tables. This audit
+walks that path again, without the model:
+1. every evaluation cell in metrics.json is recounted from its episode file: items, successes,
+   accuracy, its Wilson interval, errors, prompt and completion tokens, and whether skills were in
+   the prompt;
+2. every episode is replayed in a fresh environment of its family (the same eval item): the
+   environment must show the same prompt, answer every recorded action with the same observation,
+   reward and end, and the episode's reward and success are scored again;
+3. report.md is rendered again from metrics.json and must equal the file (plots are not compared).
+Each mismatch is one line naming the cell or episode; an empty list means every number checks out.
+Skill tokens are not recounted (that needs the model's tokenizer and chat template).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from agent.evaluate import wilson_interval
+from agent.experiment import FamilyEval, Metrics, check_experiment
+from envs.base import TaskFamily, Trajectory
+from learners.rollout import score_trajectory
+
+
+class Audit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cells: int = 0
+    episodes: int = 0
+    turns: int = 0
+    report_checked: bool = False
+    problems: list[str] = []
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def replay(trajectory: Trajectory, family: TaskFamily, index: int, threshold: float) -> list[str]:
+    """Differences between a stored episode and the same actions played in a fresh environment."""
+    problems = []
+    if trajectory.env != family.name or trajectory.split != "eval":
+        return [
+            f"is a {trajectory.split} episode of {trajectory.env}, not eval item {index} of {family.name}"
+        ]
+    environment = family.make("eval", index)
+    if trajectory.item_id != environment.item_id:
+        return [f"is item {trajectory.item_id}, the cell's episode {index} should be {environment.item_id}"]
+    if list(environment.initial_observation()) != trajectory.prompt:
+        problems.append("its prompt is not the environment's")
+    replayed = trajectory.model_copy(deep=True)
+    for number, turn in enumerate(trajectory.turns, 1):
+        try:
+            result = environment.step(turn.action)
+        except Exception as error:  # the environment raised: the episode must have stopped here with an error
+            if number != len(trajectory.turns) or trajectory.error is None:
+                problems.append(
+                    f"turn {number}: the environment raises ({type(error).__name__}) but the episode "
+                    "records no error there"
+                )
+            break
+        if list(result.observation) != turn.observation:
+            problems.append(f"turn {number}: the environment answers otherwise")
+        if not _close(result.reward, turn.reward) or result.done != turn.done:
+            problems.append(
+                f"turn {number}: reward/done {result.reward}/{result.done}, recorded "
+                f"{turn.reward}/{turn.done}"
+            )
+        if result.done and number != len(trajectory.turns):
+            problems.append(f"turn {number}: the episode ended here but records more turns")
+            break
+    score_trajectory(replayed, threshold)
+    if not _close(replayed.reward, trajectory.reward) or replayed.success != trajectory.success:
+        problems.append(
+            f"scores {replayed.reward}/{replayed.success} (reward/success), recorded "
+            f"{trajectory.reward}/{trajectory.success}"
+        )
+    return problems
+
+
+def check_cell(out: Path, cell: FamilyEval, family: TaskFamily, audit: Audit) -> None:
+    where = f"{cell.trajectories}:"
+    path = out / cell.trajectories
+    if not path.is_file():
+        audit.problems.append(f"{where} the episode file is missing")
+        return
+    try:
+        episodes = [
+            Trajectory.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()
+        ]
+    except ValueError as error:
+        audit.problems.append(f"{where} not a file of episodes ({str(error).splitlines()[0]})")
+        return
+    audit.cells += 1
+    threshold = getattr(family, "success_threshold", 1.0)
+    for index, episode in enumerate(episodes):
+        audit.episodes += 1
+        audit.turns += len(episode.turns)
+        audit.problems += [
+            f"{where}{index + 1}: {problem}" for problem in replay(episode, family, index, threshold)
+        ]
+    successes = sum(episode.success for episode in episodes)
+    low, high = wilson_interval(successes, len(episodes))
+    recounted = {
+        "items": len(episodes),
+        "successes": successes,
+        "errors": sum(e.error is not None for e in episodes),
+        "prompt_tokens": sum(e.prompt_tokens for e in episodes),
+        "completion_tokens": sum(e.completion_tokens for e in episodes),
+        "memory": any(e.context for e in episodes),
+    }
+    for key, value in recounted.items():
+        if getattr(cell, key) != value:
+            audit.problems.append(
+                f"{where} {key} is {getattr(cell, key)} in metrics.json, {value} in the episodes"
+            )
+    shown = {"accuracy": successes / len(episodes) if episodes else 0.0, "ci_low": low, "ci_high": high}
+    for key, value in shown.items():
+        if not _close(getattr(cell, key), value):
+            audit.problems.append(f"{where} {key} is {getattr(cell, key)} in metrics.json, {value} recounted")
+
+
+def check_report(out: Path, metrics: Metrics, audit: Audit) -> None:
+    from agent.report import plot_names, render, summarize
+
+    path = out / "report.md"
+    if not path.is_file():
+        audit.problems.append("report.md is missing: run `skillfold experiment --out DIR --report-only`")
+        return
+    audit.report_checked = True
+    expected = render(metrics, summarize(metrics), plot_names(metrics)).splitlines()
+    found = path.read_text().splitlines()
+    for number, (want, have) in enumerate(zip(expected, found, strict=False), 1):
+        if want != have:
+            audit.problems.append(f"report.md line {number} reads {have!r}; metrics.json gives {want!r}")
+            return
+    if len(expected) != len(found):
+        audit.problems.append(f"report.md has {len(found)} lines; metrics.json gives {len(expected)}")
+
+
+def audit_experiment(out: Path) -> Audit:
+    """Every cell recounted, every episode replayed, the report rendered again (see the module doc)."""
+    from agent.report import load_metrics
+
+    metrics = load_metrics(out)
+    families = {family.name: family for family in check_experiment(metrics.config)}
+    audit = Audit()
+    for unit in metrics.units:
+        for cell in [*unit.evals, *unit.evals_off]:
+            if cell.family not in families:
+                audit.problems.append(f"{cell.trajectories}: family {cell.family} is not in the stream")
+                continue
+            check_cell(out, cell, families[cell.family], audit)
+    check_report(out, metrics, audit)
+    return audit
