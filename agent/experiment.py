@@ -26,8 +26,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -298,15 +300,21 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
               fold_fn=fold_fn, sft_fn=sft_fn)
     for seed in [seed for seed in config.seeds if seeds is None or seed in seeds]:
         for arm in [arm for arm in config.arms if arms is None or arm in arms]:
-            for phase, family in enumerate(families):
-                path = unit_path(out, arm, seed, phase)
-                if path.is_file():
+            if all(unit_path(out, arm, seed, phase).is_file() for phase in range(len(families))):
+                continue
+            with chain_lock(out, arm, seed) as holder:
+                if holder is not None:
+                    say(f"seed {seed} {arm}: skipped, process {holder} is running it")
                     continue
-                say(f"seed {seed} {arm}: phase {phase + 1}/{len(families)} ({family.name})")
-                unit = run_unit(lab, arm, seed, phase)
-                write_atomic(path, unit.model_dump_json(indent=2))
-                mean = sum(e.accuracy for e in unit.evals) / len(unit.evals)
-                say(f"seed {seed} {arm}: phase {phase + 1} done, mean accuracy {mean:.1%} ({unit.seconds:.0f}s)")
+                for phase, family in enumerate(families):
+                    path = unit_path(out, arm, seed, phase)
+                    if path.is_file():
+                        continue
+                    say(f"seed {seed} {arm}: phase {phase + 1}/{len(families)} ({family.name})")
+                    unit = run_unit(lab, arm, seed, phase)
+                    write_atomic(path, unit.model_dump_json(indent=2))
+                    mean = sum(e.accuracy for e in unit.evals) / len(unit.evals)
+                    say(f"seed {seed} {arm}: phase {phase + 1} done, mean accuracy {mean:.1%} ({unit.seconds:.0f}s)")
     missing = [(arm, seed) for seed in config.seeds for arm in config.arms
                if not all(unit_path(out, arm, seed, phase).is_file() for phase in range(len(families)))]
     if missing:
@@ -323,6 +331,51 @@ def check_seeds(config: ExperimentConfig, seeds: list[int] | None) -> None:
     if seeds is not None and not set(seeds) <= set(config.seeds):
         raise ConfigError(f"--seed {sorted(set(seeds) - set(config.seeds))} is not among the config's seeds "
                           f"{config.seeds}; pass some of those")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def chain_lock(out: Path, arm: str, seed: int) -> Iterator[str | None]:
+    """Claim an arm's units for one seed for this process: yields None when claimed (released on exit),
+    or who holds them: a live process on this machine, or any process on another machine (its liveness
+    cannot be seen from here: delete the lock file if that run is gone). A claim left by a killed process
+    of this machine is taken over, so a resumed run never waits on a dead one."""
+    lock = out / "units" / arm / f"seed-{seed}" / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") not in (None, me["host"]):
+                yield f"{holder.get('pid')} on {holder['host']} (if that run is gone, delete {lock})"
+                return
+            if holder.get("pid") not in (None, me["pid"]) and _alive(holder["pid"]):
+                yield str(holder["pid"])
+                return
+            lock.unlink(missing_ok=True)  # stale (or unreadable): its process is gone
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(me, handle)
+        try:
+            yield None
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    raise ConfigError(f"cannot claim {lock}: it keeps reappearing; is another process running this experiment?")
 
 
 def check_arms(config: ExperimentConfig, arms: list[str] | None) -> None:

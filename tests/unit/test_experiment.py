@@ -7,6 +7,7 @@ unfolds toy:1 in phase 2 and keeps it through memory, while SFT loses it.
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,33 @@ def test_report_only_rebuilds_the_report_from_metrics_json_alone(straight, tmp_p
     assert (alone / "report.md").read_text() == (straight / "report.md").read_text()
     assert json.loads(result.stdout.splitlines()[-1])["targets"][0]["target"] == "memory gain >= 15 points"
     assert (alone / "matrix_sft.png").stat().st_size > 1000
+
+
+def test_an_arm_another_live_process_runs_is_skipped_and_a_dead_ones_claim_taken_over(tmp_path):
+    import subprocess
+
+    config, said = experiment(seeds=[0], arms=["base", "memory"]), []
+    prepare_out(tmp_path / "out", config)
+    lock = tmp_path / "out" / "units" / "memory" / "seed-0" / ".lock"
+    lock.parent.mkdir(parents=True)
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        assert run_experiment(World().engine, config, tmp_path / "out", embedding=HashingEmbedding(),
+                              say=said.append) is None
+        assert f"seed 0 memory: skipped, process {live.pid} is running it" in said
+        assert not list(lock.parent.glob("phase-*.json")) and lock.is_file()  # its claim stands
+        assert len(list((tmp_path / "out" / "units" / "base").rglob("phase-*.json"))) == 2  # the rest ran
+        lock.write_text(json.dumps({"pid": live.pid, "host": "another-machine"}))
+        said.clear()
+        run_experiment(World().engine, config, tmp_path / "out", embedding=HashingEmbedding(), say=said.append)
+        assert any(f"{live.pid} on another-machine (if that run is gone, delete {lock})" in line for line in said)
+    finally:
+        live.kill()
+        live.wait()
+    lock.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))  # its process is gone
+    metrics = run_experiment(World().engine, config, tmp_path / "out", embedding=HashingEmbedding())
+    assert metrics is not None and len(list(lock.parent.glob("phase-*.json"))) == 2 and not lock.exists()
 
 
 def _copy(straight: Path, tmp_path: Path) -> Path:
