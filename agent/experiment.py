@@ -56,7 +56,7 @@ from agent.evolve import (
     write_atomic,
 )
 from agent.folding import adapters_dir, register_adapter, resolve_adapter
-from envs.base import TaskFamily, Trajectory
+from envs.base import Message, TaskFamily, Trajectory
 from learners.fold import FoldResult, fold
 from learners.sft import SftConfig, SftResult, sft
 from memory import Memory
@@ -321,7 +321,7 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
         say("not done yet (another process may be running them): "
             + ", ".join(f"{arm} seed {seed}" for arm, seed in missing))
         return None
-    metrics = collect(out, config, families)
+    metrics = collect(out, config, families, engine, say)
     write_atomic(out / "metrics.json", metrics.model_dump_json(indent=2))
     return metrics
 
@@ -385,11 +385,42 @@ def check_arms(config: ExperimentConfig, arms: list[str] | None) -> None:
                           f"{config.arms}; pass some of those")
 
 
-def collect(out: Path, config: ExperimentConfig, families: list[TaskFamily]) -> Metrics:
+def collect(out: Path, config: ExperimentConfig, families: list[TaskFamily], engine=None,
+            say: Callable[[str], None] = lambda text: None) -> Metrics:
+    """Every unit into one Metrics; with `engine`, skill tokens are recounted from the episodes first
+    (`recount_skill_tokens`)."""
+    if engine is not None:
+        recount_skill_tokens(out, config, len(families), engine, say)
     units = [UnitResult.model_validate_json(unit_path(out, arm, seed, phase).read_text())
              for seed in config.seeds for arm in config.arms for phase in range(len(families))]
     names = list(dict.fromkeys(family.name for family in families))
     return Metrics(config=config, phases=[family.name for family in families], families=names, units=units)
+
+
+def recount_skill_tokens(out: Path, config: ExperimentConfig, phases: int, engine,
+                         say: Callable[[str], None] = lambda text: None) -> int:
+    """Count every evaluation's skill tokens again from its episodes (`skill_tokens`); a unit whose
+    count differs (written by a version that counted otherwise) is rewritten atomically with the new
+    count, its other numbers untouched. Returns how many evaluations changed."""
+    changed = 0
+    for seed in config.seeds:
+        for arm in config.arms:
+            for phase in range(phases):
+                path = unit_path(out, arm, seed, phase)
+                unit = UnitResult.model_validate_json(path.read_text())
+                cells, fixed = [*unit.evals, *unit.evals_off], 0
+                for cell in cells:
+                    episodes = [Trajectory.model_validate_json(line) for line in
+                                (out / cell.trajectories).read_text().splitlines() if line.strip()]
+                    count = sum(skill_tokens(engine, episode) for episode in episodes)
+                    if count != cell.skill_tokens:
+                        cell.skill_tokens, fixed = count, fixed + 1
+                if fixed:
+                    write_atomic(path, unit.model_dump_json(indent=2))
+                    changed += fixed
+    if changed:
+        say(f"skill tokens recounted from the episodes: {changed} evaluations changed")
+    return changed
 
 
 # ----------------------------------------------------------------------------- units
@@ -547,10 +578,19 @@ def record_eval(lab: Lab, result: EvalResult, trajectories: list[Trajectory], pa
 
 
 def skill_tokens(engine, trajectory: Trajectory) -> int:
-    """Prompt tokens the retrieved skills added, once per turn (every turn sends the prompt again)."""
+    """Prompt tokens the retrieved skills take, once per turn (every turn sends the prompt again).
+
+    The tokens of the chat with the skills minus those without them, both led by a system message:
+    chat templates such as SmolLM2's add a default system prompt to a chat that has none, and a skill
+    rendered as a system hint takes that place, so without one leading both, a short hint would
+    count the default prompt it displaced, as negative tokens.
+    """
     if not trajectory.context:
         return 0
-    bare = trajectory.model_copy(update={"turns": []})
+    prompt = list(trajectory.prompt)
+    if not prompt or prompt[0].role != "system":
+        prompt.insert(0, Message(role="system", content=""))
+    bare = trajectory.model_copy(update={"turns": [], "prompt": prompt})
     with_skills = engine.count_tokens([message.as_dict() for message in bare.messages(with_context=True)])
     without = engine.count_tokens([message.as_dict() for message in bare.messages()])
     return (with_skills - without) * max(1, len(trajectory.turns))

@@ -16,7 +16,15 @@ from typer.testing import CliRunner
 
 from agent.audit import audit_experiment
 from agent.cli import app
-from agent.experiment import ARMS, ExperimentConfig, arm_settings, prepare_out, run_experiment
+from agent.experiment import (
+    ARMS,
+    ExperimentConfig,
+    arm_settings,
+    prepare_out,
+    recount_skill_tokens,
+    run_experiment,
+    skill_tokens,
+)
 from agent.report import (
     forgetting,
     forward_transfer,
@@ -233,6 +241,42 @@ def test_an_arm_another_live_process_runs_is_skipped_and_a_dead_ones_claim_taken
     lock.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))  # its process is gone
     metrics = run_experiment(World().engine, config, tmp_path / "out", embedding=HashingEmbedding())
     assert metrics is not None and len(list(lock.parent.glob("phase-*.json"))) == 2 and not lock.exists()
+
+
+class DefaultSystemPrompt:
+    """count_tokens as SmolLM2's template counts: a chat led by no system message gets a 9-word default."""
+
+    def count_tokens(self, chat) -> int:
+        default = 9 + 2 if not chat or chat[0]["role"] != "system" else 0
+        return default + sum(len(message["content"].split()) + 2 for message in chat)
+
+
+def test_skill_tokens_count_a_system_hint_that_displaces_the_default_system_prompt():
+    hint = [Message(role="system", content="Hint: one or two")]
+    episode = Trajectory(env="toy:1", item_id="eval-0", split="eval", context=hint, turns=[Turn(action="a")] * 3,
+                         prompt=[Message(role="user", content="How many letters?")])
+    assert skill_tokens(DefaultSystemPrompt(), episode) == (4 + 2) * 3  # the hint's own tokens, every turn
+    led = episode.model_copy(update={"prompt": [Message(role="system", content="Tools: none"), *episode.prompt]})
+    assert skill_tokens(DefaultSystemPrompt(), led) == (4 + 2) * 3
+    assert skill_tokens(DefaultSystemPrompt(), episode.model_copy(update={"context": []})) == 0
+
+
+def test_skill_tokens_recounted_from_the_episodes_when_the_metrics_are_collected(straight, tmp_path):
+    copy = _copy(straight, tmp_path)
+    metrics = load_metrics(copy)
+    unit = next(u for u in metrics.units if any(cell.skill_tokens for cell in u.evals))
+    path = copy / "units" / unit.arm / f"seed-{unit.seed}" / f"phase-{unit.phase}.json"
+    stored = json.loads(path.read_text())
+    cell = next(c for c in stored["evals"] if c["skill_tokens"])
+    right, cell["skill_tokens"] = cell["skill_tokens"], -7  # as a version that counted otherwise wrote it
+    path.write_text(json.dumps(stored))
+    said = []
+    assert recount_skill_tokens(copy, metrics.config, len(metrics.phases), World().engine, said.append) == 1
+    assert said == ["skill tokens recounted from the episodes: 1 evaluations changed"]
+    fixed = json.loads(path.read_text())
+    assert next(c for c in fixed["evals"] if c["trajectories"] == cell["trajectories"])["skill_tokens"] == right
+    assert {k: v for k, v in fixed.items() if k != "evals"} == {k: v for k, v in stored.items() if k != "evals"}
+    assert recount_skill_tokens(copy, metrics.config, len(metrics.phases), World().engine) == 0
 
 
 def _copy(straight: Path, tmp_path: Path) -> Path:
