@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from agent.evaluate import wilson_interval
-from agent.experiment import FamilyEval, Metrics, check_experiment
+from agent.experiment import FamilyEval, Metrics, check_experiment, read_episodes
 from envs.base import TaskFamily, Trajectory
 from learners.rollout import score_trajectory
 
@@ -52,7 +52,7 @@ def replay(trajectory: Trajectory, family: TaskFamily, index: int, threshold: fl
         return [f"is item {trajectory.item_id}, the cell's episode {index} should be {environment.item_id}"]
     if list(environment.initial_observation()) != trajectory.prompt:
         problems.append("its prompt is not the environment's")
-    replayed = trajectory.model_copy(deep=True)
+    rescored = trajectory.model_copy(deep=True)  # its turns' rewards are checked against the replay above
     for number, turn in enumerate(trajectory.turns, 1):
         try:
             result = environment.step(turn.action)
@@ -73,10 +73,10 @@ def replay(trajectory: Trajectory, family: TaskFamily, index: int, threshold: fl
         if result.done and number != len(trajectory.turns):
             problems.append(f"turn {number}: the episode ended here but records more turns")
             break
-    score_trajectory(replayed, threshold)
-    if not _close(replayed.reward, trajectory.reward) or replayed.success != trajectory.success:
+    score_trajectory(rescored, threshold)
+    if not _close(rescored.reward, trajectory.reward) or rescored.success != trajectory.success:
         problems.append(
-            f"scores {replayed.reward}/{replayed.success} (reward/success), recorded "
+            f"scores {rescored.reward}/{rescored.success} (reward/success), recorded "
             f"{trajectory.reward}/{trajectory.success}"
         )
     return problems
@@ -89,9 +89,7 @@ def check_cell(out: Path, cell: FamilyEval, family: TaskFamily, audit: Audit) ->
         audit.problems.append(f"{where} the episode file is missing")
         return
     try:
-        episodes = [
-            Trajectory.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()
-        ]
+        episodes = read_episodes(path)
     except ValueError as error:
         audit.problems.append(f"{where} not a file of episodes ({str(error).splitlines()[0]})")
         return

@@ -410,9 +410,7 @@ def recount_skill_tokens(out: Path, config: ExperimentConfig, phases: int, engin
                 unit = UnitResult.model_validate_json(path.read_text())
                 cells, fixed = [*unit.evals, *unit.evals_off], 0
                 for cell in cells:
-                    episodes = [Trajectory.model_validate_json(line) for line in
-                                (out / cell.trajectories).read_text().splitlines() if line.strip()]
-                    count = sum(skill_tokens(engine, episode) for episode in episodes)
+                    count = sum(skill_tokens(engine, episode) for episode in read_episodes(out / cell.trajectories))
                     if count != cell.skill_tokens:
                         cell.skill_tokens, fixed = count, fixed + 1
                 if fixed:
@@ -526,9 +524,8 @@ def evaluate_family(lab: Lab, family: TaskFamily, memory: Memory | None, unit_di
         original = FamilyEval.model_validate_json(earlier.read_text())
         source = lab.out / original.trajectories
         if source.is_file():  # the episodes, as served here (the same weights under this arm's adapter path)
-            episodes = [Trajectory.model_validate_json(line).model_copy(
-                update={"model": lab.engine.model_name, "adapter": lab.engine.adapter})
-                for line in source.read_text().splitlines() if line.strip()]
+            episodes = [episode.model_copy(update={"model": lab.engine.model_name, "adapter": lab.engine.adapter})
+                        for episode in read_episodes(source)]
             write_atomic(path, "".join(episode.model_dump_json() + "\n" for episode in episodes))
             return original.model_copy(update={"trajectories": str(path.relative_to(lab.out)),
                                                "reused_from": original.trajectories})
@@ -563,6 +560,11 @@ def adapter_digest(adapter: str | None) -> str | None:
             digest.update(file.name.encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def read_episodes(path: Path) -> list[Trajectory]:
+    """An evaluation's episode file (JSON lines, as `record_eval` writes it)."""
+    return [Trajectory.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def record_eval(lab: Lab, result: EvalResult, trajectories: list[Trajectory], path: Path) -> FamilyEval:
