@@ -638,6 +638,7 @@ def _load_engine(model_config, home: Path | None = None):
             threads=model_config.threads,
             batch_size=model_config.batch_size,
             adapter=model_config.adapter,
+            packed_weights=model_config.packed_weights,
         )
 
 

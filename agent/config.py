@@ -37,6 +37,9 @@ class ModelConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")
     batch_size: int = Field(default=32, ge=1, description="rows per forward pass")
+    packed_weights: bool = Field(
+        default=True, description="CPU fp32: frozen linear layers computed from oneDNN-prepacked weights "
+        "(engines.onednn; faster, the same model to ~1e-6); false = plain PyTorch linears")
 
 
 class EnvConfig(BaseModel):

@@ -158,7 +158,8 @@ def run_skillfold(arguments) -> dict:
 
     torch.set_num_threads(arguments.threads)
     family, indices, privileged = inputs(arguments.batch, arguments.steps)
-    engine = HFEngine.load(device="cpu", dtype="float32", threads=arguments.threads, batch_size=arguments.batch)
+    engine = HFEngine.load(device="cpu", dtype="float32", threads=arguments.threads, batch_size=arguments.batch,
+                           packed_weights=arguments.packed_weights == "on")
     load = loaded(engine.model)
 
     # the privileged context as one user message before the question (views put it after the leading
@@ -335,7 +336,8 @@ def run_child(side: str, arguments, log_dir: Path) -> dict:
                "--lr", str(arguments.lr), "--seed", str(arguments.seed),
                "--trl-gradient-checkpointing", arguments.trl_gradient_checkpointing,
                "--gradient-checkpointing", arguments.gradient_checkpointing,
-               "--fixed-length", arguments.fixed_length, "--heap", arguments.heap, "--trl-heap", arguments.trl_heap]
+               "--fixed-length", arguments.fixed_length, "--heap", arguments.heap, "--trl-heap", arguments.trl_heap,
+               "--packed-weights", arguments.packed_weights]
     thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     environment = {**os.environ, **{name: str(arguments.threads) for name in thread_vars},
                    "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -370,6 +372,8 @@ def main() -> None:
                         "(capped: less memory, more time)")
     parser.add_argument("--trl-heap", choices=["default", "capped"], default="default",
                         help="TRL side: glibc as it is (default) or the same heap cap as ours")
+    parser.add_argument("--packed-weights", choices=["on", "off"], default="on",
+                        help="skillfold: frozen linear layers from oneDNN-prepacked weights (engines.onednn; our default)")
     parser.add_argument("--out", type=Path, default=None, help="also write both sides' raw results as JSON here")
     parser.add_argument("--child", choices=["skillfold", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -418,7 +422,8 @@ def main() -> None:
           f"1.0, LoRA r{LORA_RANK} alpha {LORA_ALPHA} all linear layers, AdamW lr {arguments.lr:g} constant, "
           f"grad-norm clip 1.0, fp32, {ours['threads']} threads (TRL side: {theirs['threads']}), seed {arguments.seed}")
     print("- skillfold: learners.fold.fold, method opsd, teacher self-frozen, loss reverse_kl (full vocabulary, "
-          f"chunked from hidden states), gradient_checkpointing {arguments.gradient_checkpointing}, privileged context as "
+          f"chunked from hidden states), gradient_checkpointing {arguments.gradient_checkpointing}, packed weights "
+          f"{arguments.packed_weights}, privileged context as "
           "one user message before the question")
     print(f"- TRL: SDFTTrainer, teacher_model_kind base, distillation_mode full_logits, distillation_alpha 1.0 "
           f"(reverse KL), num_generations 1, per_device_train_batch_size {arguments.batch}, "

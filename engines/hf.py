@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from engines.base import Chat, Generation, GuidedGeneration, SamplingParams, TokenScores
+from engines.onednn import pack_linears, unpack_linears
 from engines.prefix import left_pad, prefill
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class HFEngine:
     """An `Engine` over a transformers causal LM and its tokenizer."""
 
-    def __init__(self, model, tokenizer, model_name: str = "model", batch_size: int = 32) -> None:
+    def __init__(
+        self, model, tokenizer, model_name: str = "model", batch_size: int = 32, packed_weights: bool = True
+    ) -> None:
+        model.requires_grad_(False)  # served, not trained: a trainer marks what it trains (learners.fold)
         self.model = model.eval()
         self.base_model = model
         self.tokenizer = tokenizer
@@ -61,6 +65,8 @@ class HFEngine:
         self.stop_ids = _eos_ids(model, tokenizer)
         self._adapter: str | None = None
         self._cache_kwarg = cache_kwarg(model)
+        # CPU fp32: frozen linear layers computed from oneDNN-prepacked weights (engines.onednn)
+        self.packed_weights = packed_weights
 
     @classmethod
     def load(
@@ -71,6 +77,7 @@ class HFEngine:
         threads: int | None = None,
         batch_size: int = 32,
         adapter: str | None = None,
+        packed_weights: bool = True,
     ) -> HFEngine:
         """Load a model by spec (the embedded default, a directory, or a Hub id)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,7 +90,10 @@ class HFEngine:
         tokenizer = AutoTokenizer.from_pretrained(location)
         network = AutoModelForCausalLM.from_pretrained(location, dtype=pick_dtype(dtype, torch_device))
         network.to(torch_device)
-        engine = cls(network, tokenizer, model_name=model or "smollm2-135m", batch_size=batch_size)
+        if torch_device.type == "cpu":
+            _own_memory(network)
+        engine = cls(network, tokenizer, model_name=model or "smollm2-135m", batch_size=batch_size,
+                     packed_weights=packed_weights)
         if adapter:
             engine.load_adapter(adapter)
         return engine
@@ -110,6 +120,7 @@ class HFEngine:
         params: SamplingParams,
         progress: Callable[[int], None] | None = None,
     ) -> list[Generation]:
+        self.pack_weights()
         encoded = [self.encode(prompt) for prompt in prompts]
         # token order puts prompts with the same start (system prompt, skills) in the same batch
         order = sorted(range(len(encoded)), key=lambda index: encoded[index])
@@ -236,6 +247,7 @@ class HFEngine:
         (or `speculative` with top_k = vocabulary) the tokens are exactly those of `generate`.
         Stops, EOS and dropping finished rows (from both caches) are as in `generate`.
         """
+        self.pack_weights()
         if policy not in ("speculative", "mixture"):
             raise ValueError(f"unknown guided policy {policy!r}: speculative or mixture")
         if len(student_prompts) != len(teacher_prompts):
@@ -403,6 +415,7 @@ class HFEngine:
         self, prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], top_k: int = 0
     ) -> list[TokenScores]:
         """`score` on already tokenized prompts."""
+        self.pack_weights()
         order = sorted(range(len(prompt_ids)), key=lambda index: len(prompt_ids[index]) + len(completions[index]))
         results: list[TokenScores | None] = [None] * len(prompt_ids)
         for start in range(0, len(order), self.batch_size):
@@ -447,6 +460,18 @@ class HFEngine:
             )
         return results
 
+    # ------------------------------------------------------------ packed weights
+    def pack_weights(self) -> None:
+        """Serve the model's frozen fp32 CPU linear layers from oneDNN-prepacked weights from now on
+        (engines.onednn; 1.4-1.5x faster decoding here). A no-op where it does not apply or is off.
+        Whatever changes weights calls `unpack_weights` first (loading an adapter, training)."""
+        if self.packed_weights:
+            pack_linears(self.model)  # whatever is not packed yet: cheap once it all is
+
+    def unpack_weights(self) -> None:
+        """Put the dense weights back (bit for bit), e.g. before merging or training them."""
+        unpack_linears(self.model)
+
     # ---------------------------------------------------------------- adapters
     @property
     def adapter(self) -> str | None:
@@ -464,6 +489,7 @@ class HFEngine:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise AdapterError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
         self.unload_adapter()
+        self.unpack_weights()
         try:
             self.model = PeftModel.from_pretrained(self.base_model, str(adapter_dir)).eval()
             self.model.merge_adapter()
@@ -476,6 +502,7 @@ class HFEngine:
         self._adapter = str(adapter_dir)
 
     def unload_adapter(self) -> None:
+        self.unpack_weights()
         if self._adapter is None:
             return
         self.model.unmerge_adapter()
@@ -587,6 +614,15 @@ def _mixture_choice(student_logits, teacher_logits, params, generators, *, top_k
     teacher_chosen = _gather(teacher_log_probs, chosen)
     sources = ((teacher_chosen > student_chosen) & (mix > 0.0)).long()
     return chosen, sources, behaviour, student_chosen, teacher_chosen
+
+
+def _own_memory(model) -> None:
+    """Copy CPU weights out of the safetensors file that `from_pretrained` memory-maps, so the mapping
+    is dropped: its pages count as resident for as long as any one weight holds it, so a weight replaced
+    later (packed, engines.onednn) would free nothing. One weight at a time; ~0.3 s for SmolLM2-135M."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 def cache_kwarg(module) -> str:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import SamplingParams
 from engines.hf import cache_kwarg
+from engines.onednn import is_packed
 from engines.prefix import MIN_PREFIX, cached_prefix, prefix_groups
 from envs.base import Message, TaskFamily, Trajectory
 from learners.allocator import cap_heap
@@ -293,6 +294,8 @@ class merged:
 
     def __init__(self, model) -> None:
         self.model = model if hasattr(model, "merge_adapter") and hasattr(model, "peft_config") else None
+        if self.model is not None and is_packed(self.model):
+            self.model = None  # packed base weights (engines.onednn): LoRA runs beside them, unmerged
 
     def __enter__(self):
         if self.model is not None:
@@ -364,7 +367,7 @@ def fold(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "fold_config.json").write_text(config.model_dump_json(indent=2))
     previous_adapter = engine.adapter
-    engine.unload_adapter()
+    engine.unload_adapter()  # the dense base weights back, if they were packed
     student = attach_student(engine.base_model, config, previous_adapter)
     parameters = [parameter for _, parameter in _adapter_parameters(student)]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -383,6 +386,8 @@ def fold(
     writer = _tensorboard(run_dir)
     order = _item_order(items, config)
     engine.model = student
+    if hasattr(engine, "pack_weights"):
+        engine.pack_weights()  # frozen base layers packed for the whole fold (LoRA beside them)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     try:
@@ -579,6 +584,8 @@ def finish_training(engine, student, config: FoldConfig, run_dir: Path) -> Path:
     """Save the trained adapter to `run_dir/adapter` (atomically), give the engine its base model back,
     and serve the adapter (a full fine-tune is served as the engine's weights). Returns the adapter dir."""
     adapter_dir = run_dir / "adapter"
+    if hasattr(engine, "unpack_weights"):
+        engine.unpack_weights()
     _save_adapter(student, adapter_dir)
     engine.model = _release(student, config)
     engine.base_model = engine.model

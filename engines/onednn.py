@@ -1,0 +1,140 @@
+"""Linear layers served from oneDNN-prepacked weights on CPU.
+
+PyTorch computes a CPU `nn.Linear` with MKL's sgemm on a plain (out, in) weight. On the AMD EPYC
+machines this project runs on, oneDNN's kernel on a weight reordered once into its blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, what `torch.compile`'s freezing pass uses) is far faster
+for the shapes a decoder runs: a batch-8 decode step's 210 layer matmuls took 39.6 ms with
+`F.linear` and 21.5 ms packed, and the 49k x 576 output head 16.1 ms -> 4.2 ms (2 threads; figures
+and commands in docs/benchmarks.md). The numbers are the same matmul in another summation order
+(|difference| ~1e-6 relative; sampled tokens identical in the checks).
+
+`pack_linears(model)` swaps every frozen fp32 CPU `nn.Linear` of a model to its packed weight:
+- the packed weight *replaces* the dense one (the Parameter holds an empty tensor meanwhile, so
+  nothing can read or merge into the weight by mistake: any such use fails on the shape), so memory does not grow; the output
+  head (which the fold's losses read, and which SmolLM2 ties to its input embedding) and any other
+  shared weight are packed as a copy instead (113 MiB for SmolLM2-135M);
+- the layer stays differentiable in its input (the student's forward and backward pass through
+  frozen base layers under LoRA): the backward multiplies by the dense weight, unpacked one layer at
+  a time (~0.2 ms a layer);
+- weights that train (`requires_grad`) are left alone, as is anything not fp32 on CPU.
+A weight swapped into a packed layer (`parameter.data = other`, as a teacher scope does) is used
+densely until it is swapped back. `unpack_linears(model)` puts the dense weights back bit for bit. Anything that changes weights (merging an
+adapter, attaching LoRA, a full fine-tune) must run between `unpack_linears` and the next `pack_linears`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_PACK_BATCH = 8  # the batch hint of the reorder: the decode batch the layout is tuned for
+
+
+def available() -> bool:
+    """Whether this PyTorch build has the oneDNN packed-linear kernels."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and (
+            torch.ops.mkldnn._reorder_linear_weight is not None)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _packable(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    return (
+        type(module) is nn.Linear
+        and isinstance(weight, torch.Tensor)
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+    )
+
+
+class _Packed:
+    """One linear layer's packed weight and what `unpack` needs to restore it."""
+
+    def __init__(self, module: nn.Linear, packed: torch.Tensor, dense: torch.Tensor | None) -> None:
+        self.module = module
+        self.packed = packed
+        self.dense = dense  # the dense weight when it is kept (the head, a tied weight), else None
+        self.parameter = module.weight
+
+    def current(self) -> bool:
+        """Whether the parameter still holds what it held at packing: a weight swapped in since (a
+        teacher scope that sets `.data`) is used as it is, densely, until it is swapped back."""
+        data = self.parameter.data
+        return data.numel() == 0 if self.dense is None else data.data_ptr() == self.dense.data_ptr()
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.dense if self.dense is not None else self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.current():
+            return nn.functional.linear(x, self.parameter, self.module.bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedLinear.apply(x, self)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.module.bias, "none", [], "")
+
+
+class _PackedLinear(torch.autograd.Function):
+    """y = x W^T + b through the packed weight; dL/dx = dL/dy W (W frozen: no weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: _Packed) -> torch.Tensor:
+        ctx.layer = layer
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layer.packed, layer.module.bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.matmul(ctx.layer.dense_weight()), None
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every packable linear layer of `model` not packed yet; returns how many were packed now."""
+    if not available():
+        return 0
+    packed_now = 0
+    # outside inference mode: the restored weights must stay usable under autograd later
+    with torch.inference_mode(False), torch.no_grad():
+        users: dict[int, int] = {}
+        for module in model.modules():
+            for parameter in module.parameters(recurse=False):
+                users[id(parameter)] = users.get(id(parameter), 0) + 1
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        for module in model.modules():
+            if not _packable(module) or _packed_layer(module) is not None:
+                continue
+            weight = module.weight
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH)
+            # the output head stays readable: the fold's chunked losses multiply by its weight
+            keep = users.get(id(weight), 0) > 1 or module is head
+            layer = _Packed(module, packed, weight.detach() if keep else None)
+            if not keep:  # the Parameter keeps no storage meanwhile: reading or merging into it fails
+                weight.data = torch.empty(0, dtype=weight.dtype)
+            module.forward = layer.forward  # an instance attribute: the class's forward is untouched
+            packed_now += 1
+    return packed_now
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Dense weights back (bit for bit) in every packed layer of `model`; returns how many."""
+    layers = [layer for layer in map(_packed_layer, model.modules()) if layer is not None]
+    with torch.inference_mode(False), torch.no_grad():
+        for layer in layers:
+            if layer.dense is None:
+                layer.parameter.data = layer.packed.to_dense()
+            del layer.module.forward
+    return len(layers)
+
+
+def _packed_layer(module: nn.Module) -> _Packed | None:
+    owner = getattr(module.__dict__.get("forward"), "__self__", None)
+    return owner if isinstance(owner, _Packed) else None
+
+
+def is_packed(model: nn.Module) -> bool:
+    """Whether some linear layer of `model` computes from a packed weight right now."""
+    return any(_packed_layer(module) is not None for module in model.modules())

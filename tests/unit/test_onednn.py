@@ -1,0 +1,122 @@
+"""oneDNN-prepacked linear layers (engines.onednn): the same model, dense weights back bit for bit."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from engines.base import SamplingParams
+from engines.hf import HFEngine
+from engines.onednn import available, is_packed, pack_linears, unpack_linears
+from envs import make_family
+from envs.base import Message
+from learners.fold import FoldConfig, FoldItem, fold
+from tests.tiny import build_model
+
+pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build has no oneDNN packed linears")
+
+
+class Net(nn.Module):
+    """Two frozen layers, one trained, and an output head tied to an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 24)
+        self.up = nn.Linear(24, 40)
+        self.down = nn.Linear(40, 24, bias=False)
+        self.trained = nn.Linear(24, 24, bias=False)
+        self.head = nn.Linear(24, 50, bias=False)
+        self.head.weight = self.embed.weight
+        for module in (self.embed, self.up, self.down):
+            module.requires_grad_(False)
+        self.embed.weight.requires_grad_(False)
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x)))
+        return self.head(h + self.trained(h))
+
+
+def test_pack_unpack_round_trip_and_outputs():
+    net = Net()
+    dense = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+    x = torch.randn(5, 24)
+    expected = net(x).detach()
+    assert pack_linears(net) == 3  # up, down and the tied head; the trained layer is left alone
+    assert pack_linears(net) == 0  # idempotent
+    assert is_packed(net)
+    assert net.up.weight.numel() == 0  # the dense copy is gone
+    assert net.head.weight.data_ptr() == net.embed.weight.data_ptr()  # a tied weight is kept
+    assert torch.allclose(net(x), expected, atol=1e-5, rtol=1e-5)
+    assert unpack_linears(net) == 3
+    assert not is_packed(net)
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, dense[name]), name
+    assert "forward" not in net.up.__dict__
+
+
+def test_input_gradient_and_trained_layer_match_dense():
+    net = Net()
+    x = torch.randn(7, 24, requires_grad=True)
+    net(x).square().sum().backward()
+    dense_x, dense_w = x.grad.clone(), net.trained.weight.grad.clone()
+    x.grad = None
+    net.trained.weight.grad = None
+    pack_linears(net)
+    net(x).square().sum().backward()
+    assert torch.allclose(x.grad, dense_x, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(net.trained.weight.grad, dense_w, atol=1e-4, rtol=1e-4)
+    assert net.up.weight.grad is None
+
+
+def test_merging_into_a_packed_weight_fails_and_a_swapped_weight_is_used():
+    net = Net()
+    pack_linears(net)
+    with pytest.raises(RuntimeError):
+        with torch.no_grad():
+            net.up.weight += torch.ones(40, 24)  # what merging an adapter would do
+    x = torch.randn(3, 24)
+    other = torch.randn(40, 24)
+    saved = net.up.weight.data
+    net.up.weight.data = other  # a teacher scope swapping weights in
+    assert torch.allclose(net.up(x), x @ other.T + net.up.bias, atol=1e-6)
+    net.up.weight.data = saved
+    unpack_linears(net)
+    assert torch.allclose(net.up(x), x @ Net().up.weight.T + net.up.bias, atol=1e-6)
+
+
+def test_engine_generation_is_the_same_packed_or_not(tiny_tokenizer):
+    prompts = [[{"role": "user", "content": f"count to {n}"}] for n in range(6)]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    plain = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, packed_weights=False)
+    packed = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer)
+    expected = plain.generate(prompts, params)
+    outputs = packed.generate(prompts, params)
+    assert not is_packed(plain.model) and is_packed(packed.model)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    for got, want in zip(outputs, expected, strict=True):
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    packed.unpack_weights()
+    assert all(torch.equal(a, b) for a, b in zip(packed.model.state_dict().values(),
+                                                 plain.model.state_dict().values(), strict=True))
+
+
+def test_fold_is_the_same_packed_or_not(tiny_tokenizer, tmp_path):
+    context = [Message(role="user", content="Say the word: apple"), Message(role="assistant", content="apple")]
+    family = make_family("toy")
+    items = [FoldItem(family=family.name, index=i, context=context) for i in range(8)]
+    config = FoldConfig(steps=2, batch_size=4, learning_rate=5e-3, lora_rank=4, lora_alpha=8,
+                        sampling={"temperature": 1.0, "max_new_tokens": 8})
+    losses = {}
+    for packed in (False, True):
+        engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, model_name="tiny", batch_size=8,
+                          packed_weights=packed)
+        seen: list[bool] = []
+        fold(engine, {family.name: family}, items, config, tmp_path / f"run-{packed}",
+             on_step=lambda record, engine=engine, seen=seen: seen.append(is_packed(engine.model)))
+        assert seen == [packed, packed]  # the fold ran on packed base layers, LoRA beside them
+        assert not is_packed(engine.model)  # and gave dense weights back to merge the adapter
+        losses[packed] = [json.loads(line)["loss"] for line in (tmp_path / f"run-{packed}" / "metrics.jsonl").open()]
+        engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=2))  # serves the adapter
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
