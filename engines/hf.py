@@ -384,12 +384,15 @@ class HFEngine:
             drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= params.top_p  # keep the token crossing top_p
             drop = drop_sorted.scatter(-1, sorted_index, drop_sorted)
             scaled = scaled.masked_fill(drop, float("-inf"))
-        probabilities = scaled.softmax(dim=-1)
-        picks = [
-            torch.multinomial(probabilities[row], 1, generator=generator)
-            for row, generator in enumerate(generators)
-        ]
-        return torch.cat(picks)
+        # Inverse CDF, one uniform draw per row from its own generator: the first token whose cumulative
+        # probability (float64: exact enough for a 1e-9 tail over a 49k vocabulary) passes u * total.
+        # torch.multinomial draws an exponential per vocabulary entry instead: 0.9 ms a row here, 10% of
+        # a batch-8 decode step.
+        cumulative = scaled.softmax(dim=-1).double().cumsum(dim=-1)  # (B, V)
+        draws = torch.cat([torch.rand(1, generator=generator, dtype=torch.float64, device=generator.device)
+                           for generator in generators]).to(cumulative.device)
+        chosen = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None], right=True).squeeze(-1)
+        return chosen.clamp_(max=logits.shape[-1] - 1)
 
     def _completion_text(self, row_tokens: list[int], finish: str | None, stops: Sequence[str]) -> str:
         text = self.tokenizer.decode(row_tokens, skip_special_tokens=True)

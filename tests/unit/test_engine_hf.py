@@ -228,3 +228,19 @@ def test_shared_prefix_generation_matches_plain_forward_and_rows_alone(tiny_engi
         if temperature == 0.0:  # alone a row has no prefix to share, and the same tokens
             alone = tiny_engine.generate([prompt], params)[0]
             assert alone.token_ids == output.token_ids, index
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampling_follows_the_distribution(temperature):
+    probabilities = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    rows = 4000
+    generators = [torch.Generator().manual_seed(row) for row in range(rows)]
+    chosen = HFEngine._choose(probabilities.log().repeat(rows, 1), SamplingParams(temperature=temperature), generators)
+    frequencies = torch.bincount(chosen, minlength=5) / rows
+    expected = probabilities ** (1 / temperature) / (probabilities ** (1 / temperature)).sum()
+    assert frequencies[1] == 0  # a token of probability 0 is never drawn
+    assert torch.allclose(frequencies, expected, atol=0.03)
+    # row i's draw depends on its own generator only
+    again = HFEngine._choose(probabilities.log().repeat(3, 1), SamplingParams(temperature=temperature),
+                             [torch.Generator().manual_seed(row) for row in range(3)])
+    assert again.tolist() == chosen[:3].tolist()

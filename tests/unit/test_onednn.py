@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from engines import onednn
 from engines.base import SamplingParams
 from engines.hf import HFEngine
 from engines.onednn import available, is_packed, pack_linears, unpack_linears
@@ -120,3 +121,41 @@ def test_fold_is_the_same_packed_or_not(tiny_tokenizer, tmp_path):
         losses[packed] = [json.loads(line)["loss"] for line in (tmp_path / f"run-{packed}" / "metrics.jsonl").open()]
         engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=2))  # serves the adapter
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-6)
+
+
+def test_lora_beside_packed_layers_matches_peft(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    def student():
+        model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        torch.manual_seed(1)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(parameter, std=0.5)
+        return model.train()
+
+    ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
+    results = []
+    for pack in (False, True):
+        model = student()
+        if pack:
+            assert pack_linears(model) > 0
+            lean = [m for m in model.modules() if isinstance(getattr(m.__dict__.get("forward"), "__self__", None),
+                                                            onednn._LeanLora)]
+            assert len(lean) == 14  # 7 linear layers in each of the 2 blocks
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            served = model(ids).logits
+            with model.disable_adapter():
+                base = model(ids).logits
+        results.append((logits.detach(), grads, served, base))
+    (logits, grads, served, base), (packed_logits, packed_grads, packed_served, packed_base) = results
+    assert torch.allclose(packed_logits, logits, atol=1e-5)
+    assert torch.allclose(packed_served, served, atol=1e-5)
+    assert torch.allclose(packed_base, base, atol=1e-5)
+    assert not torch.allclose(base, served, atol=1e-3)  # the adapter does something
+    assert grads.keys() == packed_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=1e-5, rtol=1e-4), name
