@@ -123,6 +123,28 @@ class _LeanLora:
         return torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(), alpha=scale).view(y.shape)
 
 
+_KEPT: dict[int, _Packed] = {}  # data_ptr of a dense weight kept beside its packed copy -> its layer
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weightᵀ (no bias): through the packed copy when `weight` is a kept dense weight of a
+    packed layer (the output head: the fold's chunked losses, 1.8x faster for 128 rows here), else
+    plainly. Differentiable in `hidden` either way; never in `weight` through the packed copy."""
+    layer = _KEPT.get(weight.data_ptr())
+    if (
+        layer is None
+        or weight.requires_grad
+        or layer.dense.shape != weight.shape
+        or layer.dense.stride() != weight.stride()
+        or hidden.dtype != torch.float32
+        or _packed_layer(layer.module) is not layer
+    ):
+        return hidden @ weight.T
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _PackedLinear.apply(hidden, layer)
+    return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), layer.packed, None, "none", [], "")
+
+
 def _is_lora_linear(module: nn.Module) -> bool:
     return all(hasattr(module, name) for name in ("base_layer", "lora_A", "lora_B", "scaling", "use_dora")) and (
         _packed_layer(module.base_layer) is not None)
@@ -151,6 +173,8 @@ def pack_linears(model: nn.Module) -> int:
             # the output head stays readable: the fold's chunked losses multiply by its weight
             keep = users.get(id(weight), 0) > 1 or module is head
             layer = _Packed(module, packed, weight.detach() if keep else None)
+            if keep:
+                _KEPT[weight.data_ptr()] = layer
             if not keep:  # the Parameter keeps no storage meanwhile: reading or merging into it fails
                 weight.data = torch.empty(0, dtype=weight.dtype)
             module.forward = layer.forward  # an instance attribute: the class's forward is untouched
@@ -171,6 +195,8 @@ def unpack_linears(model: nn.Module) -> int:
         for layer in layers:
             if layer.dense is None:
                 layer.parameter.data = layer.packed.to_dense()
+            elif _KEPT.get(layer.dense.data_ptr()) is layer:
+                del _KEPT[layer.dense.data_ptr()]
             del layer.module.forward
     return len(layers)
 

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import SamplingParams
 from engines.hf import cache_kwarg
-from engines.onednn import is_packed
+from engines.onednn import is_packed, project
 from engines.prefix import MIN_PREFIX, cached_prefix, prefix_groups
 from envs.base import Message, TaskFamily, Trajectory
 from learners.allocator import cap_heap
@@ -224,7 +224,7 @@ def sampled_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     with torch.no_grad():
         pieces = []
         for start in range(0, hidden.shape[0], chunk_size):
-            log_probs = torch.log_softmax((hidden[start:start + chunk_size] @ weight.T).float(), dim=-1)
+            log_probs = torch.log_softmax(project(hidden[start:start + chunk_size], weight).float(), dim=-1)
             pieces.append(log_probs.gather(-1, targets[start:start + chunk_size, None]).squeeze(-1))
         return torch.cat(pieces)
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engines.onednn import project
+
 # A per-token loss for `chunked_head_loss`: (logits (n, V) fp32, *extras (n, ...)) -> (loss (n,), stat (n,)).
 TokenLoss = Callable[..., tuple[Tensor, Tensor]]
 
@@ -231,7 +233,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, rows, chunk_size):
             end = min(start + chunk_size, rows)
             chunk_hidden = hidden[start:end]  # (n, H)
-            logits = (chunk_hidden @ weight.T).float()  # (n, V)
+            logits = project(chunk_hidden, weight).float()  # (n, V): hidden @ weightᵀ
             chunk_extras = [extra[start:end] for extra in extras]
             if need_hidden or need_weight:
                 logits.requires_grad_(True)
@@ -333,7 +335,7 @@ def chunked_generalized_jsd(
     def token_loss(logits: Tensor, teacher_hidden: Tensor) -> tuple[Tensor, Tensor]:
         student = F.log_softmax(_scaled(logits, temperature), dim=-1)  # (n, V)
         with torch.no_grad():
-            teacher_logits = (teacher_hidden @ teacher_weight.T).float()  # (n, V)
+            teacher_logits = project(teacher_hidden, teacher_weight).float()  # (n, V)
             teacher = F.log_softmax(_scaled(teacher_logits, temperature), dim=-1)
         divergence = token_jsd(student, teacher, beta)  # (n,)
         return divergence, divergence

@@ -159,3 +159,19 @@ def test_lora_beside_packed_layers_matches_peft(tiny_tokenizer):
     assert grads.keys() == packed_grads.keys() and grads
     for name, grad in grads.items():
         assert torch.allclose(packed_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_project_uses_the_heads_packed_copy_and_matches():
+    net = Net()
+    hidden = torch.randn(6, 24, requires_grad=True)
+    expected = hidden @ net.embed.weight.T
+    (grad,) = torch.autograd.grad(expected.square().sum(), hidden)
+    pack_linears(net)
+    assert net.embed.weight.data_ptr() in onednn._KEPT
+    got = onednn.project(hidden, net.embed.weight)
+    assert torch.allclose(got, expected, atol=1e-5)
+    (packed_grad,) = torch.autograd.grad(got.square().sum(), hidden)
+    assert torch.allclose(packed_grad, grad, atol=1e-4)
+    unpack_linears(net)
+    assert net.embed.weight.data_ptr() not in onednn._KEPT
+    assert torch.allclose(onednn.project(hidden, net.embed.weight), expected, atol=1e-6)
