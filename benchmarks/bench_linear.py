@@ -1,0 +1,71 @@
+"""Linear layers: PyTorch's `F.linear` (MKL sgemm on a plain weight) beside oneDNN on a prepacked weight
+(`engines.onednn`), on SmolLM2-135M's shapes, in the same process.
+
+    .venv/bin/python benchmarks/bench_linear.py [--threads 2] [--rows 8 128 1000]
+
+Prints, per row count: the 30 layers' 7 matmuls (weights streamed from memory, as in a decode step),
+the 49k x 576 output head alone, and the ratio. Random fp32 weights of the model's shapes; the
+numbers are timing only (the two results agree to ~1e-6 relative; tests/unit/test_onednn.py checks
+the model's outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+HIDDEN, INTERMEDIATE, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152
+SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN),
+          (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]  # q, k, v, o, gate, up, down: (out, in)
+
+
+def timed(call, repeats: int) -> float:
+    for _ in range(2):
+        call()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - started) / repeats * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 128, 1000])
+    parser.add_argument("--repeats", type=int, default=10)
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    torch.manual_seed(0)
+    layers = [[torch.randn(shape) for shape in SHAPES] for _ in range(LAYERS)]
+    head = torch.randn(VOCAB, HIDDEN)
+    pack = torch.ops.mkldnn._reorder_linear_weight
+
+    def packed_linear(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+    packed_layers = [[pack(weight, 8) for weight in layer] for layer in layers]
+    packed_head = pack(head, 8)
+    print(f"torch {torch.__version__}, {arguments.threads} threads, fp32")
+    print("| rows | 30 layers F.linear ms | packed ms | ratio | head F.linear ms | packed ms | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for rows in arguments.rows:
+        narrow, wide = torch.randn(rows, HIDDEN), torch.randn(rows, INTERMEDIATE)
+
+        def run(linear, weights, narrow=narrow, wide=wide):
+            for layer in weights:
+                for index, weight in enumerate(layer):
+                    linear(wide if index == 6 else narrow, weight)
+
+        plain = timed(lambda: run(F.linear, layers), arguments.repeats)
+        packed = timed(lambda: run(packed_linear, packed_layers), arguments.repeats)
+        head_plain = timed(lambda x=narrow: F.linear(x, head), arguments.repeats)
+        head_packed = timed(lambda x=narrow: packed_linear(x, packed_head), arguments.repeats)
+        print(f"| {rows} | {plain:.1f} | {packed:.1f} | **{plain / packed:.2f}x** | {head_plain:.1f} | "
+              f"{head_packed:.1f} | **{head_plain / head_packed:.2f}x** |")
+
+
+if __name__ == "__main__":
+    main()
