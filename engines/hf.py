@@ -67,6 +67,7 @@ class HFEngine:
         self._cache_kwarg = cache_kwarg(model)
         # CPU fp32: frozen linear layers computed from oneDNN-prepacked weights (engines.onednn)
         self.packed_weights = packed_weights
+        self.packed_copies = True  # also a packed copy of a weight that stays dense (a tied head: +113 MiB)
 
     @classmethod
     def load(
@@ -469,7 +470,7 @@ class HFEngine:
         (engines.onednn; 1.4-1.5x faster decoding here). A no-op where it does not apply or is off.
         Whatever changes weights calls `unpack_weights` first (loading an adapter, training)."""
         if self.packed_weights:
-            pack_linears(self.model)  # whatever is not packed yet: cheap once it all is
+            pack_linears(self.model, copies=self.packed_copies)  # what is not packed yet: cheap once all is
 
     def unpack_weights(self) -> None:
         """Put the dense weights back (bit for bit), e.g. before merging or training them."""

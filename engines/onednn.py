@@ -150,8 +150,10 @@ def _is_lora_linear(module: nn.Module) -> bool:
         _packed_layer(module.base_layer) is not None)
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Pack every packable linear layer of `model` not packed yet; returns how many were packed now."""
+def pack_linears(model: nn.Module, copies: bool = True) -> int:
+    """Pack every packable linear layer of `model` not packed yet; returns how many were packed now.
+    `copies=False` leaves alone the layers whose weight must stay dense (the head, a tied weight)
+    rather than pack them as a copy."""
     if not available():
         return 0
     packed_now = 0
@@ -169,9 +171,11 @@ def pack_linears(model: nn.Module) -> int:
             if not _packable(module) or _packed_layer(module) is not None or id(module) in adapters:
                 continue  # LoRA's own small matrices stay plain: they are read (and swapped) directly
             weight = module.weight
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH)
             # the output head stays readable: the fold's chunked losses multiply by its weight
             keep = users.get(id(weight), 0) > 1 or module is head
+            if keep and not copies:
+                continue
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH)
             layer = _Packed(module, packed, weight.detach() if keep else None)
             if keep:
                 _KEPT[weight.data_ptr()] = layer

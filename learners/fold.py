@@ -104,7 +104,8 @@ class FoldConfig(BaseModel):
         default=0, ge=0,
         description="glibc only (learners.allocator): blocks of this many KiB and more are mmap'd and freed back "
         "to the system. 128 takes a fold step's peak RSS from ~2.1 to ~1.4 GiB on the default model, at ~1.3-1.6x "
-        "the step time (page faults); 0 = leave malloc as it is (the default: time over memory)",
+        "the step time (page faults); 0 = leave malloc as it is (the default: time over memory). Set, it also "
+        "keeps the output head unpacked for the fold (engines.onednn packs a 113 MiB copy of a tied head)",
     )
     seed: int = 0
 
@@ -387,6 +388,9 @@ def fold(
     order = _item_order(items, config)
     engine.model = student
     if hasattr(engine, "pack_weights"):
+        if config.heap_threshold_kib:  # memory first: no packed copy of weights that stay dense
+            engine.unpack_weights()
+            engine.packed_copies = False
         engine.pack_weights()  # frozen base layers packed for the whole fold (LoRA beside them)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -586,6 +590,7 @@ def finish_training(engine, student, config: FoldConfig, run_dir: Path) -> Path:
     adapter_dir = run_dir / "adapter"
     if hasattr(engine, "unpack_weights"):
         engine.unpack_weights()
+        engine.packed_copies = True
     _save_adapter(student, adapter_dir)
     engine.model = _release(student, config)
     engine.base_model = engine.model

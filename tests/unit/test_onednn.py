@@ -175,3 +175,11 @@ def test_project_uses_the_heads_packed_copy_and_matches():
     unpack_linears(net)
     assert net.embed.weight.data_ptr() not in onednn._KEPT
     assert torch.allclose(onednn.project(hidden, net.embed.weight), expected, atol=1e-6)
+
+
+def test_without_copies_a_kept_weight_stays_plain():
+    net = Net()
+    assert pack_linears(net, copies=False) == 2  # up and down; the tied head is not copied
+    assert "forward" not in net.head.__dict__ and net.embed.weight.data_ptr() not in onednn._KEPT
+    assert pack_linears(net) == 1  # asked again with copies: the head now
+    unpack_linears(net)
