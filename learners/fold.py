@@ -291,7 +291,9 @@ class merged:
     """While inside, a LoRA student runs with its adapter merged into the base weights (peft's
     merge_adapter / unmerge_adapter): inference through 210 unmerged LoRA pairs costs CPU decoding
     several times the base model's. For rollouts and teacher passes only, never under autograd.
-    Does nothing for a full fine-tune or a model without adapters."""
+    Does nothing for a full fine-tune, a model without adapters, or one whose base layers are packed
+    (engines.onednn: the fold's default on CPU; there the LoRA pairs run beside the packed layers,
+    which beats merging and repacking every step)."""
 
     def __init__(self, model) -> None:
         self.model = model if hasattr(model, "merge_adapter") and hasattr(model, "peft_config") else None
