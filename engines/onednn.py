@@ -1,26 +1,28 @@
 """Linear layers served from oneDNN-prepacked weights on CPU.
 
 PyTorch computes a CPU `nn.Linear` with MKL's sgemm on a plain (out, in) weight. On the AMD EPYC
-machines this project runs on, oneDNN's kernel on a weight reordered once into its blocked layout
+(AVX-512) machine measured, oneDNN's kernel on a weight reordered once into its blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what `torch.compile`'s freezing pass uses) is far faster
-for the shapes a decoder runs: a batch-8 decode step's 210 layer matmuls took 39.6 ms with
-`F.linear` and 21.5 ms packed, and the 49k x 576 output head 16.1 ms -> 4.2 ms (2 threads; figures
-and commands in docs/benchmarks.md). The numbers are the same matmul in another summation order
-(|difference| ~1e-6 relative; sampled tokens identical in the checks).
+for the shapes a decoder runs: a batch-8 decode step's 210 layer matmuls take 39.4 ms with `F.linear`
+and 21.4 ms packed, the 49k x 576 output head 15.0 -> 5.5 ms (2 threads; `benchmarks/bench_linear.py`,
+docs/benchmarks.md). The results are the same matmul in another summation order (~1e-6 relative;
+sampled tokens identical in the tests).
 
 `pack_linears(model)` swaps every frozen fp32 CPU `nn.Linear` of a model to its packed weight:
-- the packed weight *replaces* the dense one (the Parameter holds an empty tensor meanwhile, so
-  nothing can read or merge into the weight by mistake: any such use fails on the shape), so memory does not grow; the output
-  head (which the fold's losses read, and which SmolLM2 ties to its input embedding) and any other
-  shared weight are packed as a copy instead (113 MiB for SmolLM2-135M);
+- the packed weight *replaces* the dense one, so memory does not grow: the Parameter holds an empty
+  tensor meanwhile, so reading the weight or merging into it fails on the shape instead of silently;
+  the output head (which the fold's losses read, and which SmolLM2 ties to its input embedding) and
+  any other shared weight are packed as a copy instead (113 MiB for SmolLM2-135M; `copies=False`
+  leaves them plain);
 - the layer stays differentiable in its input (the student's forward and backward pass through
   frozen base layers under LoRA): the backward multiplies by the dense weight, unpacked one layer at
   a time (~0.2 ms a layer);
 - weights that train (`requires_grad`) are left alone, as is anything not fp32 on CPU;
 - a peft LoRA layer over a packed base layer gets a lean forward (`_LeanLora`).
 A weight swapped into a packed layer (`parameter.data = other`, as a teacher scope does) is used
-densely until it is swapped back. `unpack_linears(model)` puts the dense weights back bit for bit. Anything that changes weights (merging an
-adapter, attaching LoRA, a full fine-tune) must run between `unpack_linears` and the next `pack_linears`.
+densely until it is swapped back. `unpack_linears(model)` puts the dense weights back bit for bit.
+Anything that changes weights (merging an adapter, attaching LoRA, a full fine-tune) must run between
+`unpack_linears` and the next `pack_linears`.
 """
 
 from __future__ import annotations
