@@ -492,8 +492,7 @@ class HFEngine:
         adapter_dir = Path(path).expanduser()
         if not (adapter_dir / "adapter_config.json").is_file():
             raise AdapterError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-        self.unload_adapter()
-        self.unpack_weights()
+        self.unload_adapter()  # the dense weights back too
         try:
             self.model = PeftModel.from_pretrained(self.base_model, str(adapter_dir)).eval()
             self.model.merge_adapter()

@@ -103,19 +103,26 @@ class _LeanLora:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _plain_adapter(self, x: torch.Tensor) -> str | None:
+        """The one active adapter when this call is the plain case, else None."""
         module = self.module
         names = module.active_adapters
-        if args or kwargs or module.disable_adapters or module.merged or len(names) != 1:
-            return type(module).forward(module, x, *args, **kwargs)
+        if module.disable_adapters or module.merged or len(names) != 1 or names[0] not in module.lora_A:
+            return None
         name = names[0]
         if (
-            name not in module.lora_A
-            or module.use_dora.get(name, False)
+            module.use_dora.get(name, False)
             or getattr(module, "lora_bias", {}).get(name, False)
             or (module.training and not isinstance(module.lora_dropout[name], nn.Identity))
             or x.dtype != module.lora_A[name].weight.dtype
         ):
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        module = self.module
+        name = None if args or kwargs else self._plain_adapter(x)
+        if name is None:
             return type(module).forward(module, x, *args, **kwargs)
         a, b, scale = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
         y = module.base_layer(x)
@@ -181,7 +188,7 @@ def pack_linears(model: nn.Module, copies: bool = True) -> int:
             layer = _Packed(module, packed, weight.detach() if keep else None)
             if keep:
                 _KEPT[weight.data_ptr()] = layer
-            if not keep:  # the Parameter keeps no storage meanwhile: reading or merging into it fails
+            else:  # the Parameter keeps no storage meanwhile: reading or merging into it fails
                 weight.data = torch.empty(0, dtype=weight.dtype)
             module.forward = layer.forward  # an instance attribute: the class's forward is untouched
             packed_now += 1
@@ -194,7 +201,7 @@ def pack_linears(model: nn.Module, copies: bool = True) -> int:
 def unpack_linears(model: nn.Module) -> int:
     """Dense weights back (bit for bit) in every packed layer of `model`; returns how many."""
     for module in model.modules():
-        if isinstance(getattr(module.__dict__.get("forward"), "__self__", None), _LeanLora):
+        if isinstance(_forward_owner(module), _LeanLora):
             del module.forward
     layers = [layer for layer in map(_packed_layer, model.modules()) if layer is not None]
     with torch.inference_mode(False), torch.no_grad():
@@ -207,8 +214,13 @@ def unpack_linears(model: nn.Module) -> int:
     return len(layers)
 
 
+def _forward_owner(module: nn.Module) -> object | None:
+    """The object whose method was set as `module`'s instance forward (a _Packed or _LeanLora), if any."""
+    return getattr(module.__dict__.get("forward"), "__self__", None)
+
+
 def _packed_layer(module: nn.Module) -> _Packed | None:
-    owner = getattr(module.__dict__.get("forward"), "__self__", None)
+    owner = _forward_owner(module)
     return owner if isinstance(owner, _Packed) else None
 
 

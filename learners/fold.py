@@ -425,6 +425,8 @@ def fold(
     finally:
         if writer is not None:
             writer.close()
+        if hasattr(engine, "packed_copies"):
+            engine.packed_copies = True  # the engine's default again (the copies come at its next packing)
     adapter_dir = finish_training(engine, student, config, run_dir)
     if not first and checkpoint_path is not None:
         first = last = json.loads(checkpoint_path.joinpath("state.json").read_text())
@@ -592,7 +594,6 @@ def finish_training(engine, student, config: FoldConfig, run_dir: Path) -> Path:
     adapter_dir = run_dir / "adapter"
     if hasattr(engine, "unpack_weights"):
         engine.unpack_weights()
-        engine.packed_copies = True
     _save_adapter(student, adapter_dir)
     engine.model = _release(student, config)
     engine.base_model = engine.model

@@ -140,8 +140,7 @@ def test_lora_beside_packed_layers_matches_peft(tiny_tokenizer):
         model = student()
         if pack:
             assert pack_linears(model) > 0
-            lean = [m for m in model.modules() if isinstance(getattr(m.__dict__.get("forward"), "__self__", None),
-                                                            onednn._LeanLora)]
+            lean = [m for m in model.modules() if isinstance(onednn._forward_owner(m), onednn._LeanLora)]
             assert len(lean) == 14  # 7 linear layers in each of the 2 blocks
         logits = model(ids).logits
         logits.square().mean().backward()
