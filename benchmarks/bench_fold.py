@@ -105,8 +105,15 @@ def fold_config(arguments):
                                 min_tokens=arguments.completion if arguments.fixed_length == "on" else 0),
         max_turns=1, anchor_fraction=0.0, checkpoint_every=total, seed=arguments.seed,
         gradient_checkpointing=arguments.gradient_checkpointing == "on",
-        heap_threshold_kib=128 if arguments.heap == "capped" else 0,
+        heap_threshold_kib=128 if arguments.heap == "capped" else 0, micro_batch=arguments.micro_batch,
+        **({"chunk_size": int(os.environ["BENCH_CHUNK"])} if os.environ.get("BENCH_CHUNK") else {}),
     )
+
+
+def fold_default(name: str):
+    from learners.fold import FoldConfig
+
+    return FoldConfig.model_fields[name].default
 
 
 def step_order(arguments, indices: list[int]) -> list[int]:
@@ -337,7 +344,7 @@ def run_child(side: str, arguments, log_dir: Path) -> dict:
                "--trl-gradient-checkpointing", arguments.trl_gradient_checkpointing,
                "--gradient-checkpointing", arguments.gradient_checkpointing,
                "--fixed-length", arguments.fixed_length, "--heap", arguments.heap, "--trl-heap", arguments.trl_heap,
-               "--packed-weights", arguments.packed_weights]
+               "--packed-weights", arguments.packed_weights, "--micro-batch", str(arguments.micro_batch)]
     thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     environment = {**os.environ, **{name: str(arguments.threads) for name in thread_vars},
                    "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -374,6 +381,9 @@ def main() -> None:
                         help="TRL side: glibc as it is (default) or the same heap cap as ours")
     parser.add_argument("--packed-weights", choices=["on", "off"], default="on",
                         help="skillfold: frozen linear layers from oneDNN-prepacked weights (engines.onednn; our default)")
+    parser.add_argument("--micro-batch", type=int, default=fold_default("micro_batch"),
+                        help="skillfold: episodes per student forward/backward pass (FoldConfig.micro_batch; 0 = the "
+                        "whole batch in one pass)")
     parser.add_argument("--out", type=Path, default=None, help="also write both sides' raw results as JSON here")
     parser.add_argument("--child", choices=["skillfold", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -423,7 +433,7 @@ def main() -> None:
           f"grad-norm clip 1.0, fp32, {ours['threads']} threads (TRL side: {theirs['threads']}), seed {arguments.seed}")
     print("- skillfold: learners.fold.fold, method opsd, teacher self-frozen, loss reverse_kl (full vocabulary, "
           f"chunked from hidden states), gradient_checkpointing {arguments.gradient_checkpointing}, packed weights "
-          f"{arguments.packed_weights}, privileged context as "
+          f"{arguments.packed_weights}, micro_batch {arguments.micro_batch}, privileged context as "
           "one user message before the question")
     print(f"- TRL: SDFTTrainer, teacher_model_kind base, distillation_mode full_logits, distillation_alpha 1.0 "
           f"(reverse KL), num_generations 1, per_device_train_batch_size {arguments.batch}, "

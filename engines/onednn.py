@@ -71,6 +71,9 @@ class _Packed:
         return data.numel() == 0 if self.dense is None else data.data_ptr() == self.dense.data_ptr()
 
     def dense_weight(self) -> torch.Tensor:
+        if self.packed is None:
+            raise RuntimeError("this layer was unpacked (engines.onednn.unpack_linears) after the forward pass "
+                               "that now runs backward: unpack only after the backward pass")
         return self.dense if self.dense is not None else self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,14 +207,18 @@ def unpack_linears(model: nn.Module) -> int:
         if isinstance(_forward_owner(module), _LeanLora):
             del module.forward
     layers = [layer for layer in map(_packed_layer, model.modules()) if layer is not None]
+    count = len(layers)
     with torch.inference_mode(False), torch.no_grad():
-        for layer in layers:
+        while layers:  # one layer at a time, its packed weight freed before the next is unpacked
+            layer = layers.pop()
             if layer.dense is None:
                 layer.parameter.data = layer.packed.to_dense()
             elif _KEPT.get(layer.dense.data_ptr()) is layer:
                 del _KEPT[layer.dense.data_ptr()]
             del layer.module.forward
-    return len(layers)
+            layer.packed = None  # whoever still holds the layer (an old autograd graph) holds no weights
+            del layer
+    return count
 
 
 def _forward_owner(module: nn.Module) -> object | None:

@@ -91,6 +91,12 @@ class FoldConfig(BaseModel):
     anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items")
     checkpoint_every: int = Field(default=5, ge=1)
     chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
+    micro_batch: int = Field(
+        default=2, ge=0,
+        description="episodes per student forward/backward pass (their gradients add up to the batch's): the "
+        "activations kept for the backward pass are most of a step's memory, and they scale with this; 0 = the "
+        "whole batch in one pass",
+    )
     gradient_checkpointing: bool = Field(
         default=False, description="recompute each layer's activations in the backward pass: less memory, more time"
     )
@@ -179,36 +185,101 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
     network = causal_lm(model)
     if network.training and checkpointing(network):
         return hidden_at(model, sequences, positions)
-    device = next(network.parameters()).device
-    limits = [min(row_positions) - 1 if row_positions else len(sequence)
-              for sequence, row_positions in zip(sequences, positions, strict=True)]
     cache_name = cache_kwarg(network.model)
     pieces: dict[int, torch.Tensor] = {}
-    for rows, prefix in prefix_groups(sequences, limits, min_prefix):
+    for rows, prefix in _groups(sequences, positions, min_prefix):
         if prefix == 0:
             hidden = hidden_at(model, [sequences[row] for row in rows], [positions[row] for row in rows])
         else:
             cache = cached_prefix(network.model, cache_name, sequences[rows[0]][:prefix], len(rows))
-            suffixes = [list(sequences[row][prefix:]) for row in rows]
-            width = max(len(suffix) for suffix in suffixes)
-            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), prefix + width), dtype=torch.long)
-            attention_mask[:, :prefix] = 1
-            for index, suffix in enumerate(suffixes):
-                input_ids[index, : len(suffix)] = torch.tensor(suffix)
-                attention_mask[index, prefix: prefix + len(suffix)] = 1
-            positions_ids = torch.arange(prefix, prefix + width)[None].expand(len(rows), -1)
-            output = network.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                   position_ids=positions_ids.to(device), use_cache=True, **{cache_name: cache})
-            states = output.last_hidden_state  # (G, width, H)
-            index_rows = torch.tensor([i for i, row in enumerate(rows) for _ in positions[row]], device=device)
-            index_columns = torch.tensor([p - 1 - prefix for row in rows for p in positions[row]], device=device)
-            hidden = states[index_rows, index_columns]
+            hidden = _suffix_hidden(network, cache_name, cache, prefix, [sequences[row] for row in rows],
+                                    [positions[row] for row in rows])
         start = 0
         for row in rows:
             pieces[row] = hidden[start: start + len(positions[row])]
             start += len(positions[row])
     return torch.cat([pieces[row] for row in range(len(sequences))])
+
+
+def backward_in_passes(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                       rows_per_pass: int, loss_of: Callable[[list[int], torch.Tensor], torch.Tensor],
+                       min_prefix: int = MIN_PREFIX) -> None:
+    """Forward and backward the model over the rows a few at a time, sharing their prompt prefix.
+
+    The batch is cut into passes of at most `rows_per_pass` rows (0: all in one pass), within groups of
+    rows that share a prefix (`engines.prefix.prefix_groups`). Each pass computes the final hidden
+    states at its rows' positions (as `hidden_at`), calls `loss_of(rows, hidden)` (rows: indices into
+    `sequences`; hidden (n, H): those rows' positions in order, with grad) and backpropagates the scalar
+    it returns, so only one pass's activations are ever alive: the (tokens x layers x width) activations
+    that a whole-batch pass keeps for its backward are most of a fold step's memory, and the matmuls of
+    a pass of 1-2 rows (~100-200 positions) lose little against the whole batch (bench_linear).
+    A group's prefix runs once, at batch size 1, with grad: its KV cache enters every pass as detached
+    leaves, whose gradients the passes accumulate, and one backward through the prefix ends the group.
+    Gradients add up over passes: `loss_of` returns each pass's share of the batch loss. With gradient
+    checkpointing on (in training mode) the model keeps no cache: the passes run without prefix sharing.
+    """
+    network = causal_lm(model)
+    rows_per_pass = rows_per_pass if rows_per_pass > 0 else len(sequences)
+    share = not (network.training and checkpointing(network))
+    groups = _groups(sequences, positions, min_prefix) if share else [(list(range(len(sequences))), 0)]
+    cache_name = cache_kwarg(network.model)
+    for rows, prefix in groups:
+        passes = [rows[start:start + rows_per_pass] for start in range(0, len(rows), rows_per_pass)]
+        if prefix == 0:
+            for part in passes:
+                hidden = hidden_at(model, [sequences[row] for row in part], [positions[row] for row in part])
+                _backward(loss_of(part, hidden))
+            continue
+        from transformers import DynamicCache
+
+        computed = cached_prefix(network.model, cache_name, sequences[rows[0]][:prefix], 1)  # (1, heads, P, d)
+        roots = [tensor for layer in computed.layers for tensor in (layer.keys, layer.values)]
+        leaves = [root.detach().requires_grad_(root.requires_grad) for root in roots]
+        for part in passes:
+            cache = DynamicCache()
+            for layer in range(len(computed.layers)):
+                keys, values = leaves[2 * layer], leaves[2 * layer + 1]
+                cache.update(keys.expand(len(part), -1, -1, -1), values.expand(len(part), -1, -1, -1), layer)
+            hidden = _suffix_hidden(network, cache_name, cache, prefix, [sequences[row] for row in part],
+                                    [positions[row] for row in part])
+            _backward(loss_of(part, hidden))
+            del cache, hidden
+        wanted = [(root, leaf.grad) for root, leaf in zip(roots, leaves, strict=True) if leaf.grad is not None]
+        if wanted:
+            torch.autograd.backward([root for root, _ in wanted], [grad for _, grad in wanted])
+
+
+def _backward(loss: torch.Tensor) -> None:
+    if loss.requires_grad:
+        loss.backward()
+
+
+def _groups(sequences, positions, min_prefix: int) -> list[tuple[list[int], int]]:
+    """`prefix_groups` with each row's prefix cut before its first wanted position."""
+    limits = [min(row_positions) - 1 if row_positions else len(sequence)
+              for sequence, row_positions in zip(sequences, positions, strict=True)]
+    return prefix_groups(sequences, limits, min_prefix)
+
+
+def _suffix_hidden(network, cache_name: str, cache, prefix: int, sequences, positions) -> torch.Tensor:
+    """Hidden states (n, H) at `positions` of rows whose first `prefix` tokens are in `cache`; the rows'
+    suffixes run right-padded on top of it."""
+    device = next(network.parameters()).device
+    suffixes = [list(sequence[prefix:]) for sequence in sequences]
+    width = max(len(suffix) for suffix in suffixes)
+    input_ids = torch.zeros((len(suffixes), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(suffixes), prefix + width), dtype=torch.long)
+    attention_mask[:, :prefix] = 1
+    for index, suffix in enumerate(suffixes):
+        input_ids[index, : len(suffix)] = torch.tensor(suffix)
+        attention_mask[index, prefix: prefix + len(suffix)] = 1
+    positions_ids = torch.arange(prefix, prefix + width)[None].expand(len(suffixes), -1)
+    output = network.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           position_ids=positions_ids.to(device), use_cache=True, **{cache_name: cache})
+    states = output.last_hidden_state  # (G, width, H)
+    index_rows = torch.tensor([i for i, row_positions in enumerate(positions) for _ in row_positions], device=device)
+    index_columns = torch.tensor([p - 1 - prefix for row_positions in positions for p in row_positions], device=device)
+    return states[index_rows, index_columns]
 
 
 def reverse_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -473,45 +544,67 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
         return record
     student.train()
     teacher_hidden, teacher_weight = teacher.hidden(views)  # (N, H'), (V, H')
-    student_hidden = shared_prefix_hidden_at(
-        student, [v.student.input_ids for v in views], [v.student.trained_positions for v in views]
-    )  # (N, H), with grad: the batch's shared prompt prefix runs once
     weight = causal_lm(student).get_output_embeddings().weight  # (V, H)
     targets = torch.tensor(
-        [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=student_hidden.device
+        [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=teacher_hidden.device
     )  # (N,)
-    mask = torch.ones((1, targets.numel()), dtype=torch.bool, device=targets.device)
     lengths = [len(v.student.trained_positions) for v in views]
-    if config.method == "rmsd":
-        disagreement = (
-            sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size)
-            - sampled_log_probs(student_hidden.detach(), weight.detach(), targets, config.chunk_size)
-        ).abs()
-        mask = _top_per_episode(disagreement, lengths, config.relevance_top)
-    if config.normalize == "episode":
-        mask = mask * _episode_weights(lengths, mask.device)
-    if config.loss == "sampled":
-        teacher_log_probs = sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size)
-        loss, _ = chunked_sampled_token_reverse_kl(
-            student_hidden[None], weight, targets[None], teacher_log_probs[None], mask, chunk_size=config.chunk_size
-        )
-    else:
-        loss = chunked_generalized_jsd(
-            student_hidden[None], weight, teacher_hidden[None], 1.0 if config.loss == "reverse_kl" else config.beta,
-            mask, teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size,
-        )
-    if config.loss == "reverse_kl" and config.method != "rmsd" and config.normalize == "token":
-        kl = loss.detach()  # the loss is this very KL: every trained token, weight 1
-    else:
-        kl = reverse_kl(student_hidden, weight, teacher_hidden, teacher_weight, config.chunk_size)  # for the logs
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for _, p in _adapter_parameters(student)], config.max_grad_norm)
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    totals = {"loss": 0.0, "kl": 0.0, "weight": 0.0, "distilled": 0}
+
+    def loss_of(rows: list[int], student_hidden: torch.Tensor) -> torch.Tensor:
+        """One pass's share of the batch loss, Σ_t m_t·ℓ_t over its rows' tokens (normalised below)."""
+        index = torch.cat([torch.arange(offsets[row], offsets[row + 1]) for row in rows]).to(targets.device)
+        row_targets, row_teacher = targets[index], teacher_hidden[index]
+        row_lengths = [lengths[row] for row in rows]
+        mask = torch.ones((1, index.numel()), dtype=torch.bool, device=targets.device)
+        if config.method == "rmsd":
+            disagreement = (
+                sampled_log_probs(row_teacher, teacher_weight, row_targets, config.chunk_size)
+                - sampled_log_probs(student_hidden.detach(), weight.detach(), row_targets, config.chunk_size)
+            ).abs()
+            mask = _top_per_episode(disagreement, row_lengths, config.relevance_top)
+        if config.normalize == "episode":
+            mask = mask * _episode_weights(row_lengths, mask.device)
+        if config.loss == "sampled":
+            teacher_log_probs = sampled_log_probs(row_teacher, teacher_weight, row_targets, config.chunk_size)
+            loss, _ = chunked_sampled_token_reverse_kl(
+                student_hidden[None], weight, row_targets[None], teacher_log_probs[None], mask,
+                chunk_size=config.chunk_size,
+            )
+        else:
+            loss = chunked_generalized_jsd(
+                student_hidden[None], weight, row_teacher[None], 1.0 if config.loss == "reverse_kl" else config.beta,
+                mask, teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size,
+            )
+        mass = float(mask.float().sum())
+        if config.loss == "reverse_kl" and config.method != "rmsd" and config.normalize == "token":
+            kl = float(loss.detach())  # the loss is this very KL: every trained token, weight 1
+        else:
+            kl = float(reverse_kl(student_hidden, weight, row_teacher, teacher_weight, config.chunk_size))
+        totals["loss"] += float(loss.detach()) * mass
+        totals["kl"] += kl * index.numel()
+        totals["weight"] += mass
+        totals["distilled"] += int((mask != 0).sum())
+        return loss * mass
+
+    backward_in_passes(student, [v.student.input_ids for v in views], [v.student.trained_positions for v in views],
+                       config.micro_batch, loss_of)  # the batch's shared prompt prefix runs once
+    parameters = [parameter for _, parameter in _adapter_parameters(student)]
+    if totals["weight"] > 0:
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad.div_(totals["weight"])  # Σ over passes of Σ_t m_t·∇ℓ_t -> the masked mean's gradient
+    loss_value = totals["loss"] / totals["weight"] if totals["weight"] > 0 else 0.0
+    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     teacher.after_step()
     student.eval()
-    record.update(loss=float(loss.detach()), kl=float(kl), trained_tokens=int(targets.numel()),
-                  distilled_tokens=int((mask != 0).sum()), anchors=sum(item.anchor for item in kept_items))
+    record.update(loss=loss_value, kl=totals["kl"] / targets.numel(), trained_tokens=int(targets.numel()),
+                  distilled_tokens=totals["distilled"], anchors=sum(item.anchor for item in kept_items))
     return record
 
 

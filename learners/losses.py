@@ -129,6 +129,37 @@ def token_jsd(student_logprobs: Tensor, teacher_logprobs: Tensor, beta: float) -
     return beta * _kl(teacher_logprobs, log_mixture) + (1.0 - beta) * _kl(student_logprobs, log_mixture)
 
 
+def kl_and_grad(student_logits: Tensor, teacher_logits: Tensor, *, reverse: bool,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-row KL and its gradient in the student's logits, (n, V) -> (n,), (n, V), written into the
+    inputs' own buffers (both are overwritten): two (n, V) tensors where autograd through `token_jsd`
+    keeps about eight, and no backward graph. With s = log softmax(z/τ), t = log softmax(z_T/τ):
+
+        reverse  KL(S‖T) = Σ_v e^{s_v}·(s_v − t_v)     ∂/∂z_v = e^{s_v}·(s_v − t_v − KL(S‖T)) / τ
+        forward  KL(T‖S) = Σ_v e^{t_v}·(t_v − s_v)     ∂/∂z_v = (e^{s_v} − e^{t_v}) / τ
+
+    Same values as `token_jsd(s, t, 1.0)` and `token_jsd(s, t, 0.0)`, and the gradients autograd gives
+    through them. The teacher is a constant. Both inputs fp32 (n, V), finite.
+    """
+    student = student_logits if temperature == 1.0 else student_logits.div_(temperature)
+    teacher = teacher_logits if temperature == 1.0 else teacher_logits.div_(temperature)
+    student.sub_(torch.logsumexp(student, dim=-1, keepdim=True))  # s
+    teacher.sub_(torch.logsumexp(teacher, dim=-1, keepdim=True))  # t
+    if reverse:
+        difference = teacher.sub_(student).neg_()  # s − t
+        probabilities = student.exp_()  # e^s
+        divergence = torch.bmm(probabilities[:, None, :], difference[:, :, None])[:, 0, 0]  # (n,)
+        grad = difference.sub_(divergence[:, None]).mul_(probabilities)
+    else:
+        difference = student.sub_(teacher).neg_()  # t − s
+        teacher_probabilities = teacher.exp_()  # e^t
+        divergence = torch.bmm(teacher_probabilities[:, None, :], difference[:, :, None])[:, 0, 0]
+        grad = difference.neg_().exp_().mul_(teacher_probabilities).sub_(teacher_probabilities)  # e^s − e^t
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return divergence, grad
+
+
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
     """logits / τ in fp32 (no copy when the logits are fp32 and τ = 1)."""
     logits = logits.float()
@@ -235,7 +266,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             chunk_hidden = hidden[start:end]  # (n, H)
             logits = project(chunk_hidden, weight).float()  # (n, V): hidden @ weightᵀ
             chunk_extras = [extra[start:end] for extra in extras]
-            if need_hidden or need_weight:
+            if getattr(token_loss, "analytic", False):  # its own gradient, in place in its buffers
+                loss, stat, grad_logits = token_loss(logits, *chunk_extras)  # (n,), (n,), (n, V)
+                chunk_total = (loss * row_weights[start:end]).sum()
+                if need_hidden or need_weight:
+                    grad_logits = grad_logits.mul_(row_weights[start:end, None]).to(weight.dtype)
+                    if need_hidden:
+                        grad_hidden[start:end] = grad_logits @ weight
+                    if need_weight:
+                        grad_weight.addmm_(grad_logits.T.float(), chunk_hidden.float())
+                del grad_logits
+            elif need_hidden or need_weight:
                 logits.requires_grad_(True)
                 with torch.enable_grad():
                     loss, stat = token_loss(logits, *chunk_extras)  # (n,), (n,)
@@ -331,6 +372,16 @@ def chunked_generalized_jsd(
     stop-gradient target. β = 1 is the full-vocabulary reverse KL(S‖T) of the fold probe (NOTES §10).
     """
     teacher_weight = (lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight).detach()
+    if beta in (0.0, 1.0):
+        def analytic(logits: Tensor, teacher_hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            with torch.no_grad():
+                teacher_logits = project(teacher_hidden, teacher_weight).float()  # (n, V)
+            divergence, grad = kl_and_grad(logits, teacher_logits, reverse=beta == 1.0, temperature=temperature)
+            return divergence, divergence, grad
+
+        analytic.analytic = True  # chunked_head_loss: the function returns ∂ℓ/∂logits itself
+        loss, _ = chunked_head_loss(hidden_states, lm_head_weight, mask, analytic, [teacher_hidden_states], chunk_size)
+        return loss
 
     def token_loss(logits: Tensor, teacher_hidden: Tensor) -> tuple[Tensor, Tensor]:
         student = F.log_softmax(_scaled(logits, temperature), dim=-1)  # (n, V)

@@ -244,3 +244,44 @@ def test_sampling_follows_the_distribution(temperature):
     again = HFEngine._choose(probabilities.log().repeat(3, 1), SamplingParams(temperature=temperature),
                              [torch.Generator().manual_seed(row) for row in range(3)])
     assert again.tolist() == chosen[:3].tolist()
+
+
+def test_inverse_cdf_finds_the_full_cumulative_sums_index():
+    from engines.hf import inverse_cdf
+
+    torch.manual_seed(0)
+    probabilities = torch.rand(64, 1000) ** 4  # a width that is not a multiple of the block
+    probabilities[probabilities < 0.05] = 0.0  # zero-weight entries, some whole blocks among them
+    probabilities[:8, 300:812] = 0.0
+    draws = torch.rand(64, dtype=torch.float64)
+    cumulative = probabilities.double().cumsum(-1)
+    expected = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None], right=True).squeeze(-1)
+    assert torch.equal(inverse_cdf(probabilities, draws), expected)
+    # the ends: a draw of 0 takes the first entry with weight, one just under 1 the last; never a zero
+    first = (probabilities > 0).int().argmax(-1)
+    last = 999 - (probabilities > 0).flip(-1).int().argmax(-1)
+    assert torch.equal(inverse_cdf(probabilities, torch.zeros(64, dtype=torch.float64)), first)
+    assert torch.equal(inverse_cdf(probabilities, torch.full((64,), 1 - 2**-53, dtype=torch.float64)), last)
+
+
+def test_loading_copies_the_weights_out_of_the_file_and_gives_its_pages_back(tiny_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from engines.hf import _file_mappings
+    from tests.tiny import build_model
+
+    model = build_model(tiny_tokenizer)
+    model.save_pretrained(str(tmp_path / "model"))
+    tiny_tokenizer.save_pretrained(str(tmp_path / "model"))
+    engine = HFEngine.load(str(tmp_path / "model"), device="cpu", dtype="float32", threads=1)
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    loaded = engine.model.state_dict()
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name  # the copies hold the file's values
+    # no weight still points into a mapping of the file (a dropped page would read back from the file,
+    # but a weight there would keep the whole mapping resident)
+    spans = _file_mappings(".safetensors")
+    for tensor in engine.model.parameters():
+        start = tensor.data_ptr()
+        assert not any(low <= start < high for low, high in spans)
+    assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4))[0].token_ids

@@ -124,16 +124,18 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_tokeniz
     engine = make_engine(tiny_tokenizer)
     family = make_family("toy")
     real = fold_module.chunked_generalized_jsd
-    calls = {"n": 0}
+    done = {"steps": 0}
 
     def poisoned(*args, **kwargs):
         value = real(*args, **kwargs)
-        calls["n"] += 1
-        return value * float("nan") if calls["n"] > 2 else value  # 1 call per step (the loss is the logged KL)
+        return value * float("nan") if done["steps"] >= 2 else value
+
+    def count(record):
+        done["steps"] = record["step"]
 
     monkeypatch.setattr(fold_module, "chunked_generalized_jsd", poisoned)
     with pytest.raises(FoldError, match="loss became nan at step 3"):
-        fold(engine, {family.name: family}, items(family), config(steps=4), tmp_path / "run")
+        fold(engine, {family.name: family}, items(family), config(steps=4), tmp_path / "run", on_step=count)
     assert (tmp_path / "run" / "step-000002").is_dir()
     assert not (tmp_path / "run" / "step-000003").exists()
 
@@ -290,6 +292,106 @@ def test_shared_prefix_student_pass_has_the_plain_passes_values_and_gradients(ti
     assert torch.allclose(shared_hidden, plain, atol=1e-5)
     for expected, got in zip(plain_grads, shared_grads, strict=True):
         assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows_per_pass", [1, 2, 0])
+def test_passes_give_the_whole_batchs_gradients(tiny_tokenizer, rows_per_pass):
+    student = lora_student(tiny_tokenizer).train()
+    torch.manual_seed(2)
+    shared = torch.randint(5, 300, (24,)).tolist()
+    sequences = [shared + torch.randint(5, 300, (n,)).tolist() for n in (7, 12, 4, 9)]
+    sequences += [torch.randint(5, 300, (9,)).tolist(), torch.randint(5, 300, (6,)).tolist()]
+    positions = [list(range(len(seq) - 3, len(seq))) for seq in sequences]
+    trained = [parameter for parameter in student.parameters() if parameter.requires_grad]
+    projection = torch.randn(student.config.hidden_size)
+
+    def row_loss(hidden):  # (n, H) -> a scalar that is a sum over positions
+        return (hidden.pow(2).sum(-1) + hidden @ projection).sum()
+
+    student.zero_grad(set_to_none=True)
+    row_loss(fold_module.hidden_at(student, sequences, positions)).backward()
+    expected = [parameter.grad.clone() for parameter in trained]
+    student.zero_grad(set_to_none=True)
+    seen = []
+
+    def loss_of(rows, hidden):
+        seen.append(list(rows))
+        assert hidden.shape[0] == sum(len(positions[row]) for row in rows)
+        return row_loss(hidden)
+
+    fold_module.backward_in_passes(student, sequences, positions, rows_per_pass, loss_of, min_prefix=8)
+    assert sorted(row for rows in seen for row in rows) == list(range(len(sequences)))
+    if rows_per_pass:
+        assert max(len(rows) for rows in seen) <= rows_per_pass
+    assert any(prefix >= 20 for _, prefix in prefix_groups(sequences, [min(p) - 1 for p in positions], 8))
+    for want, parameter in zip(expected, trained, strict=True):
+        assert torch.allclose(parameter.grad, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", ["token", "episode"])
+def test_micro_batches_give_the_same_fold(tiny_tokenizer, tmp_path, normalize):
+    runs = []
+    for micro_batch in (0, 1, 3):
+        engine = make_engine(tiny_tokenizer)
+        family = make_family("toy")
+        run_dir = tmp_path / f"run-{normalize}-{micro_batch}"
+        fold(engine, {family.name: family}, items(family),
+             config(steps=2, micro_batch=micro_batch, normalize=normalize, learning_rate=1e-3), run_dir)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+        runs.append(([r["loss"] for r in records], [r["kl"] for r in records],
+                     load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))))
+    for losses, kls, adapter in runs[1:]:
+        assert losses == pytest.approx(runs[0][0], rel=1e-4, abs=1e-6)
+        assert kls == pytest.approx(runs[0][1], rel=1e-4, abs=1e-6)
+        for name, value in runs[0][2].items():
+            assert torch.allclose(adapter[name], value, atol=1e-5), name
+
+
+@pytest.mark.parametrize("micro_batch,normalize", [(0, "token"), (1, "token"), (3, "episode")])
+def test_a_fold_steps_gradient_is_that_of_the_batch_loss(tiny_tokenizer, monkeypatch, micro_batch, normalize):
+    from learners.losses import chunked_generalized_jsd
+
+    engine = make_engine(tiny_tokenizer)
+    family = make_family("toy")
+    step_config = config(micro_batch=micro_batch, normalize=normalize, max_grad_norm=1e9)
+    student = lora_student(tiny_tokenizer)
+    engine.model = student
+    engine.pack_weights()  # as fold() does: the base layers packed, LoRA beside them
+    teacher = fold_module.Teacher(student, step_config)
+    trained = [parameter for parameter in student.parameters() if parameter.requires_grad]
+    real_episodes, captured = fold_module.run_episodes, {}
+
+    def recording(*args, **kwargs):
+        captured["trajectories"] = real_episodes(*args, **kwargs)
+        return captured["trajectories"]
+
+    class Recorder:  # an optimizer that keeps the gradients and leaves the weights as they are
+        def step(self):
+            self.grads = [parameter.grad.clone() for parameter in trained]
+
+        def zero_grad(self, set_to_none=True):
+            student.zero_grad(set_to_none=set_to_none)
+
+    monkeypatch.setattr(fold_module, "run_episodes", recording)
+    batch = items(family)[:5]
+    recorder = Recorder()
+    record = fold_module.fold_step(engine, student, teacher, {family.name: family}, batch, step_config, recorder, 0)
+    # the batch loss computed in one piece, by hand: every trained token of every episode at once
+    views, _ = fold_module._views(engine, batch, captured["trajectories"], step_config)
+    student.train()
+    teacher_hidden, teacher_weight = teacher.hidden(views)
+    hidden = fold_module.hidden_at(student, [v.student.input_ids for v in views],
+                                   [v.student.trained_positions for v in views])
+    lengths = [len(v.student.trained_positions) for v in views]
+    mask = fold_module._episode_weights(lengths, "cpu") if normalize == "episode" else torch.ones((1, sum(lengths)))
+    weight = fold_module.causal_lm(student).get_output_embeddings().weight
+    loss = chunked_generalized_jsd(hidden[None], weight, teacher_hidden[None], 1.0, mask,
+                                   teacher_lm_head_weight=teacher_weight, chunk_size=step_config.chunk_size)
+    loss.backward()
+    assert record["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert record["trained_tokens"] == sum(lengths)
+    for parameter, got in zip(trained, recorder.grads, strict=True):
+        assert torch.allclose(got, parameter.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_merged_serves_the_same_model_and_restores_it(tiny_tokenizer):
