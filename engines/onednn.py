@@ -97,6 +97,41 @@ class _PackedLinear(torch.autograd.Function):
         return grad.matmul(ctx.layer.dense_weight()), None
 
 
+class _LoraOverPacked(torch.autograd.Function):
+    """y = x Wᵀ + s·(x Aᵀ) Bᵀ for a frozen packed W and a trained LoRA pair, as one autograd node with its
+    backward written out (what peft's layer plus `_PackedLinear` give through five nodes and their
+    bookkeeping; the fold's student pass runs 210 of these per pass, several passes per step):
+
+        ∂x = ∂y W + s·(∂y B) A      ∂A = s·(∂y B)ᵀ x      ∂B = s·∂yᵀ (x Aᵀ)
+
+    Saves x and x Aᵀ (n x r), as the unfused layer does. ∂x skips the dense W when x needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scale, layer):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # (n, in)
+        low = rows @ a.t()  # (n, r)
+        base = torch.ops.mkldnn._linear_pointwise(rows, layer.packed, None, "none", [], "")  # (n, out)
+        y = torch.addmm(base, low, b.t(), alpha=scale)
+        ctx.save_for_backward(rows, low, a, b)
+        ctx.scale, ctx.layer, ctx.shape = scale, layer, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, low, a, b = ctx.saved_tensors
+        scale = ctx.scale
+        grad_rows = grad.reshape(-1, grad.shape[-1])  # (n, out)
+        through_b = (grad_rows @ b).mul_(scale)  # (n, r): s·∂y B
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(grad_rows @ ctx.layer.dense_weight(), through_b, a).view(ctx.shape)
+        if ctx.needs_input_grad[1]:
+            grad_a = through_b.t() @ rows  # (r, in)
+        if ctx.needs_input_grad[2]:
+            grad_b = (grad_rows.t() @ low).mul_(scale)  # (out, r)
+        return grad_x, grad_a, grad_b, None, None
+
+
 class _LeanLora:
     """A peft LoRA `Linear` over a packed base layer: y = base(x) + s·(x Aᵀ)Bᵀ without peft's per-call
     bookkeeping (0.45 s of a batch-8, 64-token rollout over 210 layers: 10%). Any case beyond one
@@ -128,9 +163,12 @@ class _LeanLora:
         if name is None:
             return type(module).forward(module, x, *args, **kwargs)
         a, b, scale = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
-        y = module.base_layer(x)
         if torch.is_grad_enabled():
-            return y + nn.functional.linear(nn.functional.linear(x, a), b) * scale
+            layer = _packed_layer(module.base_layer)
+            if layer is not None and layer.current() and module.base_layer.bias is None:
+                return _LoraOverPacked.apply(x, a, b, scale, layer)
+            return module.base_layer(x) + nn.functional.linear(nn.functional.linear(x, a), b) * scale
+        y = module.base_layer(x)
         low = nn.functional.linear(x, a)
         return torch.addmm(y.reshape(-1, y.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(), alpha=scale).view(y.shape)
 
