@@ -106,7 +106,6 @@ def fold_config(arguments):
         max_turns=1, anchor_fraction=0.0, checkpoint_every=total, seed=arguments.seed,
         gradient_checkpointing=arguments.gradient_checkpointing == "on",
         heap_threshold_kib=128 if arguments.heap == "capped" else 0, micro_batch=arguments.micro_batch,
-        **({"chunk_size": int(os.environ["BENCH_CHUNK"])} if os.environ.get("BENCH_CHUNK") else {}),
     )
 
 
@@ -367,8 +366,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
-                        help="skillfold side (FoldConfig.gradient_checkpointing); on, as TRL's default")
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"],
+                        default="on" if fold_default("gradient_checkpointing") else "off",
+                        help="skillfold side (FoldConfig.gradient_checkpointing; default: FoldConfig's, off)")
     parser.add_argument("--trl-gradient-checkpointing", choices=["on", "off"], default="on",
                         help="TRL side; SDFTConfig default on")
     parser.add_argument("--fixed-length", choices=["on", "off"], default="on",
