@@ -13,7 +13,9 @@ One step, for `batch_size` train items drawn from families with active skills:
      same vocabulary; it scores every trained token (all assistant turns, not env/tool text);
   4. loss over the trained tokens (masks and losses from learners.masks / learners.losses), computed
      from final hidden states in chunks of positions so the (tokens x vocabulary) logits are never
-     all in memory at once, forward or backward;
+     all in memory at once, forward or backward; the student's forward and backward run
+     `micro_batch` episodes at a time over the batch's shared prompt prefix (`backward_in_passes`),
+     so only one pass's activations are ever alive;
   5. AdamW step; an atomic checkpoint every `checkpoint_every` steps.
 "Anchor" items (families without skills) are distilled toward the plain base model with no
 context: they teach "stay as you are" where no skill applies, against forgetting.
@@ -110,8 +112,9 @@ class FoldConfig(BaseModel):
     heap_threshold_kib: int = Field(
         default=0, ge=0,
         description="glibc only (learners.allocator): blocks of this many KiB and more are mmap'd and freed back "
-        "to the system. 128 takes a fold step's peak RSS from ~2.1 to ~1.4 GiB on the default model, at ~1.3-1.6x "
-        "the step time (page faults); 0 = leave malloc as it is (the default: time over memory). Set, it also "
+        "to the system. With the whole batch in one pass (micro_batch 0) and checkpointing, 128 took a step's peak "
+        "RSS from ~2.1 to ~1.4 GiB on the default model at ~1.3-1.6x the step time (page faults); with passes of "
+        "one episode (the default) there is little left for it to save. 0 = leave malloc as it is. Set, it also "
         "keeps the output head unpacked for the fold (engines.onednn packs a 113 MiB copy of a tied head)",
     )
     seed: int = 0
