@@ -25,7 +25,7 @@ import torch
 
 from engines.base import Chat, Generation, GuidedGeneration, SamplingParams, TokenScores
 from engines.onednn import pack_linears, unpack_linears
-from engines.prefix import left_pad, prefill
+from engines.prefix import left_pad, prefill, with_room
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class HFEngine:
         # the prompts, each group's shared prefix once (engines.prefix)
         prefilled = prefill(self.model, self._cache_kwarg, rows, self.pad_id)
         cache, attention_mask, next_positions = prefilled.cache, prefilled.attention_mask, prefilled.next_positions
+        with_room(cache, params.max_new_tokens)  # decoding writes into the cache in place
         logits = prefilled.logits
         longest_stop = max((len(stop) for stop in params.stop), default=0)
         for step in range(params.max_new_tokens):

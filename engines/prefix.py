@@ -164,3 +164,65 @@ def _side_by_side(pieces, batch: int, device: torch.device) -> Prefilled:
     logits = torch.cat([logits for _, logits, _, _, _ in pieces])[place]
     next_positions = torch.cat([positions for *_, positions in pieces])[place]
     return Prefilled(logits, cache, attention_mask, next_positions)
+
+
+def with_room(cache, room: int) -> None:
+    """Give every filled layer of a transformers `DynamicCache` room for `room` more positions, written in
+    place as decoding goes on (`RoomyLayer`) instead of concatenated: `torch.cat` of every layer's whole
+    cache at every token was 8% of a batch-8, 64-token rollout here, and grows with the length."""
+    from transformers.cache_utils import DynamicLayer
+
+    roomy = _roomy_class()
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+            cache.layers[index] = roomy.around(layer, room)
+
+
+_ROOMY = None
+
+
+def _roomy_class():
+    global _ROOMY
+    if _ROOMY is not None:
+        return _ROOMY
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values are views into buffers with spare positions. Batch
+        operations (`batch_select_indices`, `batch_repeat_interleave`, `crop`) replace the views with plain
+        tensors, as before; the next `update` moves them into new buffers with the room left."""
+
+        @classmethod
+        def around(cls, layer, room: int):
+            roomy = cls()
+            roomy.__dict__.update(layer.__dict__)
+            roomy.capacity = layer.keys.shape[-2] + room
+            roomy.spare = None
+            return roomy
+
+        def _in_spare(self) -> bool:
+            spare = self.spare
+            return (spare is not None and self.keys.shape[0] == spare[0].shape[0]
+                    and self.keys.data_ptr() == spare[0].data_ptr() and self.values.data_ptr() == spare[1].data_ptr())
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+                return super().update(key_states, value_states, *args, **kwargs)  # autograd: no in-place writes
+            length, new = self.keys.shape[-2], key_states.shape[-2]
+            if not self._in_spare() or length + new > self.spare[0].shape[-2]:
+                size = max(self.capacity, length + new)
+                buffers = []
+                for current in (self.keys, self.values):
+                    batch, heads, _, width = current.shape
+                    buffer = current.new_empty((batch, heads, size, width))
+                    buffer[:, :, :length] = current
+                    buffers.append(buffer)
+                self.spare = tuple(buffers)
+            keys, values = self.spare
+            keys[:, :, length:length + new] = key_states
+            values[:, :, length:length + new] = value_states
+            self.keys, self.values = keys[:, :, :length + new], values[:, :, :length + new]
+            return self.keys, self.values
+
+    _ROOMY = RoomyLayer
+    return RoomyLayer

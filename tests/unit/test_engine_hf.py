@@ -285,3 +285,26 @@ def test_loading_copies_the_weights_out_of_the_file_and_gives_its_pages_back(tin
         start = tensor.data_ptr()
         assert not any(low <= start < high for low, high in spans)
     assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4))[0].token_ids
+
+
+def test_a_cache_with_room_holds_what_concatenation_would():
+    from transformers import DynamicCache
+
+    from engines.prefix import with_room
+
+    torch.manual_seed(0)
+    plain, roomy = DynamicCache(), DynamicCache()
+    first = torch.randn(4, 3, 5, 8), torch.randn(4, 3, 5, 8)
+    plain.update(*first, 0)
+    roomy.update(*first, 0)
+    with_room(roomy, 3)  # less room than the steps below take: it must grow
+    for step in range(6):
+        if step == 2:  # rows finish: both caches drop them
+            keep = torch.tensor([0, 2, 3])
+            plain.batch_select_indices(keep)
+            roomy.batch_select_indices(keep)
+        new = torch.randn(plain.layers[0].keys.shape[0], 3, 1, 8), torch.randn(plain.layers[0].keys.shape[0], 3, 1, 8)
+        expected = plain.update(*new, 0)
+        got = roomy.update(*new, 0)
+        assert all(torch.equal(e, g) for e, g in zip(expected, got, strict=True))
+    assert type(roomy.layers[0]).__name__ == "RoomyLayer" and roomy.get_seq_length() == plain.get_seq_length() == 11
