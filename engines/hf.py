@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import inspect
 import logging
 import os
@@ -642,11 +643,10 @@ def inverse_cdf(probabilities: torch.Tensor, draws: torch.Tensor) -> torch.Tenso
     block = torch.searchsorted(block_cumulative, target, right=True).clamp_(max=blocks - 1)  # (B, 1)
     before = torch.where(block > 0, block_cumulative.gather(-1, (block - 1).clamp(min=0)),
                          torch.zeros_like(target))
-    inside = blocked.gather(1, block[:, :, None].expand(-1, 1, _BLOCK))[:, 0].double().cumsum(-1)  # (B, 256)
-    offset = torch.searchsorted(inside, target - before, right=True).clamp_(max=_BLOCK - 1)
+    chosen = blocked.gather(1, block[:, :, None].expand(-1, 1, _BLOCK))[:, 0]  # (B, 256): the chosen blocks
+    offset = torch.searchsorted(chosen.double().cumsum(-1), target - before, right=True).clamp_(max=_BLOCK - 1)
     # a draw at the block's very end (rounding) may land past its last non-zero entry: step back to it
-    nonzero = blocked.gather(1, block[:, :, None].expand(-1, 1, _BLOCK))[:, 0] > 0  # (B, 256)
-    last = _BLOCK - 1 - nonzero.flip(-1).int().argmax(-1, keepdim=True)
+    last = _BLOCK - 1 - (chosen > 0).flip(-1).int().argmax(-1, keepdim=True)
     offset = torch.minimum(offset, last)
     return (block * _BLOCK + offset).squeeze(-1).clamp_(max=width - 1)
 
@@ -698,6 +698,7 @@ def _drop_file_pages(tensor: torch.Tensor, mapped: Sequence[tuple[int, int]]) ->
         _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
+@functools.cache
 def _libc():
     return ctypes.CDLL(None, use_errno=True)
 

@@ -266,31 +266,27 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             chunk_hidden = hidden[start:end]  # (n, H)
             logits = project(chunk_hidden, weight).float()  # (n, V): hidden @ weightᵀ
             chunk_extras = [extra[start:end] for extra in extras]
+            grad_logits = None  # (n, V): ∂(Σ_n w_n·ℓ_n)/∂logits, when a gradient is wanted
             if getattr(token_loss, "analytic", False):  # its own gradient, in place in its buffers
                 loss, stat, grad_logits = token_loss(logits, *chunk_extras)  # (n,), (n,), (n, V)
                 chunk_total = (loss * row_weights[start:end]).sum()
-                if need_hidden or need_weight:
-                    grad_logits = grad_logits.mul_(row_weights[start:end, None]).to(weight.dtype)
-                    if need_hidden:
-                        grad_hidden[start:end] = grad_logits @ weight
-                    if need_weight:
-                        grad_weight.addmm_(grad_logits.T.float(), chunk_hidden.float())
-                del grad_logits
+                grad_logits = grad_logits.mul_(row_weights[start:end, None]) if need_hidden or need_weight else None
             elif need_hidden or need_weight:
                 logits.requires_grad_(True)
                 with torch.enable_grad():
                     loss, stat = token_loss(logits, *chunk_extras)  # (n,), (n,)
                     chunk_total = (loss * row_weights[start:end]).sum()
-                (grad_logits,) = torch.autograd.grad(chunk_total, logits)  # (n, V)
+                (grad_logits,) = torch.autograd.grad(chunk_total, logits)
+            else:
+                loss, stat = token_loss(logits, *chunk_extras)
+                chunk_total = (loss * row_weights[start:end]).sum()
+            if grad_logits is not None:
                 grad_logits = grad_logits.to(weight.dtype)
                 if need_hidden:
                     grad_hidden[start:end] = grad_logits @ weight
                 if need_weight:
                     grad_weight.addmm_(grad_logits.T.float(), chunk_hidden.float())
                 del grad_logits
-            else:
-                loss, stat = token_loss(logits, *chunk_extras)
-                chunk_total = (loss * row_weights[start:end]).sum()
             del logits
             total += chunk_total.detach()
             stats[start:end] = stat.detach().float()
