@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from engines.base import Chat, Generation, GuidedGeneration, SamplingParams, TokenScores
+from engines.lean import LeanDecoder
 from engines.onednn import pack_linears, unpack_linears
 from engines.prefix import left_pad, prefill, with_room
 
@@ -156,6 +157,7 @@ class HFEngine:
         prefilled = prefill(self.model, self._cache_kwarg, rows, self.pad_id)
         cache, attention_mask, next_positions = prefilled.cache, prefilled.attention_mask, prefilled.next_positions
         with_room(cache, params.max_new_tokens)  # decoding writes into the cache in place
+        lean = LeanDecoder.build(self.model, cache)  # the model's forward without its bookkeeping, if it applies
         logits = prefilled.logits
         longest_stop = max((len(stop) for stop in params.stop), default=0)
         for step in range(params.max_new_tokens):
@@ -191,15 +193,18 @@ class HFEngine:
             if step + 1 == params.max_new_tokens:
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
-            output = self.model(
-                input_ids=chosen[:, None],
-                attention_mask=attention_mask,
-                position_ids=next_positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kwarg: cache},
-            )
-            logits = output.logits[:, -1, :].float()  # (B_active, V)
+            if lean is not None:
+                logits = lean.step(chosen[:, None], attention_mask, next_positions).float()  # (B_active, V)
+            else:
+                output = self.model(
+                    input_ids=chosen[:, None],
+                    attention_mask=attention_mask,
+                    position_ids=next_positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kwarg: cache},
+                )
+                logits = output.logits[:, -1, :].float()  # (B_active, V)
             next_positions = next_positions + 1
         outputs = []
         for row in range(batch):
@@ -528,6 +533,7 @@ class _DecodeView:
         self.rows: list[list[int]] | None = rows  # the prompts, until the first call prefills them
         self.cache = self.attention_mask = self.next_positions = None
         self.step_input = self.step_positions = None
+        self.lean: LeanDecoder | None = None
 
     def logits(self) -> torch.Tensor:
         """Next-token logits (B_active, V) in fp32: the prompts' (each group's shared prefix once, in
@@ -538,7 +544,10 @@ class _DecodeView:
                 self.rows = None
                 self.cache, self.attention_mask = prefilled.cache, prefilled.attention_mask
                 self.next_positions = prefilled.next_positions
+                self.lean = LeanDecoder.build(self.model, self.cache)
                 return prefilled.logits
+            if self.lean is not None:
+                return self.lean.step(self.step_input, self.attention_mask, self.step_positions).float()
             output = self.model(
                 input_ids=self.step_input,
                 attention_mask=self.attention_mask,
