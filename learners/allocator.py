@@ -44,7 +44,11 @@ def cap_heap(threshold_kib: int) -> bool:
         return False
     size = threshold_kib * 1024
     applied = bool(libc.mallopt(M_MMAP_THRESHOLD, size)) and bool(libc.mallopt(M_TRIM_THRESHOLD, size))
-    if not applied:
+    if applied:
+        from engines import onednn
+
+        onednn.heap_threshold = size  # what its weight swaps (onednn.mapped_blocks) go back to
+    else:
         log.warning("mallopt refused a %d KiB threshold; the allocator is left as it is", threshold_kib)
     return applied
 

@@ -434,3 +434,46 @@ def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer):
     expected = fold_module.hidden_at(reference.eval(), [v.teacher.input_ids for v in views],
                                      [v.teacher.trained_positions for v in views])
     assert torch.allclose(hidden, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_fresh_adapters_teacher_is_the_base_model_run_without_its_adapters(tiny_tokenizer, packed):
+    from engines.onednn import available, pack_linears, unpack_linears
+    from learners.fold import Teacher, attach_student
+
+    if packed and not available():
+        pytest.skip("oneDNN is not available")
+    base = build_model(tiny_tokenizer)
+    views = [episode_views(tiny_tokenizer, [Message(role="user", content=f"what is {n} + 3 ?"),
+                                            Message(role="assistant", content="ANSWER : 5")], CONTEXT, {2})
+             for n in range(4)]
+    sequences, positions = [v.teacher.input_ids for v in views], [v.teacher.trained_positions for v in views]
+    with torch.no_grad():
+        expected = fold_module.shared_prefix_hidden_at(base.eval(), sequences, positions)  # the base model, no LoRA
+    student = attach_student(base, FoldConfig(lora_rank=4, lora_alpha=8, teacher="self-ema"), None)
+    if packed:
+        pack_linears(student)
+    teacher = Teacher(student, FoldConfig(lora_rank=4, lora_alpha=8, teacher="self-ema"))
+    assert teacher.silent  # peft starts B at zero: the adapter adds nothing yet
+    trained = {name: parameter.requires_grad for name, parameter in student.named_parameters()}
+    layers = [module for module in student.modules() if hasattr(module, "lora_A")]
+    calls = []
+    for layer in layers:
+        layer.lora_A["default"].register_forward_hook(lambda *_: calls.append(1))
+    student.train()
+    hidden, _ = teacher.hidden(views)
+    assert torch.equal(hidden, expected)  # the same numbers as the base model, bit for bit
+    assert not calls  # and no LoRA pair ran
+    assert {name: parameter.requires_grad for name, parameter in student.named_parameters()} == trained
+    assert not any(layer.disable_adapters for layer in layers) and student.training
+
+    with torch.no_grad():  # one step on: B is no longer zero, the EMA teacher takes a share of it
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3)
+    teacher.after_step()
+    assert not teacher.silent
+    moved, _ = teacher.hidden(views)
+    assert not torch.allclose(moved, expected, atol=1e-4)  # (merged or beside packed layers)
+    if packed:
+        unpack_linears(student)

@@ -182,3 +182,46 @@ def test_without_copies_a_kept_weight_stays_plain():
     assert "forward" not in net.head.__dict__ and net.embed.weight.data_ptr() not in onednn._KEPT
     assert pack_linears(net) == 1  # asked again with copies: the head now
     unpack_linears(net)
+
+
+def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_plain(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.5)
+    base = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("base_layer.weight")}
+    ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
+    pack_linears(model)
+    model.eval()
+    with torch.no_grad():
+        beside = model(ids).logits  # LoRA pairs beside the packed base layers
+    calls = []
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.lora_A["default"].register_forward_hook(lambda *_: calls.append(1))
+    scope = onednn.merged_decoding(model)
+    assert len(scope.layers) == 14
+    with torch.no_grad():
+        with scope:
+            assert all(module.merged for module, _, _ in scope.layers)
+            inside = model(ids).logits
+        assert not calls  # one packed matmul a layer, no LoRA pair beside it
+        assert not any(module.merged for module, _, _ in scope.layers)
+    assert torch.allclose(inside, beside, atol=1e-5)
+    assert all(layer.plain is not None and layer.packed is None for _, layer, _ in scope.layers)
+
+    model.train()  # between rollouts: the passes with grad multiply by the plain weights
+    logits = model(ids).logits
+    logits.square().mean().backward()
+    assert torch.allclose(logits.detach(), beside, atol=1e-5)
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
+    model.zero_grad()
+    with torch.no_grad(), onednn.merged_decoding(model):  # the next rollout packs them again
+        assert torch.allclose(model.eval()(ids).logits, beside, atol=1e-5)
+    unpack_linears(model)
+    for name, parameter in model.named_parameters():
+        if name in base:  # W + s·BA - s·BA: W up to float rounding, as peft's merge and unmerge
+            assert torch.allclose(parameter, base[name], atol=1e-6), name
