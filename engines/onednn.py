@@ -20,7 +20,9 @@ sampled tokens identical in the tests).
 - weights that train (`requires_grad`) are left alone, as is anything not fp32 on CPU;
 - a peft LoRA layer over a packed base layer gets a lean forward (`_LeanLora`).
 A weight swapped into a packed layer (`parameter.data = other`, as a teacher scope does) is used
-densely until it is swapped back. `unpack_linears(model)` puts the dense weights back bit for bit.
+densely until it is swapped back. `merged_decoding(model)` packs each LoRA layer's base weight with its
+adapter merged in for a rollout and leaves it plain (dense, on the `_Packed` holder) afterwards, for
+the training passes up to the next rollout. `unpack_linears(model)` puts the dense weights back bit for bit.
 Anything that changes weights (merging an adapter, attaching LoRA, a full fine-tune) must run between
 `unpack_linears` and the next `pack_linears`.
 """
