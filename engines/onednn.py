@@ -337,17 +337,18 @@ _MMAP_CEILING = 32 * 1024 * 1024
 heap_threshold: int | None = None
 
 
-def _mallopt():
+def glibc():
+    """The C library when it has glibc's `mallopt` (Linux), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-    return getattr(libc, "mallopt", None)
+    return libc if hasattr(libc, "mallopt") else None
 
 
-_MALLOPT = _mallopt()
+_MALLOPT = getattr(glibc(), "mallopt", None)
 
 
 @contextlib.contextmanager

@@ -13,25 +13,14 @@ the fold leaves it off unless `FoldConfig.heap_threshold_kib` asks for it.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import sys
+
+from engines.onednn import glibc as _libc
 
 log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-
-
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "mallopt") else None
 
 
 def cap_heap(threshold_kib: int) -> bool:
