@@ -311,20 +311,29 @@ class merged_decoding:
                 self.layers.append((module, layer, name))
 
     def __enter__(self):
-        with torch.inference_mode(False), torch.no_grad(), mapped_blocks():
-            for module, layer, name in self.layers:
-                base = layer.plain if layer.plain is not None else layer.packed.to_dense()
-                layer.plain = None
-                merged = base.add_(module.get_delta_weight(name))
-                del base
-                layer.packed = torch.ops.mkldnn._reorder_linear_weight(merged, _PACK_BATCH)
-                del merged
-                module.merged_adapters.append(name)
+        entered = 0
+        try:
+            with torch.inference_mode(False), torch.no_grad(), mapped_blocks():
+                for module, layer, name in self.layers:
+                    base = layer.plain if layer.plain is not None else layer.packed.to_dense()
+                    merged = base + module.get_delta_weight(name)
+                    layer.packed = torch.ops.mkldnn._reorder_linear_weight(merged, _PACK_BATCH)
+                    layer.plain = None
+                    del base, merged
+                    module.merged_adapters.append(name)
+                    entered += 1
+        except BaseException:
+            self._leave(self.layers[:entered])  # the layers merged so far go back: none stays half-done
+            raise
         return self
 
     def __exit__(self, *exc):
+        self._leave(self.layers)
+
+    @staticmethod
+    def _leave(layers) -> None:
         with torch.inference_mode(False), torch.no_grad(), mapped_blocks():
-            for module, layer, name in self.layers:
+            for module, layer, name in layers:
                 module.merged_adapters.remove(name)
                 layer.plain = layer.packed.to_dense().sub_(module.get_delta_weight(name))
                 layer.packed = None

@@ -225,3 +225,31 @@ def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_p
     for name, parameter in model.named_parameters():
         if name in base:  # W + s·BA - s·BA: W up to float rounding, as peft's merge and unmerge
             assert torch.allclose(parameter, base[name], atol=1e-6), name
+
+
+def test_merged_decoding_that_fails_on_entering_leaves_no_layer_merged(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.5)
+    ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
+    pack_linears(model)
+    model.eval()
+    with torch.no_grad():
+        before = model(ids).logits
+    scope = onednn.merged_decoding(model)
+    broken = scope.layers[5][0]
+
+    def fail(name):
+        raise MemoryError("no room for the merged weight")
+
+    broken.get_delta_weight = fail
+    with pytest.raises(MemoryError), scope:
+        pass
+    del broken.get_delta_weight
+    assert not any(module.merged for module, _, _ in scope.layers)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, before, atol=1e-5)  # the same model, some layers plain now
+    unpack_linears(model)
