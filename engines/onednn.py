@@ -95,11 +95,9 @@ class _Packed:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.current():
             return nn.functional.linear(x, self.parameter, self.module.bias)
-        if self.plain is not None:  # plain weight, no gradient of its own: autograd's linear is the same node
-            return nn.functional.linear(x, self.plain, self.module.bias)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if self.plain is None and torch.is_grad_enabled() and x.requires_grad:
             return _PackedLinear.apply(x, self)
-        return self.matmul(x, self.module.bias)
+        return self.matmul(x, self.module.bias)  # a plain weight goes through F.linear, autograd's own node
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -159,7 +157,7 @@ class _LeanLora:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
-    def _plain_adapter(self, x: torch.Tensor) -> str | None:
+    def _plain_adapter(self, dtype: torch.dtype) -> str | None:
         """The one active adapter when this call is the plain case, else None."""
         module = self.module
         names = module.active_adapters
@@ -170,7 +168,7 @@ class _LeanLora:
             module.use_dora.get(name, False)
             or getattr(module, "lora_bias", {}).get(name, False)
             or (module.training and not isinstance(module.lora_dropout[name], nn.Identity))
-            or x.dtype != module.lora_A[name].weight.dtype
+            or dtype != module.lora_A[name].weight.dtype
         ):
             return None
         return name
@@ -181,7 +179,7 @@ class _LeanLora:
             # adapters switched off (a teacher that is the base model), or merged into the packed weight
             # (merged_decoding): the base layer alone
             return module.base_layer(x)
-        name = None if args or kwargs else self._plain_adapter(x)
+        name = None if args or kwargs else self._plain_adapter(x.dtype)
         if name is None:
             return type(module).forward(module, x, *args, **kwargs)
         a, b, scale = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
@@ -300,13 +298,12 @@ class merged_decoding:
         self.layers: list[tuple[nn.Module, _Packed, str]] = []
         for module in model.modules():
             owner = _forward_owner(module)
-            if not isinstance(owner, _LeanLora) or module.merged or module.disable_adapters:
+            if not isinstance(owner, _LeanLora):
                 continue
             layer = _packed_layer(module.base_layer)
             if layer is None or layer.dense is not None or not layer.current() or module.base_layer.bias is not None:
                 continue
-            name = owner._plain_adapter(module.lora_A[module.active_adapters[0]].weight) if len(
-                module.active_adapters) == 1 else None
+            name = owner._plain_adapter(torch.float32)  # packed weights are fp32
             if name is not None:
                 self.layers.append((module, layer, name))
 

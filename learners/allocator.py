@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 
-from engines.onednn import glibc as _libc
+from engines import onednn
 
 log = logging.getLogger(__name__)
+_libc = onednn.glibc  # the C library when it has glibc's mallopt
 
-M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameter (malloc.h)
 
 
 def cap_heap(threshold_kib: int) -> bool:
@@ -32,10 +32,8 @@ def cap_heap(threshold_kib: int) -> bool:
     if libc is None:
         return False
     size = threshold_kib * 1024
-    applied = bool(libc.mallopt(M_MMAP_THRESHOLD, size)) and bool(libc.mallopt(M_TRIM_THRESHOLD, size))
+    applied = bool(libc.mallopt(onednn.M_MMAP_THRESHOLD, size)) and bool(libc.mallopt(M_TRIM_THRESHOLD, size))
     if applied:
-        from engines import onednn
-
         onednn.heap_threshold = size  # what its weight swaps (onednn.mapped_blocks) go back to
     else:
         log.warning("mallopt refused a %d KiB threshold; the allocator is left as it is", threshold_kib)

@@ -450,10 +450,11 @@ def test_a_fresh_adapters_teacher_is_the_base_model_run_without_its_adapters(tin
     sequences, positions = [v.teacher.input_ids for v in views], [v.teacher.trained_positions for v in views]
     with torch.no_grad():
         expected = fold_module.shared_prefix_hidden_at(base.eval(), sequences, positions)  # the base model, no LoRA
-    student = attach_student(base, FoldConfig(lora_rank=4, lora_alpha=8, teacher="self-ema"), None)
+    config = FoldConfig(lora_rank=4, lora_alpha=8, teacher="self-ema")
+    student = attach_student(base, config, None)
     if packed:
         pack_linears(student)
-    teacher = Teacher(student, FoldConfig(lora_rank=4, lora_alpha=8, teacher="self-ema"))
+    teacher = Teacher(student, config)
     assert teacher.silent  # peft starts B at zero: the adapter adds nothing yet
     trained = {name: parameter.requires_grad for name, parameter in student.named_parameters()}
     layers = [module for module in student.modules() if hasattr(module, "lora_A")]
