@@ -18,9 +18,14 @@ one layer per decoder layer); the caller then calls the model as usual.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from torch import nn
 from torch.nn import functional
+
+from engines import onednn
 
 _ARCHITECTURES = {"LlamaForCausalLM"}
 _LAYER_CLASSES = {
@@ -28,13 +33,49 @@ _LAYER_CLASSES = {
 }
 
 
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"  # transformers' switch: SDPA's enable_gqa even with a mask
+
+
+@contextlib.contextmanager
+def grouped_sdpa(model: nn.Module):
+    """While inside, a CPU model's SDPA attention over a masked batch (a fold's padded passes) lets SDPA
+    read the key/value heads in groups (`enable_gqa`) instead of transformers' `repeat_kv`, which copies
+    each key and value head per query head: for SmolLM2 (9 query heads over 3 key/value heads) two
+    copies 3x the size, kept for the backward pass (~6% of a student pass's saved activations), and
+    SDPA's forward and backward ~15% faster here (2 threads; the same outputs, bit for bit, measured).
+    transformers only does it unmasked, for the GPU kernels' sake (masked GQA sends CUDA to the math
+    kernel), so this is for CPU models only: elsewhere it does nothing. Its switch is an environment
+    variable read at every attention call; it is restored on leaving."""
+    try:
+        cpu = next(model.parameters()).device.type == "cpu"
+    except StopIteration:
+        cpu = False
+    if not cpu:
+        yield
+        return
+    saved = os.environ.get(_FORCE_GQA)
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_FORCE_GQA, None)
+        else:
+            os.environ[_FORCE_GQA] = saved
+
+
 def _plain(module: nn.Module, expected: str) -> bool:
-    """`module` is of the expected class, has no hooks and no instance forward."""
+    """`module` is of the expected class, has no hooks and no instance forward (but engines.onednn's
+    fused MLP, which without grad is the class's forward)."""
     return (
         type(module).__name__ == expected
         and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
-        and "forward" not in module.__dict__
+        and ("forward" not in module.__dict__ or isinstance(_owner(module), onednn._LeanMLP))
     )
+
+
+def _owner(module: nn.Module) -> object | None:
+    return getattr(module.__dict__.get("forward"), "__self__", None)
 
 
 def _caller(module: nn.Module):

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import SamplingParams
 from engines.hf import cache_kwarg
+from engines.lean import grouped_sdpa
 from engines.onednn import is_packed, merged_decoding, project
 from engines.prefix import MIN_PREFIX, cached_prefix, prefix_groups
 from envs.base import Message, TaskFamily, Trajectory
@@ -596,7 +597,8 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
         record.update(loss=0.0, kl=0.0, trained_tokens=0)
         return record
     student.train()
-    teacher_hidden, teacher_weight = teacher.hidden(views)  # (N, H'), (V, H')
+    with grouped_sdpa(student):
+        teacher_hidden, teacher_weight = teacher.hidden(views)  # (N, H'), (V, H')
     weight = causal_lm(student).get_output_embeddings().weight  # (V, H)
     targets = torch.tensor(
         [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=teacher_hidden.device
@@ -643,8 +645,9 @@ def fold_step(engine, student, teacher: Teacher, families, batch: Sequence[FoldI
         totals["distilled"] += int((mask != 0).sum())
         return loss * mass
 
-    backward_in_passes(student, [v.student.input_ids for v in views], [v.student.trained_positions for v in views],
-                       config.micro_batch, loss_of)  # the batch's shared prompt prefix runs once
+    with grouped_sdpa(student):  # the batch's shared prompt prefix runs once
+        backward_in_passes(student, [v.student.input_ids for v in views], [v.student.trained_positions for v in views],
+                           config.micro_batch, loss_of)
     parameters = [parameter for _, parameter in _adapter_parameters(student)]
     if totals["weight"] > 0:
         for parameter in parameters:

@@ -7,6 +7,7 @@ from engines.base import SamplingParams
 from engines.lean import LeanDecoder
 from engines.onednn import available, pack_linears, unpack_linears
 from engines.prefix import prefill, with_room
+from tests.tiny import build_model
 from tests.unit.test_engine_hf import PROMPTS
 
 
@@ -107,3 +108,26 @@ def test_lean_step_steps_aside_where_it_does_not_apply(tiny_engine):
     assert LeanDecoder.build(model, DynamicCache()) is None  # not one cache layer per decoder layer
     assert LeanDecoder.build(torch.nn.Linear(2, 2), cache) is None  # not a Llama
     assert LeanDecoder.build(model, cache) is not None
+
+
+def test_grouped_sdpa_gives_the_same_states_and_restores_the_switch(tiny_tokenizer, monkeypatch):
+    import os
+
+    from engines.lean import grouped_sdpa
+
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    model = build_model(tiny_tokenizer).eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped heads to read
+    ids = torch.tensor([[3, 7, 11, 5, 9, 2], [4, 8, 12, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])  # padded: transformers repeats K/V itself
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with grouped_sdpa(model):
+            assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+            grouped = model(input_ids=ids, attention_mask=mask).logits
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    assert torch.allclose(grouped, plain, atol=1e-6)
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")
+    with grouped_sdpa(model):
+        pass
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"

@@ -227,7 +227,8 @@ def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_p
             assert torch.allclose(parameter, base[name], atol=1e-6), name
 
 
-def test_merged_decoding_that_fails_on_entering_leaves_no_layer_merged(tiny_tokenizer):
+@pytest.mark.parametrize("where", ["delta", "pack"])
+def test_merged_decoding_that_fails_on_entering_leaves_no_layer_merged(tiny_tokenizer, monkeypatch, where):
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -239,17 +240,95 @@ def test_merged_decoding_that_fails_on_entering_leaves_no_layer_merged(tiny_toke
     model.eval()
     with torch.no_grad():
         before = model(ids).logits
+    with onednn.merged_decoding(model):  # the layers plain between two scopes, as in a fold
+        pass
     scope = onednn.merged_decoding(model)
     broken = scope.layers[5][0]
+    real = getattr(onednn, "_add_delta" if where == "delta" else "_pack")
 
-    def fail(name):
-        raise MemoryError("no room for the merged weight")
+    def failing(weight, *rest):
+        if where == "pack" and weight.data_ptr() == broken_plain.data_ptr() or (
+                where == "delta" and rest[0] is broken and rest[2] > 0):
+            raise MemoryError("no room for the merged weight")
+        return real(weight, *rest)
 
-    broken.get_delta_weight = fail
+    broken_plain = onednn._packed_layer(broken.base_layer).plain
+    monkeypatch.setattr(onednn, "_add_delta" if where == "delta" else "_pack", failing)
     with pytest.raises(MemoryError), scope:
         pass
-    del broken.get_delta_weight
+    monkeypatch.undo()
     assert not any(module.merged for module, _, _ in scope.layers)
+    assert all(layer.plain is not None and layer.packed is None for _, layer, _ in scope.layers)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, before, atol=1e-5)  # the same model, some layers plain now
+    unpack_linears(model)
+
+
+def test_lora_mlp_runs_as_one_node_that_saves_less_with_the_same_gradients(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(2)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.5)
+    model.train()
+    pack_linears(model)
+    mlps = [m for m in model.modules() if isinstance(onednn._forward_owner(m), onednn._LeanMLP)]
+    assert len(mlps) == 2
+    ids = torch.tensor([[3, 7, 11, 5, 9, 2, 4, 8]])
+
+    def run():
+        saved: dict[int, int] = {}
+
+        def keep(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            logits = model(ids).logits
+        nodes, stack, seen = set(), [logits.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            nodes.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        logits.square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads, sum(saved.values()), nodes
+
+    fused_logits, fused_grads, fused_bytes, fused_nodes = run()
+    for mlp in mlps:
+        del mlp.forward  # the module's own forward: three LoRA nodes, silu and the product
+    logits, grads, plain_bytes, plain_nodes = run()
+    assert "_SwiGLULoraBackward" in fused_nodes and "_SwiGLULoraBackward" not in plain_nodes
+    assert "SiluBackward0" in plain_nodes and "SiluBackward0" not in fused_nodes
+    assert torch.allclose(fused_logits, logits, atol=1e-6)
+    assert grads.keys() == fused_grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        assert torch.allclose(fused_grads[name], grad, atol=1e-6, rtol=1e-5), name
+    assert plain_bytes - fused_bytes >= 2 * 2 * 8 * 64 * 4  # g and u kept; silu(g) and h (8 x 64) not, in 2 layers
+    unpack_linears(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_lora_mlp_without_grad_or_with_adapters_off_runs_the_modules_own_forward(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    pack_linears(model)
+    mlp = next(m for m in model.modules() if isinstance(onednn._forward_owner(m), onednn._LeanMLP))
+    lean = onednn._forward_owner(mlp)
+    x = torch.randn(3, mlp.gate_proj.in_features, requires_grad=True)
+    assert lean._fused(x) is not None
+    with torch.no_grad():
+        assert lean._fused(x) is None
+    with model.disable_adapter():
+        assert lean._fused(x) is None
+    with onednn.merged_decoding(model):
+        assert lean._fused(x) is None
+    assert lean._fused(x) is not None  # plain base weights after the scope: still one node
     unpack_linears(model)
