@@ -176,7 +176,7 @@ def hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Seq
 
 
 def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                            min_prefix: int = MIN_PREFIX) -> torch.Tensor:
+                            min_prefix: int = MIN_PREFIX, kept: dict | None = None) -> torch.Tensor:
     """`hidden_at`, computing a prefix shared by several rows once (with or without grad, as called).
 
     The prompts of a fold batch start alike (the system prompt; the teacher's also the family's skills):
@@ -185,7 +185,9 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
     Under grad the repeat sums the rows' gradients back into the one prefix pass, so values and
     gradients are those of `hidden_at` up to float rounding. A model with gradient checkpointing on,
     in training mode, keeps no cache: it takes `hidden_at` as it is. Returns (N, H) in the order of
-    `positions`.
+    `positions`. `kept` (no grad only): prefixes' keys and values by their tokens, from earlier calls
+    with the same weights, reused instead of run again, and added to (a frozen teacher's pass sees the
+    same skills prefix at every fold step).
     """
     network = causal_lm(model)
     if network.training and checkpointing(network):
@@ -196,7 +198,11 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
         if prefix == 0:
             hidden = hidden_at(model, [sequences[row] for row in rows], [positions[row] for row in rows])
         else:
-            cache = cached_prefix(network.model, cache_name, sequences[rows[0]][:prefix], len(rows))
+            tokens = tuple(sequences[rows[0]][:prefix])
+            if kept is not None and not torch.is_grad_enabled():
+                cache = _kept_prefix(network.model, cache_name, tokens, len(rows), kept)
+            else:
+                cache = cached_prefix(network.model, cache_name, tokens, len(rows))
             hidden = _suffix_hidden(network, cache_name, cache, prefix, [sequences[row] for row in rows],
                                     [positions[row] for row in rows])
         start = 0
@@ -204,6 +210,27 @@ def shared_prefix_hidden_at(model, sequences: Sequence[Sequence[int]], positions
             pieces[row] = hidden[start: start + len(positions[row])]
             start += len(positions[row])
     return torch.cat([pieces[row] for row in range(len(sequences))])
+
+
+KEPT_PREFIXES = 8  # a frozen teacher's prefixes kept: one per family in the fold (~4 MiB each here)
+
+
+def _kept_prefix(network, cache_name: str, tokens: tuple[int, ...], rows: int, kept: dict):
+    """A KV cache over `rows` rows holding the prefix `tokens`: its batch-size-1 keys and values from
+    `kept` (filled here the first time, the oldest dropped past KEPT_PREFIXES), expanded over the rows."""
+    from transformers import DynamicCache
+
+    layers = kept.pop(tokens, None)
+    if layers is None:
+        computed = cached_prefix(network, cache_name, tokens, 1)
+        layers = [(layer.keys, layer.values) for layer in computed.layers]
+        while len(kept) >= KEPT_PREFIXES:
+            kept.pop(next(iter(kept)))
+    kept[tokens] = layers  # the most recently used last
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+    return cache
 
 
 def backward_in_passes(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
@@ -319,6 +346,7 @@ class Teacher:
         self.snapshot: dict[str, torch.Tensor] | None = None
         self.silent = False
         self._off: adapters_off | None = None
+        self.prefixes: dict[tuple[int, ...], list] = {}  # the teacher's prefix keys/values while its weights hold
         if external is None:
             self.snapshot = {name: parameter.detach().clone() for name, parameter in _adapter_parameters(student)}
             self.silent = self._adds_nothing()
@@ -342,13 +370,13 @@ class Teacher:
         positions = [view.teacher.trained_positions for view in views]
         with torch.no_grad():
             if self.external is not None:
-                hidden = shared_prefix_hidden_at(self.external, sequences, positions)
+                hidden = shared_prefix_hidden_at(self.external, sequences, positions, kept=self.prefixes)
                 return hidden, causal_lm(self.external).get_output_embeddings().weight.detach()
             was_training = self.student.training
             self.student.eval()  # inference: no checkpointing, the KV cache of a shared prefix is kept
             try:
                 with self._teacher_weights(), contextlib.nullcontext() if self.silent else merged(self.student):
-                    hidden = shared_prefix_hidden_at(self.student, sequences, positions)
+                    hidden = shared_prefix_hidden_at(self.student, sequences, positions, kept=self.prefixes)
                     weight = causal_lm(self.student).get_output_embeddings().weight.detach().clone() if (
                         self.config.full_finetune) else causal_lm(self.student).get_output_embeddings().weight.detach()
             finally:
@@ -382,6 +410,7 @@ class Teacher:
             for name, parameter in _adapter_parameters(self.student):
                 self.snapshot[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
             self.silent = self._adds_nothing()
+            self.prefixes.clear()  # the teacher's weights moved: its prefixes' keys and values with them
 
 
 class adapters_off:
@@ -507,6 +536,7 @@ def fold(
         start_step = resumed_from = saved["step"]
         if config.teacher == "self-ema" and saved.get("ema") is not None:
             teacher.snapshot = torch.load(checkpoint_path / "ema.pt")
+            teacher.silent = teacher._adds_nothing()  # an EMA that has moved is no longer the base model
         log.info("resumed fold from %s (step %d)", checkpoint_path, start_step)
     metrics_path = run_dir / "metrics.jsonl"
     if not resume and metrics_path.exists():

@@ -97,10 +97,11 @@ class Killed(RuntimeError):
     pass
 
 
-def test_a_killed_fold_resumes_exactly(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("teacher", ["self-frozen", "self-ema"])
+def test_a_killed_fold_resumes_exactly(tiny_tokenizer, tmp_path, teacher):
     family = make_family("toy:2")
     straight = fold(make_engine(tiny_tokenizer), {family.name: family}, items(family, anchors=4),
-                    config(anchor_fraction=0.25), tmp_path / "straight")
+                    config(anchor_fraction=0.25, teacher=teacher), tmp_path / "straight")
 
     def kill_at_three(record):
         if record["step"] == 3:
@@ -108,10 +109,10 @@ def test_a_killed_fold_resumes_exactly(tiny_tokenizer, tmp_path):
 
     with pytest.raises(Killed):
         fold(make_engine(tiny_tokenizer), {family.name: family}, items(family, anchors=4),
-             config(anchor_fraction=0.25), tmp_path / "killed", on_step=kill_at_three)
+             config(anchor_fraction=0.25, teacher=teacher), tmp_path / "killed", on_step=kill_at_three)
     assert (tmp_path / "killed" / "step-000002" / "state.json").is_file()
     resumed = fold(make_engine(tiny_tokenizer), {family.name: family}, items(family, anchors=4),
-                   config(anchor_fraction=0.25), tmp_path / "killed", resume=True)
+                   config(anchor_fraction=0.25, teacher=teacher), tmp_path / "killed", resume=True)
     assert resumed.resumed_from == 2
     expected = load_file(str(Path(straight.adapter) / "adapter_model.safetensors"))
     actual = load_file(str(Path(resumed.adapter) / "adapter_model.safetensors"))
@@ -410,7 +411,7 @@ def test_merged_serves_the_same_model_and_restores_it(tiny_tokenizer):
         assert torch.allclose(parameter, before[name], atol=1e-6), name
 
 
-def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer):
+def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer, monkeypatch):
     from learners.fold import Teacher
 
     student = lora_student(tiny_tokenizer)
@@ -423,8 +424,14 @@ def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer):
                                             Message(role="assistant", content="ANSWER : 5")], CONTEXT, {2})
              for n in range(4)]
     student.train()
+    runs = []
+    real = fold_module.cached_prefix
+    monkeypatch.setattr(fold_module, "cached_prefix", lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs))
     hidden, _ = teacher.hidden(views)
     assert student.training  # given back in train mode
+    assert len(runs) == 1 and len(teacher.prefixes) == 1  # the context prefix, run once
+    again, _ = teacher.hidden(views)
+    assert torch.equal(again, hidden) and len(runs) == 1  # the next step's pass: its keys and values kept
     # reference: the LoRA model at its starting weights, unmerged, plain forward
     reference = lora_student(tiny_tokenizer)
     with torch.no_grad():
@@ -472,8 +479,9 @@ def test_a_fresh_adapters_teacher_is_the_base_model_run_without_its_adapters(tin
         for name, parameter in student.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.3)
+    assert teacher.prefixes
     teacher.after_step()
-    assert not teacher.silent
+    assert not teacher.silent and not teacher.prefixes  # the EMA moved: its kept prefixes went with it
     moved, _ = teacher.hidden(views)
     assert not torch.allclose(moved, expected, atol=1e-4)  # (merged or beside packed layers)
     if packed:
