@@ -98,7 +98,8 @@ class FoldConfig(BaseModel):
         default=1, ge=0,
         description="episodes per student forward/backward pass (their gradients add up to the batch's): the "
         "activations kept for the backward pass are most of a step's memory and scale with this (default model, "
-        "8 x 64 tokens: peak RSS ~1.5 GiB at 1, ~1.8 at 2, ~3.2 at 0), the time per step less (~10% from 1 to 2); "
+        "8 x 64 tokens, 2-core AVX2 machine: peak RSS ~1.45-1.5 GiB at 1, ~1.6 at 2), the time per step less "
+        "(at most ~10% from 1 to 2); "
         "0 = the whole batch in one pass",
     )
     gradient_checkpointing: bool = Field(
