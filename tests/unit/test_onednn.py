@@ -18,6 +18,20 @@ from tests.tiny import build_model
 pytestmark = pytest.mark.skipif(not available(), reason="this PyTorch build has no oneDNN packed linears")
 
 
+def lora_model(tokenizer, seed: int | None = None):
+    """The tiny Llama under a LoRA adapter on every linear layer; with a seed, its B matrices drawn
+    (std 0.5) so that the adapter does something."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_model(tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    if seed is not None:
+        torch.manual_seed(seed)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(parameter, std=0.5)
+    return model
+
+
 class Net(nn.Module):
     """Two frozen layers, one trained, and an output head tied to an embedding."""
 
@@ -124,15 +138,8 @@ def test_fold_is_the_same_packed_or_not(tiny_tokenizer, tmp_path):
 
 
 def test_lora_beside_packed_layers_matches_peft(tiny_tokenizer):
-    from peft import LoraConfig, get_peft_model
-
     def student():
-        model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        torch.manual_seed(1)
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                nn.init.normal_(parameter, std=0.5)
-        return model.train()
+        return lora_model(tiny_tokenizer, seed=1).train()
 
     ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
     results = []
@@ -185,13 +192,7 @@ def test_without_copies_a_kept_weight_stays_plain():
 
 
 def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_plain(tiny_tokenizer):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(1)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(parameter, std=0.5)
+    model = lora_model(tiny_tokenizer, seed=1)
     base = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("base_layer.weight")}
     ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
     pack_linears(model)
@@ -229,12 +230,7 @@ def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_p
 
 @pytest.mark.parametrize("where", ["delta", "pack"])
 def test_merged_decoding_that_fails_on_entering_leaves_no_layer_merged(tiny_tokenizer, monkeypatch, where):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(parameter, std=0.5)
+    model = lora_model(tiny_tokenizer, seed=0)
     ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
     pack_linears(model)
     model.eval()
@@ -265,13 +261,7 @@ def test_merged_decoding_that_fails_on_entering_leaves_no_layer_merged(tiny_toke
 
 
 def test_lora_mlp_runs_as_one_node_that_saves_less_with_the_same_gradients(tiny_tokenizer):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(2)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(parameter, std=0.5)
+    model = lora_model(tiny_tokenizer, seed=2)
     model.train()
     pack_linears(model)
     mlps = [m for m in model.modules() if isinstance(onednn._forward_owner(m), onednn._LeanMLP)]
@@ -316,9 +306,7 @@ def test_lora_mlp_runs_as_one_node_that_saves_less_with_the_same_gradients(tiny_
 
 
 def test_lora_mlp_without_grad_or_with_adapters_off_runs_the_modules_own_forward(tiny_tokenizer):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(build_model(tiny_tokenizer), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = lora_model(tiny_tokenizer)
     pack_linears(model)
     mlp = next(m for m in model.modules() if isinstance(onednn._forward_owner(m), onednn._LeanMLP))
     lean = onednn._forward_owner(mlp)
