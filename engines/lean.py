@@ -70,12 +70,8 @@ def _plain(module: nn.Module, expected: str) -> bool:
     return (
         type(module).__name__ == expected
         and not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
-        and ("forward" not in module.__dict__ or isinstance(_owner(module), onednn._LeanMLP))
+        and ("forward" not in module.__dict__ or isinstance(onednn._forward_owner(module), onednn._LeanMLP))
     )
-
-
-def _owner(module: nn.Module) -> object | None:
-    return getattr(module.__dict__.get("forward"), "__self__", None)
 
 
 def _caller(module: nn.Module):

@@ -513,7 +513,7 @@ def mapped_blocks(threshold: int = 1024 * 1024):
 
 
 def _forward_owner(module: nn.Module) -> object | None:
-    """The object whose method was set as `module`'s instance forward (a _Packed or _LeanLora), if any."""
+    """The object whose method was set as `module`'s instance forward (a _Packed, _LeanLora or _LeanMLP), if any."""
     return getattr(module.__dict__.get("forward"), "__self__", None)
 
 
