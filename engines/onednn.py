@@ -173,6 +173,14 @@ class _LeanLora:
             return None
         return name
 
+    def _packed_base(self) -> _Packed | None:
+        """The base layer's packed holder when it computes from its own weight (not one swapped in)
+        and has no bias: the case the lean LoRA paths multiply by directly."""
+        layer = _packed_layer(self.module.base_layer)
+        if layer is None or not layer.current() or self.module.base_layer.bias is not None:
+            return None
+        return layer
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         module = self.module
         if module.disable_adapters != module.merged and not (args or kwargs):
@@ -184,8 +192,8 @@ class _LeanLora:
             return type(module).forward(module, x, *args, **kwargs)
         a, b, scale = module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]
         if torch.is_grad_enabled():
-            layer = _packed_layer(module.base_layer)
-            if layer is not None and layer.current() and module.base_layer.bias is None:
+            layer = self._packed_base()
+            if layer is not None:
                 return _LoraOverPacked.apply(x, a, b, scale, layer)
             return module.base_layer(x) + nn.functional.linear(nn.functional.linear(x, a), b) * scale
         y = module.base_layer(x)
@@ -277,9 +285,8 @@ class _LeanMLP:
             owner = _forward_owner(projection)
             if not isinstance(owner, _LeanLora):
                 return None
-            name = owner._plain_adapter(x.dtype)
-            layer = _packed_layer(projection.base_layer)
-            if name is None or layer is None or not layer.current() or projection.base_layer.bias is not None:
+            name, layer = owner._plain_adapter(x.dtype), owner._packed_base()
+            if name is None or layer is None:
                 return None
             pairs += [projection.lora_A[name].weight, projection.lora_B[name].weight]
             scales.append(projection.scaling[name])
@@ -416,9 +423,8 @@ class merged_decoding:
             owner = _forward_owner(module)
             if not isinstance(owner, _LeanLora):
                 continue
-            layer = _packed_layer(module.base_layer)
-            if layer is None or layer.dense is not None or not layer.current() or module.base_layer.bias is not None or (
-                    getattr(module, "fan_in_fan_out", False)):
+            layer = owner._packed_base()
+            if layer is None or layer.dense is not None or getattr(module, "fan_in_fan_out", False):
                 continue
             name = owner._plain_adapter(torch.float32)  # packed weights are fp32
             if name is not None:

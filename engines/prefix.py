@@ -98,6 +98,17 @@ def cached_prefix(model, cache_name: str, prefix: Sequence[int], rows: int, **kw
     return cache
 
 
+def expanded_cache(layers, rows: int):
+    """A KV cache (transformers `DynamicCache`) over `rows` rows from one row's keys and values per
+    layer, [(keys, values) (1, heads, P, d)], expanded (not copied) over the rows."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+    return cache
+
+
 @dataclass
 class Prefilled:
     """A batch's prompts run into a KV cache: what decoding goes on from."""

@@ -40,7 +40,7 @@ from engines.base import SamplingParams
 from engines.hf import cache_kwarg
 from engines.lean import grouped_sdpa
 from engines.onednn import is_packed, merged_decoding, project
-from engines.prefix import MIN_PREFIX, cached_prefix, prefix_groups
+from engines.prefix import MIN_PREFIX, cached_prefix, expanded_cache, prefix_groups
 from envs.base import Message, TaskFamily, Trajectory
 from learners.allocator import cap_heap
 from learners.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -219,8 +219,6 @@ KEPT_PREFIXES = 8  # a frozen teacher's prefixes kept: one per family in the fol
 def _kept_prefix(network, cache_name: str, tokens: tuple[int, ...], rows: int, kept: dict):
     """A KV cache over `rows` rows holding the prefix `tokens`: its batch-size-1 keys and values from
     `kept` (filled here the first time, the oldest dropped past KEPT_PREFIXES), expanded over the rows."""
-    from transformers import DynamicCache
-
     layers = kept.pop(tokens, None)
     if layers is None:
         computed = cached_prefix(network, cache_name, tokens, 1)
@@ -228,10 +226,7 @@ def _kept_prefix(network, cache_name: str, tokens: tuple[int, ...], rows: int, k
         while len(kept) >= KEPT_PREFIXES:
             kept.pop(next(iter(kept)))
     kept[tokens] = layers  # the most recently used last
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
-    return cache
+    return expanded_cache(layers, rows)
 
 
 def backward_in_passes(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
@@ -263,16 +258,11 @@ def backward_in_passes(model, sequences: Sequence[Sequence[int]], positions: Seq
                 hidden = hidden_at(model, [sequences[row] for row in part], [positions[row] for row in part])
                 _backward(loss_of(part, hidden))
             continue
-        from transformers import DynamicCache
-
         computed = cached_prefix(network.model, cache_name, sequences[rows[0]][:prefix], 1)  # (1, heads, P, d)
         roots = [tensor for layer in computed.layers for tensor in (layer.keys, layer.values)]
         leaves = [root.detach().requires_grad_(root.requires_grad) for root in roots]
         for part in passes:
-            cache = DynamicCache()
-            for layer in range(len(computed.layers)):
-                keys, values = leaves[2 * layer], leaves[2 * layer + 1]
-                cache.update(keys.expand(len(part), -1, -1, -1), values.expand(len(part), -1, -1, -1), layer)
+            cache = expanded_cache(zip(leaves[0::2], leaves[1::2], strict=True), len(part))
             hidden = _suffix_hidden(network, cache_name, cache, prefix, [sequences[row] for row in part],
                                     [positions[row] for row in part])
             _backward(loss_of(part, hidden))
