@@ -1,12 +1,13 @@
 """Linear layers: PyTorch's `F.linear` (MKL sgemm on a plain weight) beside oneDNN on a prepacked weight
-(`engines.onednn`), on SmolLM2-135M's shapes, in the same process.
+(`engines.onednn`) and, for a decode step's few rows, the small-batch kernel on the plain weight
+(`engines.small_linear`), on SmolLM2-135M's shapes, in the same process.
 
-    .venv/bin/python benchmarks/bench_linear.py [--threads 2] [--rows 8 128 1000]
+    .venv/bin/python benchmarks/bench_linear.py [--threads 2] [--rows 1 8 128 1000]
 
 Prints, per row count: the 30 layers' 7 matmuls (weights streamed from memory, as in a decode step),
-the 49k x 576 output head alone, and the ratio. Random fp32 weights of the model's shapes; the
-numbers are timing only (the two results agree to ~1e-6 relative; tests/unit/test_onednn.py checks
-the model's outputs).
+the 49k x 576 output head alone, and the ratios (F.linear / packed; packed / kernel). Random fp32
+weights of the model's shapes; the numbers are timing only (the results agree to ~1e-6 relative;
+tests/unit/test_onednn.py and test_small_linear.py check the outputs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from engines import small_linear
 
 HIDDEN, INTERMEDIATE, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152
 SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN),
@@ -34,7 +37,7 @@ def timed(call, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", type=int, nargs="+", default=[8, 128, 1000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 128, 1000])
     parser.add_argument("--repeats", type=int, default=10)
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
@@ -48,9 +51,12 @@ def main() -> None:
 
     packed_layers = [[pack(weight, 8) for weight in layer] for layer in layers]
     packed_head = pack(head, 8)
-    print(f"torch {torch.__version__}, {arguments.threads} threads, fp32")
-    print("| rows | 30 layers F.linear ms | packed ms | ratio | head F.linear ms | packed ms | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    kernel = small_linear.available()
+    print(f"torch {torch.__version__}, {arguments.threads} threads, fp32, small-batch kernel: "
+          f"{'built' if kernel else 'not available here'}")
+    print("| rows | 30 layers F.linear ms | packed ms | ratio | kernel ms | packed/kernel "
+          "| head F.linear ms | packed ms | ratio | kernel ms | packed/kernel |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rows in arguments.rows:
         narrow, wide = torch.randn(rows, HIDDEN), torch.randn(rows, INTERMEDIATE)
 
@@ -63,8 +69,15 @@ def main() -> None:
         packed = timed(lambda: run(packed_linear, packed_layers), arguments.repeats)
         head_plain = timed(lambda x=narrow: F.linear(x, head), arguments.repeats)
         head_packed = timed(lambda x=narrow: packed_linear(x, packed_head), arguments.repeats)
-        print(f"| {rows} | {plain:.1f} | {packed:.1f} | **{plain / packed:.2f}x** | {head_plain:.1f} | "
-              f"{head_packed:.1f} | **{head_plain / head_packed:.2f}x** |")
+        if kernel and rows <= small_linear.ROWS:
+            ours = timed(lambda: run(small_linear.linear, layers), arguments.repeats)
+            head_ours = timed(lambda x=narrow: small_linear.linear(x, head), arguments.repeats)
+            layers_kernel = f"{ours:.1f} | **{packed / ours:.2f}x**"
+            head_kernel = f"{head_ours:.1f} | **{head_packed / head_ours:.2f}x**"
+        else:
+            layers_kernel = head_kernel = "- | -"
+        print(f"| {rows} | {plain:.1f} | {packed:.1f} | **{plain / packed:.2f}x** | {layers_kernel} | "
+              f"{head_plain:.1f} | {head_packed:.1f} | **{head_plain / head_packed:.2f}x** | {head_kernel} |")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import sys
 import torch
 from torch import nn
 
+from engines import small_linear
+
 _PACK_BATCH = 8  # the batch hint of the reorder: the decode batch the layout is tuned for
 
 
@@ -87,7 +89,14 @@ class _Packed:
         return self.dense if self.dense is not None else self.packed.to_dense()
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x Wᵀ + b from whichever form the weight is in now (packed, or plain between decoding scopes)."""
+        """x Wᵀ + b from whichever form the weight is in now (packed, or plain: between decoding scopes,
+        or inside one that merges in place); a decode step's few rows by the small-batch kernel
+        (engines.small_linear) from a plain or kept dense weight, where it runs."""
+        dense = self.plain if self.plain is not None else self.dense
+        if dense is not None and x.numel() <= small_linear.ROWS * x.shape[-1]:
+            y = small_linear.linear(x, dense, bias)
+            if y is not None:
+                return y
         if self.plain is not None:
             return nn.functional.linear(x, self.plain, bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
@@ -403,17 +412,20 @@ def unpack_linears(model: nn.Module) -> int:
 
 
 class merged_decoding:
-    """While inside, each LoRA layer over a packed base layer runs from one packed weight W + s·BA
-    (its adapter merged in, as peft's `merge_adapter` would), so that decoding multiplies by one
-    matrix per layer instead of a packed one and two small ones beside it: measured here on a batch-8
-    decode step with LoRA on all 210 layers, 115-136 ms unmerged -> 73-83 ms (the base model's speed).
+    """While inside, each LoRA layer over a packed base layer runs from one weight W + s·BA (its adapter
+    merged in, as peft's `merge_adapter` would), so that decoding multiplies by one matrix per layer
+    instead of a packed one and two small ones beside it: measured here on a batch-8 decode step with
+    LoRA on all 210 layers, 115-136 ms unmerged -> 73-83 ms (the base model's speed). Where the
+    small-batch kernel runs (engines.small_linear), W + s·BA is made in place in the plain weight and
+    the decode steps read it there (a fold's batch-8, 64-token rollout 7.1-9.3 s -> 5.5-6.4 s here,
+    with no weight packed or unpacked); elsewhere it is packed for oneDNN.
     For decoding only: the adapter must not change inside (no training step).
 
     On leaving, each of those layers keeps its base weight *plainly* (dense, `_Packed.plain`:
     W = (W + s·BA) - s·BA in fp32, as peft's unmerge, equal to W up to float rounding): what comes
     between two rollouts of a fold (the teacher's pass, the student's passes and their backward)
     multiplies by the plain weight, instead of unpacking it again for every pass's backward; the next
-    scope packs it again with the new adapter merged in. `unpack_linears` takes the plain weight back
+    scope merges the new adapter in again. `unpack_linears` takes the plain weight back
     into the layer. A layer already plain enters from its plain weight; one with several or unusual
     adapters (what `_LeanLora` sends to peft) is left as it is."""
 
@@ -431,6 +443,9 @@ class merged_decoding:
                 self.layers.append((module, layer, name))
 
     def __enter__(self):
+        # with the small-batch kernel here, a decode step's matmuls read plain weights faster than
+        # packed ones: W + s·BA is made in place in the plain weight and stays plain, nothing is packed
+        self.in_place = small_linear.available()
         entered = 0
         try:
             with torch.inference_mode(False), torch.no_grad(), mapped_blocks():
@@ -439,13 +454,17 @@ class merged_decoding:
                     # new block per layer, where peft's get_delta_weight makes two more of W's size
                     merged = _add_delta(layer.plain if layer.plain is not None else layer.packed.to_dense(),
                                         module, name, 1.0)
-                    try:
-                        packed = _pack(merged)
-                    except BaseException:
-                        _add_delta(merged, module, name, -1.0)  # this layer as it was (a plain one: W again)
-                        raise
-                    layer.packed, layer.plain = packed, None
-                    del merged, packed
+                    if self.in_place:
+                        layer.packed, layer.plain = None, merged
+                    else:
+                        try:
+                            packed = _pack(merged)
+                        except BaseException:
+                            _add_delta(merged, module, name, -1.0)  # this layer as it was (a plain one: W again)
+                            raise
+                        layer.packed, layer.plain = packed, None
+                        del packed
+                    del merged
                     module.merged_adapters.append(name)
                     entered += 1
         except BaseException:
@@ -461,7 +480,8 @@ class merged_decoding:
         with torch.inference_mode(False), torch.no_grad(), mapped_blocks():
             for module, layer, name in layers:
                 module.merged_adapters.remove(name)
-                layer.plain = _add_delta(layer.packed.to_dense(), module, name, -1.0)
+                merged = layer.plain if layer.plain is not None else layer.packed.to_dense()
+                layer.plain = _add_delta(merged, module, name, -1.0)
                 layer.packed = None
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engines import onednn
+from engines import onednn, small_linear
 from engines.base import SamplingParams
 from engines.hf import HFEngine
 from engines.onednn import available, is_packed, pack_linears, unpack_linears
@@ -191,7 +191,18 @@ def test_without_copies_a_kept_weight_stays_plain():
     unpack_linears(net)
 
 
-def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_plain(tiny_tokenizer):
+@pytest.fixture(params=["kernel", "packed"])
+def decoding_kind(request, monkeypatch):
+    """merged_decoding both ways: merged in place into plain weights that the small-batch kernel
+    reads (where it runs), and packed with the adapter merged in (where it does not)."""
+    if request.param == "packed":
+        monkeypatch.setenv("SKILLFOLD_SMALL_LINEAR", "0")
+    elif not small_linear.available():
+        pytest.skip("no small-batch linear kernel on this machine")
+    return request.param
+
+
+def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_plain(tiny_tokenizer, decoding_kind):
     model = lora_model(tiny_tokenizer, seed=1)
     base = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("base_layer.weight")}
     ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
@@ -208,6 +219,10 @@ def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_p
     with torch.no_grad():
         with scope:
             assert all(module.merged for module, _, _ in scope.layers)
+            if decoding_kind == "kernel":  # W + s·BA made in the plain weight, nothing packed
+                assert all(layer.plain is not None and layer.packed is None for _, layer, _ in scope.layers)
+            else:
+                assert all(layer.packed is not None and layer.plain is None for _, layer, _ in scope.layers)
             inside = model(ids).logits
         assert not calls  # one packed matmul a layer, no LoRA pair beside it
         assert not any(module.merged for module, _, _ in scope.layers)
@@ -230,6 +245,8 @@ def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_p
 
 @pytest.mark.parametrize("where", ["delta", "pack"])
 def test_merged_decoding_that_fails_on_entering_leaves_no_layer_merged(tiny_tokenizer, monkeypatch, where):
+    if where == "pack":  # only the packed kind packs
+        monkeypatch.setenv("SKILLFOLD_SMALL_LINEAR", "0")
     model = lora_model(tiny_tokenizer, seed=0)
     ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
     pack_linears(model)

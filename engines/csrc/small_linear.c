@@ -1,0 +1,105 @@
+/* y = x Wᵀ for a few rows of x (a decode step's batch) and a plain row-major fp32 weight W (N x K).
+ *
+ * A decode step multiplies 1-8 rows by every weight of the model once: the work is reading W from
+ * memory, 8 multiply-adds per weight at most. GEMM kernels tuned for big products read it at a third
+ * of the memory bandwidth here (engines/small_linear.py has the figures); this reads each row of W
+ * once, straight from its plain layout, with 8 accumulators in registers (one weight row against 8
+ * input rows) and a software prefetch a few rows ahead, the rows split across OpenMP threads (the
+ * runtime PyTorch itself loaded, so its thread pool). Built by engines/small_linear.py with
+ * -O3 -mavx2 -mfma for x86-64 CPUs that have AVX2 and FMA. */
+#include <immintrin.h>
+#include <omp.h>
+
+#define PREFETCH 2048 /* floats ahead in the weight stream */
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sh = _mm_movehdup_ps(lo);
+    lo = _mm_add_ps(lo, sh);
+    sh = _mm_movehl_ps(sh, lo);
+    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+
+/* one weight row against 8 input rows: y[m * ldy] = x_m . w for m < 8 */
+static void row_by_8(const float *x, long ldx, const float *w, long K, float *y, long ldy) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        _mm_prefetch((const char *)(w + k + PREFETCH), _MM_HINT_T0);
+        __m256 v = _mm256_loadu_ps(w + k);
+        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + ldx + k), a1);
+        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 2 * ldx + k), a2);
+        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 3 * ldx + k), a3);
+        a4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 4 * ldx + k), a4);
+        a5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 5 * ldx + k), a5);
+        a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 6 * ldx + k), a6);
+        a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 7 * ldx + k), a7);
+    }
+    float s[8] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3), hsum(a4), hsum(a5), hsum(a6), hsum(a7)};
+    for (int m = 0; m < 8; m++) {
+        for (long j = k; j < K; j++) s[m] += w[j] * x[m * ldx + j];
+        y[m * ldy] = s[m];
+    }
+}
+
+/* one weight row against 4 input rows */
+static void row_by_4(const float *x, long ldx, const float *w, long K, float *y, long ldy) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        _mm_prefetch((const char *)(w + k + PREFETCH), _MM_HINT_T0);
+        __m256 v = _mm256_loadu_ps(w + k);
+        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + ldx + k), a1);
+        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 2 * ldx + k), a2);
+        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 3 * ldx + k), a3);
+    }
+    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (int m = 0; m < 4; m++) {
+        for (long j = k; j < K; j++) s[m] += w[j] * x[m * ldx + j];
+        y[m * ldy] = s[m];
+    }
+}
+
+/* one weight row against one input row */
+static float dot(const float *x, const float *w, long K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        _mm_prefetch((const char *)(w + k + PREFETCH), _MM_HINT_T0);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    }
+    float s = hsum(_mm256_add_ps(a0, a1));
+    for (; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
+static void rows(const float *x, long M, long ldx, const float *w, long N, long K, float *y, long n0, long n1) {
+    for (long n = n0; n < n1; n++) {
+        const float *row = w + n * K;
+        long m = 0;
+        for (; m + 8 <= M; m += 8) row_by_8(x + m * ldx, ldx, row, K, y + m * N + n, N);
+        if (m + 4 <= M) {
+            row_by_4(x + m * ldx, ldx, row, K, y + m * N + n, N);
+            m += 4;
+        }
+        for (; m < M; m++) y[m * N + n] = dot(x + m * ldx, row, K);
+    }
+}
+
+/* y (M x N, contiguous) = x (M x K, rows `ldx` apart) @ w (N x K, contiguous)ᵀ, on up to `threads` threads */
+void sf_small_linear(const float *x, long M, long ldx, const float *w, long N, long K, float *y, int threads) {
+    if (threads > 1 && N >= 2 * threads && N * K >= 65536) {
+        long per = (N + threads - 1) / threads;
+        #pragma omp parallel num_threads(threads)
+        {
+            long t = omp_get_thread_num();
+            long n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+            if (n0 < n1) rows(x, M, ldx, w, N, K, y, n0, n1);
+        }
+    } else {
+        rows(x, M, ldx, w, N, K, y, 0, N);
+    }
+}

@@ -1,0 +1,153 @@
+"""x Wᵀ for the few rows of a decode step, from a plain fp32 weight, by a small C kernel.
+
+A batch-8 decode step reads every weight of the model once and does at most 8 multiply-adds with
+each: its speed is how fast the weights stream from memory. On the 2-core AVX2 machine measured
+(AMD EPYC, 26 GB/s for a plain sum over 512 MiB), oneDNN's packed kernel reads SmolLM2's 210 layer
+weights in a batch-8 step at 9-10 GB/s (41-46 ms) and MKL's `F.linear` at 5 GB/s;
+`csrc/small_linear.c` (one weight row against 8 input rows in registers, a software prefetch ahead
+of the weight stream, rows split over PyTorch's own OpenMP threads) at 13-14 GB/s (30-32 ms), and
+20 GB/s for 1-4 rows (`benchmarks/bench_linear.py`, docs/benchmarks.md). The sums run in another
+order than oneDNN's or MKL's (~1e-6 relative).
+
+The kernel is compiled once per machine with the system's C compiler (`$CC`, else `cc` or `gcc`;
+`-O3 -mavx2 -mfma -fopenmp`) into `$SKILLFOLD_CACHE/kernels/` (default `~/.cache/skillfold/`),
+written under a temporary name and renamed, so a killed build leaves nothing half-written. Where it
+cannot run (not x86-64, no AVX2 and FMA, no compiler, a failed build) or `SKILLFOLD_SMALL_LINEAR=0`
+is set, `linear` returns None and callers multiply as before; a failed build is logged once, with
+the compiler's message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from engines.models import cache_root
+
+log = logging.getLogger(__name__)
+
+ROWS = 8  # at most this many rows (a decode batch) go through the kernel; more: a GEMM does better
+SOURCE = Path(__file__).parent / "csrc" / "small_linear.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+_SWITCH = "SKILLFOLD_SMALL_LINEAR"
+
+_lock = threading.Lock()
+_function = None  # the loaded kernel, once built
+_tried = False  # a build was attempted (and the answer is final for this process)
+
+
+def supported() -> bool:
+    """Whether this process may use the kernel: x86-64, a CPU that PyTorch runs at AVX2 or better
+    (AVX2 and FMA), and not switched off by `SKILLFOLD_SMALL_LINEAR=0`."""
+    if os.environ.get(_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
+    return capability.upper().startswith(("AVX2", "AVX512"))
+
+
+def _compiler() -> str | None:
+    configured = os.environ.get("CC")
+    if configured:
+        return shutil.which(configured.split()[0]) and configured
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def library_path(compiler: str) -> Path:
+    """Where the kernel built by `compiler` from the current source is cached."""
+    version = subprocess.run([*compiler.split(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    return cache_root() / "kernels" / f"small_linear-{digest}.so"
+
+
+def build(compiler: str | None = None) -> Path:
+    """The kernel's shared library, compiled now unless already cached; raises RuntimeError naming
+    what failed (no compiler, the compiler's own message)."""
+    compiler = compiler or _compiler()
+    if not compiler:
+        raise RuntimeError("no C compiler found (set CC, or install gcc) to build engines/csrc/small_linear.c")
+    target = library_path(compiler)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=target.name + ".", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    try:
+        done = subprocess.run([*compiler.split(), *FLAGS, str(SOURCE), "-o", partial],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} with {compiler} failed:\n{done.stderr.strip()}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def _load():
+    """The kernel function, building it on first use; None where it cannot be had."""
+    global _function, _tried
+    if _function is not None or _tried:
+        return _function
+    with _lock:
+        if _tried:
+            return _function
+        try:
+            if supported():
+                # torch is imported first, so the library's libgomp.so.1 resolves to the OpenMP runtime
+                # PyTorch already loaded: one thread pool, not two fighting over the cores
+                function = ctypes.CDLL(str(build())).sf_small_linear
+                function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                     ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+                function.restype = None
+                _function = function
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            log.warning("the small-batch linear kernel is unavailable, decoding uses oneDNN/MKL instead: %s", error)
+        _tried = True
+    return _function
+
+
+def available() -> bool:
+    """Whether `linear` computes (the kernel is supported here and built), building it if needed."""
+    return supported() and _load() is not None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x Wᵀ (+ b) for x (..., K) of at most `ROWS` rows and a plain weight W (N, K), both fp32 on CPU,
+    through the kernel; None when it does not apply (more rows, another dtype or device, a
+    non-contiguous weight, a gradient to track, or no kernel here): the caller multiplies instead."""
+    if not (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"):
+        return None
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 0 or rows > ROWS or not supported():
+        return None
+    function = _load()
+    if function is None:
+        return None
+    flat = x.reshape(rows, x.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = torch.empty((rows, weight.shape[0]), dtype=torch.float32)
+    function(flat.data_ptr(), rows, flat.stride(0), weight.data_ptr(), weight.shape[0], weight.shape[1],
+             out.data_ptr(), torch.get_num_threads())
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], weight.shape[0])
