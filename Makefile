@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev,plots]"
+	$(BIN)/python -c "from engines import small_linear as k; print('small-batch decode kernel:', 'built' if k.available() else 'not here (decoding uses oneDNN/MKL)')"
 	touch $@
 
 model: install
