@@ -98,6 +98,15 @@ def build(compiler: str | None = None) -> Path:
     return target
 
 
+def _open(path: Path) -> ctypes.CDLL:
+    """The built library; one that does not load (a damaged cache file) is built again, once."""
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return ctypes.CDLL(str(build()))
+
+
 def _load():
     """The kernel function, building it on first use; None where it cannot be had."""
     global _function, _tried
@@ -110,7 +119,7 @@ def _load():
             if supported():
                 # torch is imported first, so the library's libgomp.so.1 resolves to the OpenMP runtime
                 # PyTorch already loaded: one thread pool, not two fighting over the cores
-                function = ctypes.CDLL(str(build())).sf_small_linear
+                function = _open(build()).sf_small_linear
                 function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
                 function.restype = None

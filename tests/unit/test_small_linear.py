@@ -94,3 +94,12 @@ def test_a_failing_compiler_is_named_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no C compiler"):
         monkeypatch.setenv("CC", str(tmp_path / "missing-cc"))
         small_linear.build()
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKILLFOLD_CACHE", str(tmp_path))
+    built = small_linear.build()
+    built.write_bytes(b"not a shared library")
+    library = small_linear._open(built)
+    assert hasattr(library, "sf_small_linear") and built.read_bytes()[:4] == b"\x7fELF"
