@@ -12,14 +12,15 @@ order than oneDNN's or MKL's (~1e-6 relative).
 The kernel is compiled once per machine with the system's C compiler (`$CC`, else `cc` or `gcc`;
 `-O3 -mavx2 -mfma -fopenmp`) into `$SKILLFOLD_CACHE/kernels/` (default `~/.cache/skillfold/`),
 written under a temporary name and renamed, so a killed build leaves nothing half-written. Where it
-cannot run (not x86-64, no AVX2 and FMA, no compiler, a failed build) or `SKILLFOLD_SMALL_LINEAR=0`
-is set, `linear` returns None and callers multiply as before; a failed build is logged once, with
+cannot run (not x86-64, no AVX2 and FMA, no compiler, a failed build) or the process starts with
+`SKILLFOLD_SMALL_LINEAR=0` (or sets `ENABLED = False`), `linear` returns None and callers multiply as before; a failed build is logged once, with
 the compiler's message.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -46,11 +47,22 @@ _function = None  # the loaded kernel, once built
 _tried = False  # a build was attempted (and the answer is final for this process)
 
 
+def _switched_off() -> bool:
+    value = os.environ.get(_SWITCH)
+    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
+
+
+ENABLED = not _switched_off()  # SKILLFOLD_SMALL_LINEAR=0 when the process starts: off (settable at run time)
+
+
 def supported() -> bool:
-    """Whether this process may use the kernel: x86-64, a CPU that PyTorch runs at AVX2 or better
-    (AVX2 and FMA), and not switched off by `SKILLFOLD_SMALL_LINEAR=0`."""
-    if os.environ.get(_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
+    """Whether this process may use the kernel: enabled (`ENABLED`), x86-64, and a CPU that PyTorch
+    runs at AVX2 or better (AVX2 and FMA)."""
+    return ENABLED and _cpu_supported()
+
+
+@functools.cache
+def _cpu_supported() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
@@ -110,13 +122,13 @@ def _open(path: Path) -> ctypes.CDLL:
 def _load():
     """The kernel function, building it on first use; None where it cannot be had."""
     global _function, _tried
-    if _function is not None or _tried:
+    if _function is not None or _tried or not ENABLED:
         return _function
     with _lock:
         if _tried:
             return _function
         try:
-            if supported():
+            if _cpu_supported():
                 # torch is imported first, so the library's libgomp.so.1 resolves to the OpenMP runtime
                 # PyTorch already loaded: one thread pool, not two fighting over the cores
                 function = _open(build()).sf_small_linear
@@ -131,32 +143,42 @@ def _load():
 
 
 def available() -> bool:
-    """Whether `linear` computes (the kernel is supported here and built), building it if needed."""
+    """Whether `linear` computes (the kernel is enabled and supported here, and built), building it if needed."""
     return supported() and _load() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x Wᵀ (+ b) for x (..., K) of at most `ROWS` rows and a plain weight W (N, K), both fp32 on CPU,
     through the kernel; None when it does not apply (more rows, another dtype or device, a
-    non-contiguous weight, a gradient to track, or no kernel here): the caller multiplies instead."""
-    if not (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"):
-        return None
-    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not weight.is_contiguous():
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return None
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows == 0 or rows > ROWS or not supported():
-        return None
-    function = _load()
+    non-contiguous weight, a gradient to track, or no kernel here): the caller multiplies instead.
+    Called ~200 times a decode step, so it checks cheaply (~15 µs a call in all, the kernel's
+    `ctypes` call 3 of them)."""
+    function = _function
     if function is None:
+        function = _load()
+        if function is None:
+            return None
+    if not ENABLED:
         return None
-    flat = x.reshape(rows, x.shape[-1])
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    out = torch.empty((rows, weight.shape[0]), dtype=torch.float32)
-    function(flat.data_ptr(), rows, flat.stride(0), weight.data_ptr(), weight.shape[0], weight.shape[1],
-             out.data_ptr(), torch.get_num_threads())
+    features = x.shape[-1]
+    rows = x.numel() // features if features else 0
+    if not 0 < rows <= ROWS or x.dtype is not torch.float32 or weight.dtype is not torch.float32:
+        return None
+    if not (x.is_cpu and weight.is_cpu) or weight.dim() != 2 or weight.shape[1] != features:
+        return None
+    if not weight.is_contiguous() or ((x.requires_grad or weight.requires_grad) and torch.is_grad_enabled()):
+        return None
+    if x.is_contiguous():
+        source, stride = x, features
+    else:
+        source = x.reshape(rows, features)
+        if source.stride(-1) != 1:
+            source = source.contiguous()
+        stride = source.stride(0)
+    outputs = weight.shape[0]
+    out = torch.empty((*x.shape[:-1], outputs), dtype=torch.float32)
+    function(source.data_ptr(), rows, stride, weight.data_ptr(), outputs, features, out.data_ptr(),
+             torch.get_num_threads())
     if bias is not None:
         out += bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out

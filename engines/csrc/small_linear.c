@@ -20,8 +20,10 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(lo, sh));
 }
 
-/* one weight row against 8 input rows: y[m * ldy] = x_m . w for m < 8 */
-static void row_by_8(const float *x, long ldx, const float *w, long K, float *y, long ldy) {
+/* one weight row against R input rows (R = 4 or 8, a constant once inlined):
+ * y[m * ldy] = x_m . w for m < R, R accumulators in registers */
+static inline __attribute__((always_inline)) void row_by(const int R, const float *x, long ldx, const float *w,
+                                                         long K, float *y, long ldy) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     long k = 0;
     for (; k + 8 <= K; k += 8) {
@@ -31,32 +33,15 @@ static void row_by_8(const float *x, long ldx, const float *w, long K, float *y,
         a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + ldx + k), a1);
         a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 2 * ldx + k), a2);
         a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 3 * ldx + k), a3);
-        a4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 4 * ldx + k), a4);
-        a5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 5 * ldx + k), a5);
-        a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 6 * ldx + k), a6);
-        a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 7 * ldx + k), a7);
+        if (R == 8) {
+            a4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 4 * ldx + k), a4);
+            a5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 5 * ldx + k), a5);
+            a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 6 * ldx + k), a6);
+            a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 7 * ldx + k), a7);
+        }
     }
     float s[8] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3), hsum(a4), hsum(a5), hsum(a6), hsum(a7)};
-    for (int m = 0; m < 8; m++) {
-        for (long j = k; j < K; j++) s[m] += w[j] * x[m * ldx + j];
-        y[m * ldy] = s[m];
-    }
-}
-
-/* one weight row against 4 input rows */
-static void row_by_4(const float *x, long ldx, const float *w, long K, float *y, long ldy) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    long k = 0;
-    for (; k + 8 <= K; k += 8) {
-        _mm_prefetch((const char *)(w + k + PREFETCH), _MM_HINT_T0);
-        __m256 v = _mm256_loadu_ps(w + k);
-        a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + ldx + k), a1);
-        a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 2 * ldx + k), a2);
-        a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + 3 * ldx + k), a3);
-    }
-    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-    for (int m = 0; m < 4; m++) {
+    for (int m = 0; m < R; m++) {
         for (long j = k; j < K; j++) s[m] += w[j] * x[m * ldx + j];
         y[m * ldy] = s[m];
     }
@@ -80,9 +65,9 @@ static void rows(const float *x, long M, long ldx, const float *w, long N, long 
     for (long n = n0; n < n1; n++) {
         const float *row = w + n * K;
         long m = 0;
-        for (; m + 8 <= M; m += 8) row_by_8(x + m * ldx, ldx, row, K, y + m * N + n, N);
+        for (; m + 8 <= M; m += 8) row_by(8, x + m * ldx, ldx, row, K, y + m * N + n, N);
         if (m + 4 <= M) {
-            row_by_4(x + m * ldx, ldx, row, K, y + m * N + n, N);
+            row_by(4, x + m * ldx, ldx, row, K, y + m * N + n, N);
             m += 4;
         }
         for (; m < M; m++) y[m * N + n] = dot(x + m * ldx, row, K);

@@ -196,7 +196,7 @@ def decoding_kind(request, monkeypatch):
     """merged_decoding both ways: merged in place into plain weights that the small-batch kernel
     reads (where it runs), and packed with the adapter merged in (where it does not)."""
     if request.param == "packed":
-        monkeypatch.setenv("SKILLFOLD_SMALL_LINEAR", "0")
+        monkeypatch.setattr(small_linear, "ENABLED", False)
     elif not small_linear.available():
         pytest.skip("no small-batch linear kernel on this machine")
     return request.param
@@ -246,7 +246,7 @@ def test_merged_decoding_serves_the_adapter_merged_and_leaves_the_base_weights_p
 @pytest.mark.parametrize("where", ["delta", "pack"])
 def test_merged_decoding_that_fails_on_entering_leaves_no_layer_merged(tiny_tokenizer, monkeypatch, where):
     if where == "pack":  # only the packed kind packs
-        monkeypatch.setenv("SKILLFOLD_SMALL_LINEAR", "0")
+        monkeypatch.setattr(small_linear, "ENABLED", False)
     model = lora_model(tiny_tokenizer, seed=0)
     ids = torch.tensor([[3, 7, 11, 5, 9, 2]])
     pack_linears(model)

@@ -1,6 +1,9 @@
 """The small-batch linear kernel (engines.small_linear): the same products as F.linear, built once."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,10 +64,30 @@ def test_declines_what_it_does_not_cover():
 
 
 @needs_kernel
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("SKILLFOLD_SMALL_LINEAR", "0")
+def test_switched_off(monkeypatch):
+    monkeypatch.setattr(small_linear, "ENABLED", False)
     assert not small_linear.available()
     assert small_linear.linear(torch.randn(2, 8), torch.randn(4, 8)) is None
+
+
+def test_the_environment_switch_is_read_at_start():
+    code = "from engines import small_linear; print(small_linear.ENABLED, small_linear.available())"
+    environment = {**os.environ, "SKILLFOLD_SMALL_LINEAR": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+@needs_kernel
+def test_a_non_default_dtype_setting_still_gets_fp32(monkeypatch):
+    x, weight = torch.randn(3, 16), torch.randn(5, 16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = small_linear.linear(x, weight)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32 and torch.allclose(got, x @ weight.T, atol=1e-5)
 
 
 @needs_kernel
