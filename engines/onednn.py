@@ -20,9 +20,11 @@ sampled tokens identical in the tests).
 - weights that train (`requires_grad`) are left alone, as is anything not fp32 on CPU;
 - a peft LoRA layer over a packed base layer gets a lean forward (`_LeanLora`).
 A weight swapped into a packed layer (`parameter.data = other`, as a teacher scope does) is used
-densely until it is swapped back. `merged_decoding(model)` packs each LoRA layer's base weight with its
-adapter merged in for a rollout and leaves it plain (dense, on the `_Packed` holder) afterwards, for
-the training passes up to the next rollout. `unpack_linears(model)` puts the dense weights back bit for bit.
+densely until it is swapped back. `merged_decoding(model)` merges each LoRA layer's adapter into its
+base weight for a rollout (in place in the plain weight, read by engines.small_linear's kernel where
+it runs; packed otherwise) and leaves it plain (dense, on the `_Packed` holder) afterwards, for the
+training passes up to the next rollout. A decode step's few rows go through that kernel wherever a
+dense weight is at hand (a plain one, or the head's kept copy). `unpack_linears(model)` puts the dense weights back bit for bit.
 Anything that changes weights (merging an adapter, attaching LoRA, a full fine-tune) must run between
 `unpack_linears` and the next `pack_linears`.
 """
