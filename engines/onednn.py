@@ -24,7 +24,8 @@ densely until it is swapped back. `merged_decoding(model)` merges each LoRA laye
 base weight for a rollout (in place in the plain weight, read by engines.small_linear's kernel where
 it runs; packed otherwise) and leaves it plain (dense, on the `_Packed` holder) afterwards, for the
 training passes up to the next rollout. A decode step's few rows go through that kernel wherever a
-dense weight is at hand (a plain one, or the head's kept copy). `unpack_linears(model)` puts the dense weights back bit for bit.
+dense weight is at hand (a plain one, or the head's kept copy). `unpack_linears(model)` puts the
+dense weights back bit for bit.
 Anything that changes weights (merging an adapter, attaching LoRA, a full fine-tune) must run between
 `unpack_linears` and the next `pack_linears`.
 """
@@ -95,8 +96,8 @@ class _Packed:
         or inside one that merges in place); a decode step's few rows by the small-batch kernel
         (engines.small_linear) from a plain or kept dense weight, where it runs."""
         dense = self.plain if self.plain is not None else self.dense
-        if dense is not None and x.numel() <= small_linear.ROWS * x.shape[-1]:
-            y = small_linear.linear(x, dense, bias)
+        if dense is not None:
+            y = small_linear.linear(x, dense, bias)  # None beyond a decode step's rows, or without the kernel
             if y is not None:
                 return y
         if self.plain is not None:
@@ -447,16 +448,16 @@ class merged_decoding:
     def __enter__(self):
         # with the small-batch kernel here, a decode step's matmuls read plain weights faster than
         # packed ones: W + s·BA is made in place in the plain weight and stays plain, nothing is packed
-        self.in_place = small_linear.available()
+        in_place = small_linear.available()
         entered = 0
         try:
             with torch.inference_mode(False), torch.no_grad(), mapped_blocks():
                 for module, layer, name in self.layers:
-                    # W + s·BA in W's own buffer (its plain form goes once the packed one is made): one
-                    # new block per layer, where peft's get_delta_weight makes two more of W's size
+                    # W + s·BA in W's plain buffer (unpacked first where the layer holds W packed): at most
+                    # one new block per layer, where peft's get_delta_weight makes two more of W's size
                     merged = _add_delta(layer.plain if layer.plain is not None else layer.packed.to_dense(),
                                         module, name, 1.0)
-                    if self.in_place:
+                    if in_place:
                         layer.packed, layer.plain = None, merged
                     else:
                         try:

@@ -13,8 +13,8 @@ The kernel is compiled once per machine with the system's C compiler (`$CC`, els
 `-O3 -mavx2 -mfma -fopenmp`) into `$SKILLFOLD_CACHE/kernels/` (default `~/.cache/skillfold/`),
 written under a temporary name and renamed, so a killed build leaves nothing half-written. Where it
 cannot run (not x86-64, no AVX2 and FMA, no compiler, a failed build) or the process starts with
-`SKILLFOLD_SMALL_LINEAR=0` (or sets `ENABLED = False`), `linear` returns None and callers multiply as before; a failed build is logged once, with
-the compiler's message.
+`SKILLFOLD_SMALL_LINEAR=0` (or sets `ENABLED = False`), `linear` returns None and callers multiply
+as before; a failed build is logged once, with the compiler's message.
 """
 
 from __future__ import annotations
@@ -55,14 +55,9 @@ def _switched_off() -> bool:
 ENABLED = not _switched_off()  # SKILLFOLD_SMALL_LINEAR=0 when the process starts: off (settable at run time)
 
 
-def supported() -> bool:
-    """Whether this process may use the kernel: enabled (`ENABLED`), x86-64, and a CPU that PyTorch
-    runs at AVX2 or better (AVX2 and FMA)."""
-    return ENABLED and _cpu_supported()
-
-
 @functools.cache
 def _cpu_supported() -> bool:
+    """x86-64, and a CPU that PyTorch runs at AVX2 or better (AVX2 and FMA)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
@@ -143,8 +138,9 @@ def _load():
 
 
 def available() -> bool:
-    """Whether `linear` computes (the kernel is enabled and supported here, and built), building it if needed."""
-    return supported() and _load() is not None
+    """Whether `linear` computes (the kernel is enabled, this CPU runs it, and it is built), building
+    it if needed."""
+    return ENABLED and _load() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:

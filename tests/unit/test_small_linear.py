@@ -79,7 +79,7 @@ def test_the_environment_switch_is_read_at_start():
 
 
 @needs_kernel
-def test_a_non_default_dtype_setting_still_gets_fp32(monkeypatch):
+def test_a_non_default_dtype_setting_still_gets_fp32():
     x, weight = torch.randn(3, 16), torch.randn(5, 16)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
