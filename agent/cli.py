@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agent.cli_common import console, fail, open_engine, open_memory, quiet_libraries, user_errors
+from agent.cli_memory import chat, skills_app
 from agent.config import ConfigError, EvalConfig, ModelConfig, build_config, save_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Agents that learn skills fast and fold them slow.")
@@ -32,40 +33,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="last stdout line is a 
 OverridesArgument = Annotated[list[str] | None, typer.Argument(help="key=value config overrides, e.g. model.batch_size=16")]
 MemoryUrlOption = Annotated[str | None, typer.Option(help="Chroma server URL instead of the embedded store")]
 ModelOption = Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded SmolLM2-135M)")]
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 log = logging.getLogger("skillfold")
-
-
-def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}")  # escaped: user text may hold [brackets]
-    raise typer.Exit(2)
-
-
-@contextmanager
-def user_errors():
-    """Turn bad-input exceptions into a clear message and exit code 2 (bugs still raise)."""
-    from engines.hf import AdapterError
-    from engines.models import ModelNotFound
-    from envs.base import EnvSpecError
-    from memory import InvalidSkill, MemoryStoreError, SkillNotFound, TrajectoryNotFound
-
-    try:
-        yield
-    except (ConfigError, EnvSpecError, ModelNotFound, AdapterError, MemoryStoreError, InvalidSkill) as error:
-        fail(str(error))
-    except (SkillNotFound, TrajectoryNotFound) as error:
-        fail(str(error.args[0]) if error.args else str(error))
-
-
-def quiet_libraries() -> None:
-    import warnings
-
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    # peft asks transformers a deprecated question when it wraps a model; nothing for a user to do
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @app.callback()
@@ -164,8 +132,8 @@ def eval_command(
         families = [make_family(spec.name, dict(spec.options)) for spec in run_config.envs]
         run_dir = _new_run_dir(run_config.home, "eval")
         save_config(run_config, run_dir)
-        store = _open_memory(run_config.home, run_config.memory_url) if run_config.memory else None
-        engine = _load_engine(run_config.model, run_config.home)
+        store = open_memory(run_config.home, run_config.memory_url) if run_config.memory else None
+        engine = open_engine(run_config.model, run_config.home)
         results = []
         with open(run_dir / "trajectories.jsonl", "w") as sink:
             for family in families:
@@ -235,8 +203,8 @@ def run_command(
         name = run_config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_dir = run_config.home / "runs" / f"run-{name}"
         save_config(run_config, run_dir)
-        store = _open_memory(run_config.home, run_config.memory_url)
-        engine = _load_engine(run_config.model, run_config.home)
+        store = open_memory(run_config.home, run_config.memory_url)
+        engine = open_engine(run_config.model, run_config.home)
         with _progress_bar(f"run {family.name}") as progress:
             progress("planned", run_config.loop.episodes)
             tally = {"episodes": 0, "successes": 0}
@@ -306,7 +274,7 @@ def fold_command(
         run_config = build_config(FoldRunConfig, config, flags, overrides or [])
         if resume and not run_config.run_id:
             fail("--resume needs the --run-id of the fold to continue")
-        store = _open_memory(run_config.home, run_config.memory_url)
+        store = open_memory(run_config.home, run_config.memory_url)
         names = run_config.families or [
             name for name in store.families() if store.list_skills(family=name, status="active")
         ]
@@ -315,12 +283,12 @@ def fold_command(
         skilled = {name: make_family(name) for name in names}
         anchors = {name: make_family(name) for name in run_config.anchors if name not in skilled}
         start_adapter = resolve_adapter(adapter, run_config.home)
-        engine = _load_engine(run_config.model.model_copy(update={"adapter": start_adapter}))
+        engine = open_engine(run_config.model.model_copy(update={"adapter": start_adapter}))
         external = None
         if run_config.fold.teacher == "external":
             if not run_config.fold.teacher_model:
                 fail("method opd needs an external teacher: --teacher-model ID_OR_DIR")
-            external = _load_engine(ModelConfig(name=run_config.fold.teacher_model)).model
+            external = open_engine(ModelConfig(name=run_config.fold.teacher_model)).model
             if len(external.get_input_embeddings().weight) != len(engine.model.get_input_embeddings().weight):
                 fail("the external teacher's vocabulary differs from the student's; pick a teacher of the same family")
         items = fold_items(store, engine, skilled, anchors, run_config.items_per_family, run_config.probes,
@@ -386,8 +354,8 @@ def evolve_command(
         run_dir = config.home / "evolve" / config.run_id
         check_run(run_dir, config.stream)
         save_config(config, run_dir)
-        store = _open_memory(config.home, config.memory_url)
-        engine = _load_engine(config.model, config.home)
+        store = open_memory(config.home, config.memory_url)
+        engine = open_engine(config.model, config.home)
         runtime = Stream(engine=engine, memory=store, settings=config.stream, families=families, home=config.home,
                          run_id=config.run_id, say=console.print, on_fold_step=_fold_step_line(config.stream.fold.steps))
         started = time.perf_counter()
@@ -479,7 +447,7 @@ def experiment_command(
             check_seeds(experiment, seed or None)
             check_arms(experiment, arm or None)
             prepare_out(out, experiment)
-            engine = _load_engine(experiment.model)
+            engine = open_engine(experiment.model)
             started = time.perf_counter()
             try:
                 metrics = run_experiment(engine, experiment, out, say=console.print, seeds=seed or None,
@@ -536,7 +504,7 @@ def demo_command(
 
     quiet_libraries()
     with user_errors():
-        engine = _load_engine(ModelConfig(name=model))
+        engine = open_engine(ModelConfig(name=model))
         started = time.perf_counter()
         rows = run_demo(engine, home, items, episodes, fold_steps, say=console.print)
     table = Table(title=f"skillfold demo: held-out accuracy, {items} items each, 95% Wilson intervals")
@@ -614,34 +582,6 @@ def _with_tools(name: str, tools: str | None) -> str:
     return "+".join([name, *[tool.strip() for tool in tools.split(",") if tool.strip()]])
 
 
-def _open_memory(home: Path, url: str | None = None):
-    from memory import Memory
-
-    if home.exists() and not home.is_dir():
-        raise ConfigError(f"skillfold home {home} exists but is not a directory; pass --home DIR")
-    with console.status("opening memory"):
-        return Memory.open(home=None if url else home, url=url)
-
-
-def _load_engine(model_config, home: Path | None = None):
-    """The engine for a model config; `adapter` may be `latest` (the newest fold in `home`) or none."""
-    from agent.folding import resolve_adapter
-    from engines.hf import HFEngine
-
-    if home is not None:
-        model_config = model_config.model_copy(update={"adapter": resolve_adapter(model_config.adapter, home)})
-    with console.status("loading model"):
-        return HFEngine.load(
-            model_config.name,
-            device=model_config.device,
-            dtype=model_config.dtype,
-            threads=model_config.threads,
-            batch_size=model_config.batch_size,
-            adapter=model_config.adapter,
-            packed_weights=model_config.packed_weights,
-        )
-
-
 @contextmanager
 def _progress_bar(description: str):
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -666,14 +606,9 @@ def _new_run_dir(home: Path, kind: str) -> Path:
     return run_dir
 
 
-def _register_memory_commands() -> None:
-    from agent.cli_memory import chat, skills_app
-
-    app.add_typer(skills_app, name="skills")
-    app.command("chat")(chat)
-
-
-_register_memory_commands()
+# ------------------------------------------------ skills and chat (agent/cli_memory.py)
+app.add_typer(skills_app, name="skills")
+app.command("chat")(chat)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The `skillfold skills ...` and `skillfold chat` commands: inspecting memory and talking to the agent.
 
-Registered on the main app in `agent/cli.py`. The same output conventions hold: tables to stderr,
-`--json` puts one JSON value on the last line of stdout, bad input exits 2 with a clear message.
+Registered on the main app in `agent/cli.py`; the helpers both share are in `agent/cli_common.py`.
+The same output conventions hold: tables to stderr, `--json` puts one JSON value on the last line of
+stdout, bad input exits 2 with a clear message.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from agent.config import ModelConfig, default_home
+from agent.cli_common import console, fail, open_engine, open_memory, quiet_libraries, user_errors
+from agent.config import ConfigError, ModelConfig, default_home
 
 skills_app = typer.Typer(no_args_is_help=True, help="Inspect and edit the skill library.")
 
@@ -25,7 +27,6 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print JSON on stdout")
 
 
 def _memory(home: Path | None, url: str | None, must_exist: bool = True):
-    from agent.cli import ConfigError, _open_memory
 
     home = home or default_home()
     if must_exist and url is None and not (home / "chroma").exists():
@@ -33,7 +34,7 @@ def _memory(home: Path | None, url: str | None, must_exist: bool = True):
             f"no skill memory in {home} (no {home / 'chroma'}); run `skillfold run --home {home} ...` first "
             "or pass the --home that holds it"
         )
-    return _open_memory(home, url)
+    return open_memory(home, url)
 
 
 def _skill_row(skill) -> dict:
@@ -57,7 +58,6 @@ def skills_list(
     json_output: JsonOption = False,
 ) -> None:
     """Every skill, one line each."""
-    from agent.cli import console, user_errors
 
     with user_errors():
         skills = _memory(home, memory_url).list_skills(family=family, status=status)
@@ -83,7 +83,6 @@ def skills_show(
     json_output: JsonOption = False,
 ) -> None:
     """A skill's text, provenance (source trajectories), usage statistics and versions."""
-    from agent.cli import console, user_errors
 
     with user_errors():
         store = _memory(home, memory_url)
@@ -125,7 +124,6 @@ def skills_search(
     json_output: JsonOption = False,
 ) -> None:
     """Nearest active skills to a text."""
-    from agent.cli import console, user_errors
 
     with user_errors():
         found = _memory(home, memory_url).search_skills(text, family=family, k=k)
@@ -139,7 +137,6 @@ def skills_search(
 @skills_app.command("stats")
 def skills_stats(home: HomeOption = None, memory_url: UrlOption = None, json_output: JsonOption = False) -> None:
     """Counts: trajectories, skills by status, per family."""
-    from agent.cli import console, user_errors
 
     with user_errors():
         stats = _memory(home, memory_url).stats()
@@ -157,7 +154,6 @@ def skills_export(
     memory_url: UrlOption = None,
 ) -> None:
     """The whole library as JSON or Markdown on stdout."""
-    from agent.cli import fail, user_errors
 
     if format not in ("json", "md"):
         fail(f"--format takes json or md, not {format!r}")
@@ -172,7 +168,6 @@ def skills_rm(
     memory_url: UrlOption = None,
 ) -> None:
     """Delete a skill (its source trajectories stay)."""
-    from agent.cli import console, user_errors
 
     with user_errors():
         removed = _memory(home, memory_url).remove_skill(skill_id)
@@ -199,12 +194,11 @@ def chat(
 ) -> None:
     """Talk to the agent: it answers with the skills it retrieves (shown) and may call tools."""
     from agent.chat import ChatSession
-    from agent.cli import _load_engine, console, quiet_libraries, user_errors
 
     quiet_libraries()
     with user_errors():
         store = _memory(home, memory_url, must_exist=False)
-        engine = _load_engine(ModelConfig(name=model, adapter=adapter))
+        engine = open_engine(ModelConfig(name=model, adapter=adapter))
         session = ChatSession(engine, store, family=family, tools=[t for t in (tools or "").split(",") if t],
                               max_new_tokens=max_new_tokens)
     console.print(CHAT_HELP)

@@ -12,12 +12,13 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.base import SamplingParams
+from engines.config import EngineConfig
 from learners.fold import FoldConfig
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -27,19 +28,8 @@ class ConfigError(ValueError):
     """A malformed config file or override, reported with what to fix."""
 
 
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: Literal["hf"] = Field(default="hf", description="generation backend")
-    name: str | None = Field(default=None, description="HF model id or directory; None = embedded default")
-    adapter: str | None = Field(default=None, description="PEFT adapter directory served on top")
-    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1 ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None = all cores")
-    batch_size: int = Field(default=32, ge=1, description="rows per forward pass")
-    packed_weights: bool = Field(
-        default=True, description="CPU fp32: frozen linear layers computed from oneDNN-prepacked weights "
-        "(engines.onednn; faster, the same model to ~1e-6); false = plain PyTorch linears")
+# The model of every run config is the engine config: `model.kind`, `model.name`, `model.batch_size` ...
+ModelConfig = EngineConfig
 
 
 class EnvConfig(BaseModel):

@@ -1,7 +1,8 @@
-"""The agent loop on LangGraph: retrieve -> act -> step (until done) -> record -> reflect -> admit.
+"""The agent loop on LangGraph: retrieve -> act (until done) -> record -> reflect -> admit.
 
-One graph iteration plays a batch of train items of one family together: every `act` is one
-batched `engine.generate` over the batch's unfinished episodes. Nodes are plain functions over a
+One graph iteration plays a batch of train items of one family together: every `act` is one turn of
+the batch's unfinished episodes through `learners.rollout.play_turn` (one batched `engine.generate`,
+then every environment stepped), the same turn `run_episodes` plays. Nodes are plain functions over a
 small serialisable state (trajectories as JSON-able dicts, counters); live environments sit in a
 runtime cache outside the state. After a kill, the SQLite checkpointer restarts from the last
 completed node: an environment missing from the cache is rebuilt from its (split, index) and the
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import operator
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypedDict
 
 from langgraph.graph import END, START, StateGraph
@@ -36,8 +39,8 @@ from agent.skills import (
     write_rule,
 )
 from engines.base import Engine
-from envs.base import Environment, TaskFamily, Trajectory, Turn
-from learners.rollout import score_trajectory
+from envs.base import Environment, TaskFamily, Trajectory
+from learners.rollout import _error_text, play_turn, score_trajectory
 from memory import Memory, Skill
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,13 @@ class Runtime:
         return list(range(size - self.settings.probes, size))
 
 
+def _clock_start(trajectories: list[Trajectory]) -> float:
+    """The `time.perf_counter()` reading at which the batch started, from the start times it stores
+    (so episode durations survive a resume)."""
+    elapsed = (datetime.now(UTC) - min(trajectory.started_at for trajectory in trajectories)).total_seconds()
+    return time.perf_counter() - elapsed
+
+
 def _active(trajectory: Trajectory) -> bool:
     finished = trajectory.error is not None or trajectory.truncated
     finished = finished or (bool(trajectory.turns) and trajectory.turns[-1].done)
@@ -85,19 +95,20 @@ def build_graph(runtime: Runtime, checkpointer=None):
     threshold = getattr(family, "success_threshold", 1.0)
 
     def environment_for(trajectory: Trajectory) -> Environment:
-        """The live environment of an episode whose last turn is pending; after a resume it is
-        rebuilt from its item index and the earlier actions are replayed into it."""
+        """The live environment of an unfinished episode; after a resume it is rebuilt from its item
+        index and the actions already taken are replayed into it."""
         environment = runtime.environments.get(trajectory.id)
         if environment is None:
             environment = family.make("train", trajectory.info["index"])
             environment.initial_observation()
-            for turn in trajectory.turns[:-1]:
+            for turn in trajectory.turns:
                 environment.step(turn.action)
             runtime.environments[trajectory.id] = environment
         return environment
 
-    def finish(trajectory: Trajectory) -> None:
+    def finish(trajectory: Trajectory, started: float) -> None:
         score_trajectory(trajectory, threshold)
+        trajectory.duration_s = time.perf_counter() - started
 
     def seed(state: LoopState) -> LoopState:
         """A family with tools and no skills yet starts from its tools' documentation examples."""
@@ -119,6 +130,7 @@ def build_graph(runtime: Runtime, checkpointer=None):
         count = min(settings.batch_size, remaining)
         limit = runtime.probe_indices()[0] if settings.probes else family.split_size("train")
         batch = []
+        started = time.perf_counter()
         for index in range(start, min(start + count, limit)):
             trajectory = Trajectory(
                 id=f"{runtime.run_id}-{index}",
@@ -136,8 +148,8 @@ def build_graph(runtime: Runtime, checkpointer=None):
                 trajectory.prompt = list(environment.initial_observation())
                 runtime.environments[trajectory.id] = environment
             except Exception as error:
-                trajectory.error = f"{type(error).__name__}: {error}"
-                finish(trajectory)
+                trajectory.error = _error_text(error)
+                finish(trajectory, started)
                 batch.append(trajectory.model_dump(mode="json"))
                 continue
             skills = retrieve_for(runtime.memory, runtime.engine, family.name, trajectory.prompt,
@@ -153,42 +165,26 @@ def build_graph(runtime: Runtime, checkpointer=None):
         return {"batch": batch, "next_index": start + len(batch)}
 
     def act(state: LoopState) -> LoopState:
+        """One turn of every unfinished episode of the batch; an episode at the turn limit is truncated."""
         trajectories = [Trajectory.model_validate(item) for item in state["batch"]]
-        active = [trajectory for trajectory in trajectories if _active(trajectory)]
-        chats = [[m.as_dict() for m in trajectory.messages(with_context=True)] for trajectory in active]
+        active = [index for index, trajectory in enumerate(trajectories) if _active(trajectory)]
+        environments = {index: environment_for(trajectories[index]) for index in active}
         params = settings.sampling.model_copy(update={"seed": settings.sampling.seed + state.get("next_index", 0)})
-        for trajectory, generation in zip(active, runtime.engine.generate(chats, params), strict=True):
-            trajectory.turns.append(
-                Turn(
-                    action=generation.text,
-                    prompt_tokens=generation.prompt_tokens,
-                    completion_tokens=len(generation.token_ids),
-                )
-            )
+        started = _clock_start(trajectories)
+        try:
+            still_active = play_turn(runtime.engine, environments, trajectories, active, params, started=started,
+                                     success_threshold=threshold, on_finish=None) if active else []
+        except BaseException:
+            for index in active:  # some may have stepped: rebuilt and replayed when this node runs again
+                runtime.environments.pop(trajectories[index].id, None)
+            raise
+        for index in still_active:
+            if len(trajectories[index].turns) >= settings.max_turns:
+                trajectories[index].truncated = True
+                finish(trajectories[index], started)
         return {"batch": [trajectory.model_dump(mode="json") for trajectory in trajectories]}
 
-    def step(state: LoopState) -> LoopState:
-        trajectories = [Trajectory.model_validate(item) for item in state["batch"]]
-        for trajectory in trajectories:
-            if not _active(trajectory) or not trajectory.turns:
-                continue
-            turn = trajectory.turns[-1]
-            try:
-                result = environment_for(trajectory).step(turn.action)
-            except Exception as error:
-                trajectory.error = f"{type(error).__name__}: {error}"[:2000]
-                finish(trajectory)
-                continue
-            turn.observation, turn.reward, turn.done, turn.info = (
-                list(result.observation), result.reward, result.done, dict(result.info),
-            )
-            if not turn.done and len(trajectory.turns) >= settings.max_turns:
-                trajectory.truncated = True
-            if turn.done or trajectory.truncated:
-                finish(trajectory)
-        return {"batch": [trajectory.model_dump(mode="json") for trajectory in trajectories]}
-
-    def after_step(state: LoopState) -> str:
+    def after_act(state: LoopState) -> str:
         trajectories = [Trajectory.model_validate(item) for item in state["batch"]]
         return "act" if any(_active(t) for t in trajectories) else "record"
 
@@ -261,14 +257,13 @@ def build_graph(runtime: Runtime, checkpointer=None):
         return "retrieve" if state.get("episodes", 0) < settings.episodes else END
 
     graph = StateGraph(LoopState)
-    for name, node in [("seed", seed), ("retrieve", retrieve), ("act", act), ("step", step), ("record", record),
+    for name, node in [("seed", seed), ("retrieve", retrieve), ("act", act), ("record", record),
                        ("reflect", reflect), ("admit", admit)]:
         graph.add_node(name, node)
     graph.add_edge(START, "seed")
     graph.add_edge("seed", "admit")
     graph.add_edge("retrieve", "act")
-    graph.add_edge("act", "step")
-    graph.add_conditional_edges("step", after_step, ["act", "record"])
+    graph.add_conditional_edges("act", after_act, ["act", "record"])
     graph.add_edge("record", "reflect")
     graph.add_edge("reflect", "admit")
     graph.add_conditional_edges("admit", after_admit, ["retrieve", END])

@@ -1,16 +1,20 @@
 """Generation and scoring backends behind one protocol (`Engine`), used by agent and learners alike.
 
-`engines.hf` (transformers, CPU or CUDA) is imported lazily so that importing the protocol does not
-import torch.
+`load_engine(config)` builds the backend an `EngineConfig` names. `engines.hf` (transformers, CPU or
+CUDA) is imported lazily so that importing the protocol does not import torch.
 """
 
+from collections.abc import Callable
+
 from engines.base import Chat, Engine, Generation, SamplingParams, TokenScores
+from engines.config import EngineConfig
 from engines.models import DEFAULT_MODEL, ModelNotFound, cache_root, pull_default_model, resolve_model
 
 __all__ = [
     "DEFAULT_MODEL",
     "Chat",
     "Engine",
+    "EngineConfig",
     "Generation",
     "ModelNotFound",
     "SamplingParams",
@@ -22,10 +26,26 @@ __all__ = [
 ]
 
 
-def load_engine(kind: str = "hf", **options) -> Engine:
-    """Build an engine by kind ("hf"; "vllm" where installed)."""
-    if kind == "hf":
-        from engines.hf import HFEngine
+def _load_hf(config: EngineConfig) -> Engine:
+    from engines.hf import HFEngine
 
-        return HFEngine.load(**options)
-    raise ValueError(f"unknown engine kind {kind!r}; available: hf")
+    return HFEngine.load(
+        config.name,
+        device=config.device,
+        dtype=config.dtype,
+        threads=config.threads,
+        batch_size=config.batch_size,
+        adapter=config.adapter,
+        packed_weights=config.packed_weights,
+    )
+
+
+_LOADERS: dict[str, Callable[[EngineConfig], Engine]] = {"hf": _load_hf}
+
+
+def load_engine(config: EngineConfig) -> Engine:
+    """The engine `config.kind` names, serving `config.name` (with `config.adapter` on top)."""
+    loader = _LOADERS.get(config.kind)
+    if loader is None:
+        raise ValueError(f"unknown engine kind {config.kind!r}; available: {', '.join(sorted(_LOADERS))}")
+    return loader(config)

@@ -84,6 +84,13 @@ class Turn(BaseModel):
     info: dict[str, Any] = Field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    token_ids: list[int] = Field(
+        default_factory=list, description="the sampled tokens of `action` as the engine returned them (a stop "
+        "string's tokens included): trainers train on exactly these")
+    logprobs: list[float] = Field(
+        default_factory=list, description="the behaviour log-prob of each sampled token (the rollout policy's, "
+        "at temperature 1), for importance ratios")
+    adapter_version: int | None = Field(default=None, description="the adapter version that sampled this turn")
 
 
 def _now() -> datetime:

@@ -13,7 +13,7 @@ teacher the same transcript with its privileged context (`teacher_contexts[i]`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from engines.base import Chat, Engine, Generation, GuidedGeneration, SamplingParams
 from envs.base import Environment, Message, Split, Trajectory, Turn
@@ -84,52 +84,11 @@ def run_episodes(
     for _turn in range(max_turns):
         if not active:
             break
-        chats = [
-            [message.as_dict() for message in trajectories[index].messages(with_context=True)] for index in active
-        ]
-        if progress:
-            progress("planned", len(chats))
-        generations: list[Generation]
-        if guided is not None:
-            teacher_chats = [
-                [message.as_dict() for message in with_context(
-                    trajectories[index].messages(with_context=True), teacher_contexts[index])[0]]
-                for index in active
-            ]
-            generations = list(guided(chats, teacher_chats, params))
-            if progress:
-                progress("generated", len(chats))
-        else:
-            generations = engine.generate(
-                chats, params, progress=(lambda done: progress("generated", done)) if progress else None
-            )
-        still_active = []
-        for index, generation in zip(active, generations, strict=True):
-            trajectory = trajectories[index]
-            turn = Turn(
-                action=generation.text,
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=len(generation.token_ids),
-            )
-            if guided is not None:
-                turn.info = {"teacher_tokens": sum(getattr(generation, "sources", [])),
-                             "generated_tokens": len(generation.token_ids)}
-            trajectory.turns.append(turn)
-            try:
-                result = environments[index].step(generation.text)
-            except Exception as error:
-                trajectory.error = _error_text(error)
-                _finish(trajectory, started, success_threshold, on_finish)
-                continue
-            turn.observation = list(result.observation)
-            turn.reward = result.reward
-            turn.done = result.done
-            turn.info = {**result.info, **turn.info}  # the environment's info, and the rollout's counts
-            if result.done:
-                _finish(trajectory, started, success_threshold, on_finish)
-            else:
-                still_active.append(index)
-        active = still_active
+        active = play_turn(
+            engine, environments, trajectories, active, params, started=started,
+            success_threshold=success_threshold, on_finish=on_finish, progress=progress,
+            teacher_contexts=teacher_contexts, guided=guided,
+        )
 
     for index in active:
         trajectories[index].truncated = True
@@ -155,3 +114,76 @@ def _finish(
     trajectory.duration_s = time.perf_counter() - started
     if on_finish:
         on_finish(trajectory)
+
+
+def play_turn(
+    engine: Engine,
+    environments: Sequence[Environment] | Mapping[int, Environment],
+    trajectories: Sequence[Trajectory],
+    active: Sequence[int],
+    params: SamplingParams,
+    *,
+    started: float,
+    success_threshold: float,
+    on_finish: Callable[[Trajectory], None] | None,
+    progress: Callable[[str, int], None] | None = None,
+    teacher_contexts: Sequence[Sequence[Message]] | None = None,
+    guided: GuidedGenerate | None = None,
+) -> list[int]:
+    """One turn of the episodes `active` (indices into `trajectories` and `environments`).
+
+    One batched generation (`engine.generate`, or `guided` as in `run_episodes`) gives every active
+    episode its action; each environment is stepped with it and the `Turn` recorded on its trajectory.
+    An episode that ends (done, or its environment raised) is finished: scored, timed from `started`
+    (a `time.perf_counter()` reading), passed to `on_finish`. Returns the indices still going; the
+    turn limit is the caller's.
+    """
+    chats = [
+        [message.as_dict() for message in trajectories[index].messages(with_context=True)] for index in active
+    ]
+    if progress:
+        progress("planned", len(chats))
+    generations: list[Generation]
+    if guided is not None:
+        teacher_chats = [
+            [message.as_dict() for message in with_context(
+                trajectories[index].messages(with_context=True), teacher_contexts[index] if teacher_contexts else [])[0]]
+            for index in active
+        ]
+        generations = list(guided(chats, teacher_chats, params))
+        if progress:
+            progress("generated", len(chats))
+    else:
+        generations = engine.generate(
+            chats, params, progress=(lambda done: progress("generated", done)) if progress else None
+        )
+    still_active = []
+    for index, generation in zip(active, generations, strict=True):
+        trajectory = trajectories[index]
+        turn = Turn(
+            action=generation.text,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=len(generation.token_ids),
+            token_ids=list(generation.token_ids),
+            logprobs=list(getattr(generation, "behaviour_logprobs", None) or generation.logprobs),
+            adapter_version=getattr(engine, "adapter_version", None),
+        )
+        if guided is not None:
+            turn.info = {"teacher_tokens": sum(getattr(generation, "sources", [])),
+                         "generated_tokens": len(generation.token_ids)}
+        trajectory.turns.append(turn)
+        try:
+            result = environments[index].step(generation.text)
+        except Exception as error:
+            trajectory.error = _error_text(error)
+            _finish(trajectory, started, success_threshold, on_finish)
+            continue
+        turn.observation = list(result.observation)
+        turn.reward = result.reward
+        turn.done = result.done
+        turn.info = {**result.info, **turn.info}  # the environment's info, and the rollout's counts
+        if result.done:
+            _finish(trajectory, started, success_threshold, on_finish)
+        else:
+            still_active.append(index)
+    return still_active

@@ -5,6 +5,8 @@ import pytest
 from agent.loop import LoopSettings, Runtime, run_loop
 from engines.base import SamplingParams
 from envs import make_family
+from envs.toy import ToyEnvironment, ToySettings
+from learners.rollout import run_episodes
 from memory import HashingEmbedding, Memory
 from tests.fakes import ScriptedEngine
 
@@ -120,3 +122,51 @@ def test_raising_environment_is_a_failed_episode(memory, tmp_path):
     state = run_loop(runtime, tmp_path / "loop.sqlite")
     assert state["episodes"] == 8 and state["successes"] == 0
     assert all(t.error and "toy failure" in t.error for t in memory.list_trajectories(limit=100))
+
+
+class Unstartable:
+    """An environment that raises at its first observation."""
+
+    def __init__(self, family: str, index: int) -> None:
+        self.family, self.item_id = family, f"train-{index}"
+
+    def initial_observation(self):
+        raise ValueError("no task today")
+
+    def step(self, action: str):
+        raise AssertionError("never stepped")
+
+
+class MixedFamily:
+    """Toy items that end in every way: items 0 and 4 in one turn, item 5 in one wrong turn, item 1
+    raises on its second step, item 2 outlasts a 3-turn limit, item 3 raises at its first observation."""
+
+    name = "mixed"
+    success_threshold = 1.0 - 1e-9
+
+    def split_size(self, split) -> int:
+        return 16
+
+    def make(self, split, index: int):
+        if index == 3:
+            return Unstartable(self.name, index)
+        settings = {1: ToySettings(turns=3, raise_on_turn=2), 2: ToySettings(turns=5)}.get(index, ToySettings())
+        return ToyEnvironment(self.name, split, index, settings)
+
+
+def test_the_loop_plays_episodes_as_run_episodes_does(memory, tmp_path):
+    family = MixedFamily()
+    played = []
+    runtime = Runtime(engine=ScriptedEngine(learner), memory=memory, family=family, run_id="same",
+                      settings=settings(episodes=6, batch_size=6, max_turns=3), on_episode=played.append)
+    run_loop(runtime, tmp_path / "loop.sqlite")
+    rolled = run_episodes(ScriptedEngine(learner), [family.make("train", index) for index in range(6)],
+                          SamplingParams(), split="train", max_turns=3, success_threshold=family.success_threshold)
+    fields = {"env", "item_id", "prompt", "context", "skill_ids", "turns", "reward", "success", "error", "truncated"}
+    assert [t.model_dump(include=fields) for t in played] == [t.model_dump(include=fields) for t in rolled]
+    by_item = {t.item_id: t for t in played}
+    assert by_item["train-0"].success and by_item["train-4"].success and not by_item["train-5"].success
+    assert by_item["train-1"].error == "RuntimeError: toy failure" and len(by_item["train-1"].turns) == 2
+    assert by_item["train-2"].truncated and len(by_item["train-2"].turns) == 3 and by_item["train-2"].error is None
+    assert by_item["train-3"].error == "ValueError: no task today" and not by_item["train-3"].turns
+    assert all(t.duration_s > 0 for t in played)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from agent.config import ConfigError, EvalConfig, apply_overrides, build_config, save_config
+from agent.config import ConfigError, EvalConfig, ModelConfig, apply_overrides, build_config, save_config
+from engines import EngineConfig, load_engine
 
 
 def test_overrides_are_typed_and_dotted():
@@ -58,3 +59,19 @@ def test_saved_config_round_trips(tmp_path):
     config = build_config(EvalConfig, None, {"envs": [{"name": "toy"}]}, ["model.threads=1"])
     path = save_config(config, tmp_path / "run")
     assert EvalConfig.model_validate(json.loads(path.read_text())) == config
+
+
+def test_the_model_of_a_run_is_an_engine_config_that_load_engine_builds(monkeypatch):
+    import engines
+
+    assert ModelConfig is EngineConfig
+    config = build_config(EvalConfig, None, {}, ["model.kind=hf", "model.batch_size=4"])
+    assert isinstance(config.model, EngineConfig) and config.model.batch_size == 4
+    with pytest.raises(ConfigError, match="model.kind"):
+        build_config(EvalConfig, None, {}, ["model.kind=vllm"])
+    built = []
+    monkeypatch.setitem(engines._LOADERS, "hf", built.append)
+    load_engine(config.model)
+    assert built == [config.model]
+    with pytest.raises(ValueError, match="unknown engine kind 'other'; available: hf"):
+        load_engine(EngineConfig.model_construct(kind="other"))
