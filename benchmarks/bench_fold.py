@@ -22,7 +22,7 @@ timed steps on each side. By default (--fixed-length on) every completion is exa
 tokens on both sides (EOS held off), so both sides generate and train the same number of tokens and
 tokens/s compares like with like; with it off each side stops at EOS and both counts are reported.
 Heap: --heap capped makes our fold cap glibc's heap (FoldConfig.heap_threshold_kib 128,
-learners.allocator: less memory, more time); --trl-heap capped gives TRL's process the same setting,
+engines.allocator: less memory, more time); --trl-heap capped gives TRL's process the same setting,
 to show what is allocator and what is algorithm.
 Prints a markdown table with the ratios skillfold / TRL. Exits non-zero only on a crash.
 
@@ -214,8 +214,8 @@ def run_trl(arguments) -> dict:
     from learners.fold import ALL_LINEAR
 
     torch.set_num_threads(arguments.threads)
-    if arguments.trl_heap == "capped":  # the same glibc setting as our side (learners.allocator)
-        from learners.allocator import cap_heap
+    if arguments.trl_heap == "capped":  # the same glibc setting as our side (engines.allocator)
+        from engines.allocator import cap_heap
 
         cap_heap(128)
     family, indices, privileged = inputs(arguments.batch, arguments.steps)

@@ -1,5 +1,14 @@
 """The engine protocol: everything that touches the model goes through these calls.
 
+`Engine` is what every engine implements and all that `agent/` and `learners/` may call for
+generation and scoring. Two capabilities an engine may declare on top, by implementing them:
+- `GuidedEngine`: rollouts from a policy that blends the student with a teacher, token by token
+  (the fold's speculative and mixture rollout policies need it);
+- `SharesWeights`: an in-process engine that lends its base weights to a trainer in the same process
+  (one copy of the weights for serving and training) and serves the trainer's live module.
+The adapter hand-off is `load_adapter(path)` for any engine (a directory the trainer wrote) and
+`serve_trained(module)` for one that shares its weights (the tensors themselves, no copy).
+
 A prompt is a chat: a list of `{"role", "content"}` dicts, rendered with the model's chat template
 and the generation prompt appended. An `Engine` generates for a batch of prompts and scores given
 completion tokens under given prompts (the teacher signal for distillation). Log-probs are always
@@ -9,8 +18,10 @@ temperature or top-p warping), so they can serve as importance ratios and KL ter
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -95,3 +106,49 @@ class Engine(Protocol):
 
     @property
     def adapter(self) -> str | None: ...
+
+
+@runtime_checkable
+class GuidedEngine(Engine, Protocol):
+    """An engine that samples from a student-teacher rollout policy (`HFEngine.generate_guided`)."""
+
+    def generate_guided(
+        self,
+        student_prompts: Sequence[Chat],
+        teacher_prompts: Sequence[Chat],
+        params: SamplingParams,
+        *,
+        policy: Literal["speculative", "mixture"],
+        top_k: int = 20,
+        mix: float = 0.0,
+        teacher_scope: Callable[[], contextlib.AbstractContextManager] | None = None,
+        teacher_model: Any = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[GuidedGeneration]: ...
+
+
+@dataclass
+class LentBase:
+    """What an in-process engine lends a trainer: its base causal LM (frozen; the trainer may wrap it in
+    LoRA layers in place, or train it whole), the tokenizer it renders chats with, and its end tokens."""
+
+    model: Any
+    tokenizer: Any
+    stop_ids: set[int]
+
+
+@runtime_checkable
+class SharesWeights(Protocol):
+    """An in-process engine whose base weights a trainer trains on, in the same process, without a copy.
+
+    `lend_base` unloads any adapter and hands the base model over (the engine keeps its memory
+    settings: `memory_first` drops copies of weights kept only for speed); `serve_trained(module)` makes
+    the engine generate with the trainer's live module (base + adapter, as trained so far) from its next
+    call; `reclaim(base, adapter)` ends the loan: the engine serves `base` again (the trainer's LoRA
+    layers removed), with the adapter directory `adapter` on top when given."""
+
+    def lend_base(self, *, memory_first: bool = False) -> LentBase: ...
+
+    def serve_trained(self, module: Any) -> None: ...
+
+    def reclaim(self, base: Any, adapter: str | None) -> None: ...

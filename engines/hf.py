@@ -24,9 +24,10 @@ from typing import Literal
 
 import torch
 
-from engines.base import Chat, Generation, GuidedGeneration, SamplingParams, TokenScores
+from engines.allocator import cap_heap
+from engines.base import Chat, Generation, GuidedGeneration, LentBase, SamplingParams, TokenScores
 from engines.lean import LeanDecoder
-from engines.onednn import pack_linears, unpack_linears
+from engines.onednn import is_packed, merged_decoding, pack_linears, unpack_linears
 from engines.prefix import left_pad, prefill, with_room
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class HFEngine:
         # CPU fp32: frozen linear layers computed from oneDNN-prepacked weights (engines.onednn)
         self.packed_weights = packed_weights
         self.packed_copies = True  # also a packed copy of a weight that stays dense (a tied head: +113 MiB)
+        self.adapter_version = 0  # counts hand-offs: each adapter served (loaded, or a trainer's step) is one
+        self._trained = None  # a trainer's live module served on our lent base (`serve_trained`)
 
     @classmethod
     def load(
@@ -129,14 +132,27 @@ class HFEngine:
         # token order puts prompts with the same start (system prompt, skills) in the same batch
         order = sorted(range(len(encoded)), key=lambda index: encoded[index])
         results: list[Generation | None] = [None] * len(encoded)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            outputs = self._generate_batch([encoded[index] for index in chunk], chunk, params)
-            for index, output in zip(chunk, outputs, strict=True):
-                results[index] = output
-            if progress:
-                progress(len(chunk))
+        with self._decoding():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                outputs = self._generate_batch([encoded[index] for index in chunk], chunk, params)
+                for index, output in zip(chunk, outputs, strict=True):
+                    results[index] = output
+                if progress:
+                    progress(len(chunk))
         return [result for result in results if result is not None]
+
+    def _decoding(self):
+        """While inside, a trainer's live module decodes with its adapter merged into the base weights
+        (unmerged LoRA pairs cost CPU decoding several times the base model): on packed CPU weights
+        through `engines.onednn.merged_decoding`, else peft's merge/unmerge. Nothing otherwise (a loaded
+        adapter is merged already; a full fine-tune has nothing to merge)."""
+        module = self._trained
+        if module is None or not (hasattr(module, "merge_adapter") and hasattr(module, "peft_config")):
+            return contextlib.nullcontext()
+        if is_packed(module):
+            return merged_decoding(module)
+        return _peft_merged(module)
 
     def _generate_batch(
         self, rows: list[list[int]], row_numbers: list[int], params: SamplingParams
@@ -164,13 +180,15 @@ class HFEngine:
             allowed = self._no_stop_yet(logits, params, step)
             chosen = self._choose(allowed, params, [generators[row] for row in active] if generators else None)
             chosen_logprobs = logits.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            # one copy to the host per step for the whole batch (not one sync per row on a GPU)
+            chosen_host, logprobs_host = chosen.tolist(), chosen_logprobs.tolist()
             live: list[int] = []  # cache positions of rows still generating
             for position, row in enumerate(active):
                 if finish[row] is not None:
                     continue  # finished earlier, still in the cache until the next compaction
-                token = int(chosen[position])
+                token = chosen_host[position]
                 tokens[row].append(token)
-                logprobs[row].append(float(chosen_logprobs[position]))
+                logprobs[row].append(logprobs_host[position])
                 if len(tokens[row]) <= params.min_tokens:
                     live.append(position)
                 elif token in self.stop_ids:
@@ -331,13 +349,16 @@ class HFEngine:
                 student_chosen = _gather(torch.log_softmax(student_logits, dim=-1), chosen)
                 teacher_chosen = _gather(torch.log_softmax(teacher_logits, dim=-1), chosen)
             keep: list[int] = []
+            # one copy to the host per step for the whole batch (not one sync per row on a GPU)
+            host = torch.stack([chosen.double(), student_chosen.double(), chosen_behaviour.double(),
+                                teacher_chosen.double(), chosen_sources.double()]).tolist()
             for position, row in enumerate(active):
-                token = int(chosen[position])
+                token = int(host[0][position])
                 tokens[row].append(token)
-                logprobs[row].append(float(student_chosen[position]))
-                behaviour[row].append(float(chosen_behaviour[position]))
-                teacher_logprobs[row].append(float(teacher_chosen[position]))
-                sources[row].append(int(chosen_sources[position]))
+                logprobs[row].append(host[1][position])
+                behaviour[row].append(host[2][position])
+                teacher_logprobs[row].append(host[3][position])
+                sources[row].append(int(host[4][position]))
                 if len(tokens[row]) <= params.min_tokens:
                     keep.append(position)
                 elif token in self.stop_ids:
@@ -508,6 +529,7 @@ class HFEngine:
                 "Use an adapter trained on this model, or pass --adapter none."
             ) from error
         self._adapter = str(adapter_dir)
+        self.adapter_version += 1
 
     def unload_adapter(self) -> None:
         self.unpack_weights()
@@ -517,6 +539,59 @@ class HFEngine:
         self.base_model = self.model.unload()
         self.model = self.base_model.eval()
         self._adapter = None
+
+
+    # --------------------------------------------- the trainer's loan (SharesWeights)
+    def lend_base(self, *, heap_threshold_kib: int = 0) -> LentBase:
+        """Hand the base model to a trainer in this process (`engines.base.SharesWeights`): any adapter
+        unloaded, the dense weights back. `heap_threshold_kib` > 0 puts memory first for the loan: large
+        blocks mmap'd and freed back to the system (`engines.allocator`, glibc, once per process) and no
+        packed copy of a weight that stays dense (a tied head: 113 MiB here)."""
+        self.unload_adapter()
+        if heap_threshold_kib:
+            cap_heap(heap_threshold_kib)
+            self.packed_copies = False
+        return LentBase(model=self.base_model, tokenizer=self.tokenizer, stop_ids=set(self.stop_ids))
+
+    def serve_trained(self, module) -> None:
+        """Generate with a trainer's live module (our lent base with its adapter, or trained whole) from
+        the next call: its current tensors, no copy; each call is one hand-off (`adapter_version`).
+        `None` ends it: the weights go back plain (dense, no speed-layer state) for the trainer to save
+        and unwrap, and the engine serves the lent base as it is until `reclaim`."""
+        if module is None:
+            self.unpack_weights()
+            self._trained = None
+            self.model = self.base_model
+            return
+        if module is not self._trained:
+            self._trained = module
+            self.model = module
+            self.pack_weights()  # frozen base layers packed while the trainer holds them (LoRA beside them)
+        self.adapter_version += 1
+
+    def reclaim(self, base, adapter: str | None) -> None:
+        """End a trainer's loan: serve `base` (the trainer's layers removed) and the adapter dir on top."""
+        if self._trained is not None:
+            self.serve_trained(None)
+        base.requires_grad_(False)
+        self.model = self.base_model = base.eval()
+        self.packed_copies = True  # the engine's default again (the copies come at its next packing)
+        if adapter:
+            self.load_adapter(adapter)
+
+
+class _peft_merged:
+    """peft's merge_adapter while inside, unmerge_adapter on leaving (decoding only, never under autograd)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.model.merge_adapter()
+        return self
+
+    def __exit__(self, *exc):
+        self.model.unmerge_adapter()
 
 
 class _DecodeView:

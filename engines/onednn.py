@@ -502,7 +502,7 @@ def _add_delta(weight: torch.Tensor, module: nn.Module, name: str, sign: float) 
 
 
 # glibc's mallopt parameter, and the threshold to go back to after `mapped_blocks` (set by whoever
-# fixes one for the process: learners.allocator.cap_heap); None: glibc's dynamic threshold's ceiling
+# fixes one for the process: engines.allocator.cap_heap); None: glibc's dynamic threshold's ceiling
 M_MMAP_THRESHOLD = -3
 _MMAP_CEILING = 32 * 1024 * 1024
 heap_threshold: int | None = None

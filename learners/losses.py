@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engines.onednn import project
+# hidden (n, H) @ weightᵀ (V, H) -> logits (n, V): how the chunked losses project onto the vocabulary.
+# The plain matmul by default; a trainer may pass a faster one for the same product (a prepacked head).
+Projection = Callable[[Tensor, Tensor], Tensor]
+
+
+def linear_head(hidden: Tensor, weight: Tensor) -> Tensor:
+    """hidden @ weightᵀ, (n, H) x (V, H) -> (n, V)."""
+    return hidden @ weight.T
+
 
 # A per-token loss for `chunked_head_loss`: (logits (n, V) fp32, *extras (n, ...)) -> (loss (n,), stat (n,)).
 TokenLoss = Callable[..., tuple[Tensor, Tensor]]
@@ -252,7 +260,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, row_weights, token_loss, chunk_size, need_hidden, need_weight, *extras):
+    def forward(ctx, hidden, weight, row_weights, token_loss, chunk_size, need_hidden, need_weight, project,
+                *extras):
         ctx.extra_count = len(extras)
         rows = hidden.shape[0]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
@@ -301,7 +310,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return (
             None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
             None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
-            *([None] * (5 + ctx.extra_count)),
+            *([None] * (6 + ctx.extra_count)),
         )
 
 
@@ -312,6 +321,7 @@ def chunked_head_loss(
     token_loss: TokenLoss,
     extras: Sequence[Tensor] = (),
     chunk_size: int = 512,
+    project: Projection = linear_head,
 ) -> tuple[Tensor, Tensor]:
     """L = Σ_t m_t·ℓ(h_t Wᵀ, e_t) / Σ_t m_t without materialising the (B, T, V) logits.
 
@@ -323,7 +333,8 @@ def chunked_head_loss(
     with what it predicts (shift before calling). `lm_head_weight` (V, H), bias-free head. `mask` (B, T)
     bool or float weights. `token_loss(logits (n, V) fp32, *extras (n, ...))` returns the per-token loss
     ℓ and a per-token statistic (n,) (returned detached, scattered to (B, T), 0 where masked). `extras`
-    (B, T, ...) are per-position constants (no gradient flows to them).
+    (B, T, ...) are per-position constants (no gradient flows to them). `project(hidden, weight)` makes
+    a chunk's logits (the plain matmul unless a trainer passes an equal, faster one).
     Returns (loss, statistic (B, T)). The gradient is computed during this call whenever grad mode is
     on and an input requires it (the backward pass only scales it): evaluate under `torch.no_grad()`.
     Not twice differentiable.
@@ -340,7 +351,7 @@ def chunked_head_loss(
     need_hidden = grad_enabled and hidden.requires_grad
     need_weight = grad_enabled and lm_head_weight.requires_grad
     loss, row_stats = _ChunkedHeadLoss.apply(
-        hidden, lm_head_weight, row_weights, token_loss, chunk_size, need_hidden, need_weight, *row_extras
+        hidden, lm_head_weight, row_weights, token_loss, chunk_size, need_hidden, need_weight, project, *row_extras
     )
     stats = torch.zeros(mask.shape, dtype=torch.float32, device=hidden_states.device)  # (B, T)
     stats[rows] = row_stats
@@ -357,6 +368,7 @@ def chunked_generalized_jsd(
     teacher_lm_head_weight: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    project: Projection = linear_head,
 ) -> Tensor:
     """`generalized_jsd` from hidden states, chunked (`chunked_head_loss`): neither the student's nor
     the teacher's (B, T, V) logits are ever whole.
@@ -376,7 +388,8 @@ def chunked_generalized_jsd(
             return divergence, divergence, grad
 
         analytic.analytic = True  # chunked_head_loss: the function returns ∂ℓ/∂logits itself
-        loss, _ = chunked_head_loss(hidden_states, lm_head_weight, mask, analytic, [teacher_hidden_states], chunk_size)
+        loss, _ = chunked_head_loss(hidden_states, lm_head_weight, mask, analytic, [teacher_hidden_states], chunk_size,
+                                    project)
         return loss
 
     def token_loss(logits: Tensor, teacher_hidden: Tensor) -> tuple[Tensor, Tensor]:
@@ -388,7 +401,7 @@ def chunked_generalized_jsd(
         return divergence, divergence
 
     loss, _ = chunked_head_loss(
-        hidden_states, lm_head_weight, mask, token_loss, [teacher_hidden_states], chunk_size
+        hidden_states, lm_head_weight, mask, token_loss, [teacher_hidden_states], chunk_size, project
     )
     return loss
 
@@ -402,6 +415,7 @@ def chunked_topk_jsd(
     mask: Tensor,
     *,
     chunk_size: int = 512,
+    project: Projection = linear_head,
 ) -> Tensor:
     """`topk_jsd` from hidden states, chunked (`chunked_head_loss`): L = Σ_t m_t·D_β(S'_t, T'_t) / Σ_t m_t
     over the teacher's top-k + tail buckets, S_t = softmax(h_t Wᵀ). Teacher ids, log-probs (B, T, K)."""
@@ -412,7 +426,7 @@ def chunked_topk_jsd(
         return divergence, divergence
 
     extras = [teacher_topk_ids, teacher_topk_logprobs]
-    loss, _ = chunked_head_loss(hidden_states, lm_head_weight, mask, token_loss, extras, chunk_size)
+    loss, _ = chunked_head_loss(hidden_states, lm_head_weight, mask, token_loss, extras, chunk_size, project)
     return loss
 
 
@@ -427,6 +441,7 @@ def chunked_sampled_token_reverse_kl(
     clip: float | None = 0.2,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    project: Projection = linear_head,
 ) -> tuple[Tensor, dict[str, float]]:
     """`sampled_token_reverse_kl` from hidden states, chunked (`chunked_head_loss`), with
     log S(y_t) = log_softmax(h_t Wᵀ / τ)[y_t]. `token_ids` are the sampled y_t (B, T); teacher and
@@ -441,7 +456,7 @@ def chunked_sampled_token_reverse_kl(
 
     extras = [token_ids, teacher_logprobs] + ([] if on_policy else [behaviour_logprobs])
     loss, student_logprobs = chunked_head_loss(
-        hidden_states, lm_head_weight, mask, token_loss, extras, chunk_size
+        hidden_states, lm_head_weight, mask, token_loss, extras, chunk_size, project
     )
     with torch.no_grad():
         _, ratio, clipped = _sampled_token_terms(

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.base import Engine, LentBase
 from envs.base import Trajectory
-from learners.allocator import cap_heap
-from learners.fold import FoldConfig, attach_student, causal_lm, finish_training, shared_prefix_hidden_at
-from learners.losses import chunked_head_loss
-from learners.views import TemplateError, TokenView, token_view
+from learners.fold import FoldConfig
+from learners.losses import Projection, chunked_head_loss, linear_head
+from learners.passes import causal_lm, projection, shared_prefix_hidden_at
+from learners.student import attach_student, borrow, finish_training
+from learners.views import TemplateError, TokenView, sampled_ids, token_view
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return nll, nll.detach()
 
 
-def sft_loss(model, views: Sequence[TokenView], chunk_size: int = 128) -> tuple[torch.Tensor, int]:
+def sft_loss(model, views: Sequence[TokenView], chunk_size: int = 128,
+             project: Projection = linear_head) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the trained tokens of `views`, and how many there were."""
     positions = [view.trained_positions for view in views]
     hidden = shared_prefix_hidden_at(model, [view.input_ids for view in views], positions)  # (N, H)
@@ -70,18 +73,19 @@ def sft_loss(model, views: Sequence[TokenView], chunk_size: int = 128) -> tuple[
     )  # (N,)
     weight = causal_lm(model).get_output_embeddings().weight  # (V, H)
     mask = torch.ones((1, targets.numel()), dtype=torch.bool, device=hidden.device)  # (1, N)
-    loss, _ = chunked_head_loss(hidden[None], weight, mask, _cross_entropy, (targets[None],), chunk_size)
+    loss, _ = chunked_head_loss(hidden[None], weight, mask, _cross_entropy, (targets[None],), chunk_size, project)
     return loss, int(targets.numel())
 
 
-def training_views(engine, trajectories: Sequence[Trajectory], max_tokens: int) -> list[TokenView]:
-    """Student views (no skills in the prompt) of the successful episodes that fit."""
+def training_views(tokenizer, stop_ids: set[int], trajectories: Sequence[Trajectory],
+                   max_tokens: int) -> list[TokenView]:
+    """Student views (no skills in the prompt) of the successful episodes that fit, on their sampled tokens."""
     views = []
     for trajectory in trajectories:
         if not trajectory.success or not trajectory.turns:
             continue
         try:
-            view = token_view(engine.tokenizer, trajectory.messages(), engine.stop_ids)
+            view = token_view(tokenizer, trajectory.messages(), stop_ids, sampled=sampled_ids(trajectory))
         except TemplateError as error:
             log.warning("skipping episode %s: %s", trajectory.id, error)
             continue
@@ -90,22 +94,28 @@ def training_views(engine, trajectories: Sequence[Trajectory], max_tokens: int) 
     return views
 
 
-def sft(engine, trajectories: Sequence[Trajectory], fold_config: FoldConfig, config: SftConfig, run_dir: Path,
-        seed: int = 0) -> SftResult:
-    """Fine-tune the engine's model on the successes; the engine serves the new adapter afterwards."""
+def sft(engine: Engine, trajectories: Sequence[Trajectory], fold_config: FoldConfig, config: SftConfig,
+        run_dir: Path, seed: int = 0, base: LentBase | None = None) -> SftResult:
+    """Fine-tune the engine's model on the successes; the engine serves the new adapter afterwards
+    (trained on its lent weights where it shares them, else on `base` or the model loaded again)."""
     started = time.perf_counter()
-    views = training_views(engine, trajectories, config.max_tokens)
-    if not views:
+    if not any(trajectory.success and trajectory.turns for trajectory in trajectories):
         return SftResult(episodes=0, steps=0, trained_tokens=0, loss_first=None, loss_last=None, adapter=None,
                          seconds=time.perf_counter() - started)
-    cap_heap(fold_config.heap_threshold_kib)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = engine.adapter
+    loan = borrow(engine, base, heap_threshold_kib=fold_config.heap_threshold_kib, scratch=run_dir)
+    views = training_views(loan.base.tokenizer, loan.base.stop_ids, trajectories, config.max_tokens)
+    if not views:
+        if loan.shared:
+            engine.reclaim(loan.base.model, previous)  # type: ignore[attr-defined]
+        return SftResult(episodes=0, steps=0, trained_tokens=0, loss_first=None, loss_last=None, adapter=None,
+                         seconds=time.perf_counter() - started)
     torch.manual_seed(seed)
     order = list(range(len(views)))
     random.Random(seed).shuffle(order)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    previous = engine.adapter
-    engine.unload_adapter()
-    student = attach_student(engine.base_model, fold_config, previous)
+    student = attach_student(loan.base.model, fold_config, previous)
+    project = projection(student)
     parameters = [parameter for parameter in student.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=fold_config.weight_decay)
     losses, trained = [], 0
@@ -113,7 +123,7 @@ def sft(engine, trajectories: Sequence[Trajectory], fold_config: FoldConfig, con
     with open(run_dir / "metrics.jsonl", "w") as sink:
         for step in range(fold_config.steps):
             batch = [views[order[(step * fold_config.batch_size + i) % len(order)]] for i in range(fold_config.batch_size)]
-            loss, tokens = sft_loss(student, batch, fold_config.chunk_size)
+            loss, tokens = sft_loss(student, batch, fold_config.chunk_size, project)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, fold_config.max_grad_norm)
             optimizer.step()
@@ -122,6 +132,6 @@ def sft(engine, trajectories: Sequence[Trajectory], fold_config: FoldConfig, con
             trained += tokens
             sink.write(json.dumps({"step": step + 1, "loss": losses[-1], "trained_tokens": tokens}) + "\n")
     student.eval()
-    adapter_dir = finish_training(engine, student, fold_config, run_dir)
+    adapter_dir = finish_training(loan, student, fold_config, run_dir)
     return SftResult(episodes=len(views), steps=fold_config.steps, trained_tokens=trained, loss_first=losses[0],
                      loss_last=losses[-1], adapter=str(adapter_dir), seconds=time.perf_counter() - started)

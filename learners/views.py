@@ -7,7 +7,9 @@ episode can destroy the behaviour it teaches); environment and tool messages are
 
 Both views are tokenised message by message from the chat template's own rendering, and each
 assistant message's content is tokenised on its own, so the trained tokens are the very same ids in
-both views and a student position maps to exactly one teacher position.
+both views and a student position maps to exactly one teacher position. Where the episode kept the
+token ids the engine sampled (`Turn.token_ids`) and they decode to the turn's text, a view trains on
+those very ids instead of a re-tokenisation of the text (which can split it differently).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from envs.base import Message
+from envs.base import Message, Trajectory
 
 
 class TokenView(BaseModel):
@@ -54,11 +56,35 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def sampled_ids(trajectory: Trajectory, offset: int = 0) -> dict[int, list[int]]:
+    """{index in `trajectory.messages()` (+ `offset`): the sampled token ids} of every played turn that
+    kept them (the last assistant messages of the transcript are the turns, in order)."""
+    messages = trajectory.messages()
+    assistant = [index for index, message in enumerate(messages) if message.role == "assistant"]
+    played = assistant[len(assistant) - len(trajectory.turns):] if trajectory.turns else []
+    return {index + offset: list(turn.token_ids) for index, turn in zip(played, trajectory.turns, strict=True)
+            if turn.token_ids}
+
+
+def _content_ids(tokenizer, content: str, text: str, sampled: list[int] | None, end_ids: set[int]) -> list[int]:
+    """The sampled ids of an assistant message's content when they decode to exactly its text (an end
+    token they finished with left out); else the text tokenised."""
+    if sampled:
+        ids = list(sampled)
+        while ids and ids[-1] in end_ids:
+            ids.pop()
+        if content == text and tokenizer.decode(ids, skip_special_tokens=False) == text:
+            return ids
+    return _encode(tokenizer, text)
+
+
 def token_view(
-    tokenizer, messages: Sequence[Message], end_ids: set[int], untrained: range = range(0)
+    tokenizer, messages: Sequence[Message], end_ids: set[int], untrained: range = range(0),
+    sampled: dict[int, list[int]] | None = None,
 ) -> TokenView:
     """Tokenise a conversation, marking each assistant message's content and end-of-turn token
-    (except the messages whose index is in `untrained`: context such as worked examples)."""
+    (except the messages whose index is in `untrained`: context such as worked examples).
+    `sampled[i]`: the token ids the engine sampled for assistant message i (`sampled_ids`)."""
     input_ids: list[int] = []
     trained: list[bool] = []
     rendered = ""
@@ -74,7 +100,8 @@ def token_view(
             body = full[len(with_header):]
             content_end = body.find(message.content) + len(message.content) if message.content in body else 0
             header_ids = _encode(tokenizer, header)
-            content_ids = _encode(tokenizer, body[:content_end])
+            content_ids = _content_ids(tokenizer, message.content, body[:content_end],
+                                       (sampled or {}).get(index), end_ids)
             tail_ids = _encode(tokenizer, body[content_end:])
             input_ids += header_ids + content_ids + tail_ids
             train = index not in untrained
@@ -107,17 +134,21 @@ def episode_views(
     context: Sequence[Message],
     end_ids: set[int],
     teacher_max_tokens: int = 4096,
+    sampled: dict[int, list[int]] | None = None,
 ) -> EpisodeViews:
     """The student view (no context) and the teacher view (with as much context as fits its limit).
 
     The teacher's limit is its own: context messages are dropped from the front until the teacher
-    view fits; the student view is never what limits the teacher.
+    view fits; the student view is never what limits the teacher. `sampled`: the student messages'
+    sampled ids (`sampled_ids`).
     """
-    student = token_view(tokenizer, messages, end_ids)
+    student = token_view(tokenizer, messages, end_ids, sampled=sampled)
     kept = list(context)
     while True:
         teacher_messages, context_at = with_context(messages, kept)
-        teacher = token_view(tokenizer, teacher_messages, end_ids, untrained=context_at)
+        shifted = {index + (len(kept) if index >= context_at.start else 0): ids
+                   for index, ids in (sampled or {}).items()}
+        teacher = token_view(tokenizer, teacher_messages, end_ids, untrained=context_at, sampled=shifted)
         if len(teacher.input_ids) <= teacher_max_tokens or not kept:
             break
         kept = kept[1:]

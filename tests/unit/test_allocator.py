@@ -1,10 +1,10 @@
-"""learners.allocator: the glibc heap cap that keeps a fold's RSS near what is live."""
+"""engines.allocator: the glibc heap cap that keeps a fold's RSS near what is live."""
 
 import sys
 
 import pytest
 
-from learners import allocator
+from engines import allocator
 
 
 def rss_mib() -> float:
@@ -28,7 +28,7 @@ def test_freed_large_blocks_go_back_to_the_system():
     script = """
 import sys, ctypes
 sys.path.insert(0, {root!r})
-from learners import allocator
+from engines import allocator
 from tests.unit.test_allocator import rss_mib
 capped = sys.argv[1] == "cap"
 if capped:

@@ -411,9 +411,9 @@ def _episode(word: str, success: bool, context: list[Message] = ()) -> Trajector
 def test_sft_trains_on_successes_without_their_skills_and_lowers_their_loss(tiny_engine, tmp_path):
     skill = [Message(role="user", content="Say the word: cherry"), Message(role="assistant", content="cherry")]
     episodes = [_episode("apple", True, skill), _episode("banana", True), _episode("river", False)]
-    views = training_views(tiny_engine, episodes, max_tokens=512)
+    views = training_views(tiny_engine.tokenizer, tiny_engine.stop_ids, episodes, max_tokens=512)
     assert len(views) == 2  # the failure is left out
-    assert views[0] == training_views(tiny_engine, [_episode("apple", True)], 512)[0]  # skills are not trained on
+    assert views[0] == training_views(tiny_engine.tokenizer, tiny_engine.stop_ids, [_episode("apple", True)], 512)[0]  # skills are not trained on
     with torch.no_grad():
         before = float(sft_loss(tiny_engine.model, views)[0])
     result = sft(tiny_engine, episodes, FoldConfig(steps=8, batch_size=2, lora_rank=4, lora_alpha=8),

@@ -8,15 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engines.base import LentBase
 from engines.hf import HFEngine
 from engines.prefix import prefix_groups
 from envs import make_family
 from envs.base import Message
 from learners.fold import FoldConfig, FoldError, FoldItem, fold
+from learners.teacher import Teacher, _merged
 from learners.views import episode_views
 from tests.tiny import build_model
 
 fold_module = importlib.import_module("learners.fold")  # the module (learners exports the function `fold`)
+passes = importlib.import_module("learners.passes")
+policies = importlib.import_module("learners.policies")
 
 CONTEXT = [Message(role="user", content="Say the word: apple"), Message(role="assistant", content="apple")]
 
@@ -124,7 +128,7 @@ def test_a_killed_fold_resumes_exactly(tiny_tokenizer, tmp_path, teacher):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_tokenizer, tmp_path, monkeypatch):
     engine = make_engine(tiny_tokenizer)
     family = make_family("toy")
-    real = fold_module.chunked_generalized_jsd
+    real = policies.chunked_generalized_jsd
     done = {"steps": 0}
 
     def poisoned(*args, **kwargs):
@@ -134,7 +138,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_tokeniz
     def count(record):
         done["steps"] = record["step"]
 
-    monkeypatch.setattr(fold_module, "chunked_generalized_jsd", poisoned)
+    monkeypatch.setattr(policies, "chunked_generalized_jsd", poisoned)
     with pytest.raises(FoldError, match="loss became nan at step 3"):
         fold(engine, {family.name: family}, items(family), config(steps=4), tmp_path / "run", on_step=count)
     assert (tmp_path / "run" / "step-000002").is_dir()
@@ -173,11 +177,11 @@ def test_speculative_fold_with_an_external_teacher(tiny_tokenizer, tmp_path):
 
 
 def test_trb_anneals_to_pure_student_rollouts(tiny_tokenizer, tmp_path):
-    from learners.fold import trb_mix_at
+    from learners.policies import mixture_weight as trb_mix_at
 
     schedule = config(method="trb", trb_mix=0.6, trb_warmup_steps=3)
     assert [trb_mix_at(schedule, step) for step in range(5)] == pytest.approx([0.6, 0.4, 0.2, 0.0, 0.0])
-    assert fold_module.guided_rollout(make_engine(tiny_tokenizer), None, schedule, 3) is None
+    assert policies.guided_rollout(policies.parts_of(schedule), make_engine(tiny_tokenizer), None, schedule, 3) is None
     assert trb_mix_at(config(method="trb", trb_warmup_steps=0), 0) == 0.0
 
 
@@ -204,7 +208,7 @@ def test_measure_kl_falls_after_a_fold_and_eval_items_are_never_folded(tiny_toke
 
 
 def test_episode_normalization_weighs_every_episode_equally(tiny_tokenizer, tmp_path):
-    from learners.fold import _episode_weights
+    from learners.policies import episode_weights as _episode_weights
 
     weights = _episode_weights([1, 3], "cpu")
     assert torch.allclose(weights, torch.tensor([[1.0, 1 / 3, 1 / 3, 1 / 3]]))
@@ -218,7 +222,7 @@ def test_episode_normalization_weighs_every_episode_equally(tiny_tokenizer, tmp_
 
 
 def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer, tmp_path):
-    from learners.fold import checkpointing
+    from learners.passes import checkpointing
 
     results = []
     for recompute in (False, True):
@@ -230,7 +234,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_tokenizer, tmp_path):
         results.append(losses)
         assert not checkpointing(engine.base_model)  # serving is unaffected
     assert results[0] == pytest.approx(results[1], rel=1e-4, abs=1e-6)
-    from learners.fold import attach_student
+    from learners.student import attach_student
 
     student = attach_student(build_model(tiny_tokenizer), config(gradient_checkpointing=True), None)
     assert checkpointing(student)
@@ -254,8 +258,8 @@ def test_shared_prefix_forward_equals_the_plain_one(tiny_tokenizer):
     sequences += [torch.randint(5, 300, (14,)).tolist(), shared[:10] + [1, 2, 3, 4, 5, 6]]
     positions = [list(range(len(seq) - 3, len(seq))) for seq in sequences]
     positions[1] = [21, 25, 30]
-    expected = fold_module.hidden_at(model, sequences, positions)
-    got = fold_module.shared_prefix_hidden_at(model, sequences, positions, min_prefix=4)
+    expected = passes.hidden_at(model, sequences, positions)
+    got = passes.shared_prefix_hidden_at(model, sequences, positions, min_prefix=4)
     groups = prefix_groups(sequences, [min(p) - 1 for p in positions], 4)
     assert any(prefix >= 10 and len(rows) >= 3 for rows, prefix in groups)  # the shared path ran
     assert got.shape == expected.shape
@@ -263,7 +267,7 @@ def test_shared_prefix_forward_equals_the_plain_one(tiny_tokenizer):
 
 
 def lora_student(tokenizer):
-    from learners.fold import attach_student
+    from learners.student import attach_student
 
     student = attach_student(build_model(tokenizer), FoldConfig(lora_rank=4, lora_alpha=8), None)
     with torch.no_grad():
@@ -287,8 +291,8 @@ def test_shared_prefix_student_pass_has_the_plain_passes_values_and_gradients(ti
         (hidden.pow(2).sum() + hidden[:, :3].sum()).backward()
         return hidden.detach(), [parameter.grad.clone() for parameter in trained]
 
-    plain, plain_grads = run(fold_module.hidden_at)
-    shared_hidden, shared_grads = run(lambda *a: fold_module.shared_prefix_hidden_at(*a, min_prefix=8))
+    plain, plain_grads = run(passes.hidden_at)
+    shared_hidden, shared_grads = run(lambda *a: passes.shared_prefix_hidden_at(*a, min_prefix=8))
     assert any(prefix >= 20 for _, prefix in prefix_groups(sequences, [min(p) - 1 for p in positions], 8))
     assert torch.allclose(shared_hidden, plain, atol=1e-5)
     for expected, got in zip(plain_grads, shared_grads, strict=True):
@@ -310,7 +314,7 @@ def test_passes_give_the_whole_batchs_gradients(tiny_tokenizer, rows_per_pass):
         return (hidden.pow(2).sum(-1) + hidden @ projection).sum()
 
     student.zero_grad(set_to_none=True)
-    row_loss(fold_module.hidden_at(student, sequences, positions)).backward()
+    row_loss(passes.hidden_at(student, sequences, positions)).backward()
     expected = [parameter.grad.clone() for parameter in trained]
     student.zero_grad(set_to_none=True)
     seen = []
@@ -320,7 +324,7 @@ def test_passes_give_the_whole_batchs_gradients(tiny_tokenizer, rows_per_pass):
         assert hidden.shape[0] == sum(len(positions[row]) for row in rows)
         return row_loss(hidden)
 
-    fold_module.backward_in_passes(student, sequences, positions, rows_per_pass, loss_of, min_prefix=8)
+    passes.backward_in_passes(student, sequences, positions, rows_per_pass, loss_of, min_prefix=8)
     assert sorted(row for rows in seen for row in rows) == list(range(len(sequences)))
     if rows_per_pass:
         assert max(len(rows) for rows in seen) <= rows_per_pass
@@ -356,9 +360,8 @@ def test_a_fold_steps_gradient_is_that_of_the_batch_loss(tiny_tokenizer, monkeyp
     family = make_family("toy")
     step_config = config(micro_batch=micro_batch, normalize=normalize, max_grad_norm=1e9)
     student = lora_student(tiny_tokenizer)
-    engine.model = student
-    engine.pack_weights()  # as fold() does: the base layers packed, LoRA beside them
-    teacher = fold_module.Teacher(student, step_config)
+    engine.serve_trained(student)  # as fold() does: the base layers packed, LoRA beside them
+    teacher = Teacher(student, step_config)
     trained = [parameter for parameter in student.parameters() if parameter.requires_grad]
     real_episodes, captured = fold_module.run_episodes, {}
 
@@ -376,16 +379,17 @@ def test_a_fold_steps_gradient_is_that_of_the_batch_loss(tiny_tokenizer, monkeyp
     monkeypatch.setattr(fold_module, "run_episodes", recording)
     batch = items(family)[:5]
     recorder = Recorder()
-    record = fold_module.fold_step(engine, student, teacher, {family.name: family}, batch, step_config, recorder, 0)
+    record = fold_module.fold_step(engine, student, teacher, {family.name: family}, batch, step_config, recorder, 0,
+                                   base=LentBase(student, engine.tokenizer, engine.stop_ids))
     # the batch loss computed in one piece, by hand: every trained token of every episode at once
-    views, _ = fold_module._views(engine, batch, captured["trajectories"], step_config)
+    views, _ = fold_module._views(engine.tokenizer, engine.stop_ids, batch, captured["trajectories"], step_config)
     student.train()
     teacher_hidden, teacher_weight = teacher.hidden(views)
-    hidden = fold_module.hidden_at(student, [v.student.input_ids for v in views],
+    hidden = passes.hidden_at(student, [v.student.input_ids for v in views],
                                    [v.student.trained_positions for v in views])
     lengths = [len(v.student.trained_positions) for v in views]
-    mask = fold_module._episode_weights(lengths, "cpu") if normalize == "episode" else torch.ones((1, sum(lengths)))
-    weight = fold_module.causal_lm(student).get_output_embeddings().weight
+    mask = policies.episode_weights(lengths, "cpu") if normalize == "episode" else torch.ones((1, sum(lengths)))
+    weight = passes.causal_lm(student).get_output_embeddings().weight
     loss = chunked_generalized_jsd(hidden[None], weight, teacher_hidden[None], 1.0, mask,
                                    teacher_lm_head_weight=teacher_weight, chunk_size=step_config.chunk_size)
     loss.backward()
@@ -401,7 +405,7 @@ def test_merged_serves_the_same_model_and_restores_it(tiny_tokenizer):
     before = {name: parameter.detach().clone() for name, parameter in student.named_parameters()}
     with torch.no_grad():
         plain = student(ids).logits
-        with fold_module.merged(student):
+        with _merged(student):
             inside = student(ids).logits
             assert any(getattr(module, "merged", False) for module in student.modules())
         after = student(ids).logits
@@ -412,7 +416,6 @@ def test_merged_serves_the_same_model_and_restores_it(tiny_tokenizer):
 
 
 def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer, monkeypatch):
-    from learners.fold import Teacher
 
     student = lora_student(tiny_tokenizer)
     teacher = Teacher(student, FoldConfig())
@@ -425,8 +428,8 @@ def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer, m
              for n in range(4)]
     student.train()
     runs = []
-    real = fold_module.cached_prefix
-    monkeypatch.setattr(fold_module, "cached_prefix", lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs))
+    real = passes.cached_prefix
+    monkeypatch.setattr(passes, "cached_prefix", lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs))
     hidden, _ = teacher.hidden(views)
     assert student.training  # given back in train mode
     assert len(runs) == 1 and len(teacher.prefixes) == 1  # the context prefix, run once
@@ -438,7 +441,7 @@ def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer, m
         for name, parameter in reference.named_parameters():
             if name in teacher.snapshot:
                 parameter.copy_(teacher.snapshot[name])
-    expected = fold_module.hidden_at(reference.eval(), [v.teacher.input_ids for v in views],
+    expected = passes.hidden_at(reference.eval(), [v.teacher.input_ids for v in views],
                                      [v.teacher.trained_positions for v in views])
     assert torch.allclose(hidden, expected, atol=1e-4)
 
@@ -446,7 +449,7 @@ def test_teacher_hidden_is_the_snapshot_model_with_its_context(tiny_tokenizer, m
 @pytest.mark.parametrize("packed", [False, True])
 def test_a_fresh_adapters_teacher_is_the_base_model_run_without_its_adapters(tiny_tokenizer, packed):
     from engines.onednn import available, pack_linears, unpack_linears
-    from learners.fold import Teacher, attach_student
+    from learners.student import attach_student
 
     if packed and not available():
         pytest.skip("oneDNN is not available")
@@ -456,7 +459,7 @@ def test_a_fresh_adapters_teacher_is_the_base_model_run_without_its_adapters(tin
              for n in range(4)]
     sequences, positions = [v.teacher.input_ids for v in views], [v.teacher.trained_positions for v in views]
     with torch.no_grad():
-        expected = fold_module.shared_prefix_hidden_at(base.eval(), sequences, positions)  # the base model, no LoRA
+        expected = passes.shared_prefix_hidden_at(base.eval(), sequences, positions)  # the base model, no LoRA
     config = FoldConfig(lora_rank=4, lora_alpha=8, teacher="self-ema")
     student = attach_student(base, config, None)
     if packed:

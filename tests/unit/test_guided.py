@@ -158,16 +158,18 @@ def test_mixture_behaviour_is_the_geometric_mixture(tiny_engine, other_model):
 
 def test_teacher_weights_of_a_fold_serve_the_teacher_view(tiny_tokenizer):
     """With the fold's Teacher scope (the adapter's state at the start: the base model), mix 1 is the base."""
-    from learners.fold import FoldConfig, Teacher, attach_student
+    from learners.fold import FoldConfig
+    from learners.student import attach_student
+    from learners.teacher import Teacher
 
     engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, batch_size=4)
-    student = attach_student(engine.base_model, FoldConfig(lora_rank=4, lora_alpha=8), None)
+    student = attach_student(engine.lend_base().model, FoldConfig(lora_rank=4, lora_alpha=8), None)
     teacher = Teacher(student, FoldConfig())
     with torch.no_grad():
         for name, parameter in student.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5)
-    engine.model = student.eval()
+    engine.serve_trained(student.eval())
     params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=4)
     base = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, batch_size=4).generate(PROMPTS, params)
     guided = engine.generate_guided(PROMPTS, PROMPTS, params, policy="mixture", mix=1.0,

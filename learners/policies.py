@@ -1,0 +1,164 @@
+"""A fold method as a composition of parts: rollout policy x token mask x loss.
+
+- rollout policy: who chooses the tokens of the episodes the student learns from: `student` (its own
+  samples, on-policy), `speculative` (SKD: a student token outside the teacher's top-k is replaced by
+  a teacher sample) or `mixture` (TRB: samples from S^(1-α)·T^α, α annealed to 0). The last two need
+  an engine that declares guided generation (`engines.base.GuidedEngine`).
+- token mask: which trained tokens carry the loss: `completion` (every token the model wrote) or
+  `relevance` (RMSD: each episode's tokens where student and teacher disagree most).
+- loss: `reverse_kl` (full vocabulary), `jsd` (generalized JSD(β)) or `sampled` (sampled-token reverse
+  KL), from `learners.losses`.
+`FoldConfig.method` names a preset of these parts (`METHODS`); `rollout` and `mask` override it. The
+fold step asks the parts, never the method's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from engines.base import Engine, GuidedEngine
+from learners.losses import Projection, chunked_generalized_jsd, chunked_sampled_token_reverse_kl
+from learners.masks import top_positions
+from learners.passes import sampled_log_probs
+
+Rollout = Literal["student", "speculative", "mixture"]
+Mask = Literal["completion", "relevance"]
+
+# method -> (rollout policy, token mask); the teacher (self or external) and the loss are their own settings
+METHODS: dict[str, tuple[Rollout, Mask]] = {
+    "opsd": ("student", "completion"),
+    "opd": ("student", "completion"),
+    "rmsd": ("student", "relevance"),
+    "speculative": ("speculative", "completion"),
+    "trb": ("mixture", "completion"),
+}
+
+
+class MethodError(ValueError):
+    """A method whose parts this engine or configuration cannot run."""
+
+
+@dataclass(frozen=True)
+class Parts:
+    rollout: Rollout
+    mask: Mask
+    loss: str
+
+
+def parts_of(config) -> Parts:
+    """The parts a `FoldConfig` composes: its method's preset, with `rollout` / `mask` overriding it."""
+    rollout, mask = METHODS[config.method]
+    return Parts(rollout=config.rollout or rollout, mask=config.mask or mask, loss=config.loss)
+
+
+def check_engine(parts: Parts, engine: Engine) -> None:
+    """Refuse, before a fold starts, a rollout policy the engine cannot run."""
+    if parts.rollout != "student" and not isinstance(engine, GuidedEngine):
+        raise MethodError(
+            f"the {parts.rollout} rollout policy needs an engine with guided generation; "
+            f"{type(engine).__name__} has none. Use the HF engine, or fold.rollout=student"
+        )
+
+
+# ----------------------------------------------------------------------------- rollout policies
+def mixture_weight(config, step: int) -> float:
+    """The mixture policy's teacher weight at (0-based) `step`: `trb_mix` annealed linearly to 0."""
+    if config.trb_warmup_steps == 0:
+        return 0.0
+    return config.trb_mix * max(0.0, 1.0 - step / config.trb_warmup_steps)
+
+
+def guided_rollout(parts: Parts, engine: Engine, teacher, config, step: int):
+    """The rollout policy as a `run_episodes(guided=...)` callable, or None for the student's own
+    samples (the `student` policy, and `mixture` once its warm-up is over).
+
+    The teacher view runs the student's model under the teacher's weights (`Teacher._teacher_weights`:
+    the frozen or EMA adapter state), or the external teacher model, with the skills in its prompt.
+    """
+    if parts.rollout == "speculative":
+        policy: dict[str, Any] = {"policy": "speculative", "top_k": config.speculative_top_k}
+    elif parts.rollout == "mixture":
+        mix = mixture_weight(config, step)
+        if mix == 0.0:
+            return None
+        policy = {"policy": "mixture", "mix": mix}
+    else:
+        return None
+    if not isinstance(engine, GuidedEngine):
+        raise MethodError(f"the {parts.rollout} rollout policy needs an engine with guided generation")
+    scope = teacher._teacher_weights if teacher.external is None else None
+
+    def guided(student_chats, teacher_chats, params):
+        return engine.generate_guided(student_chats, teacher_chats, params, teacher_scope=scope,
+                                      teacher_model=teacher.external, **policy)
+
+    return guided
+
+
+# ----------------------------------------------------------------------------------- token masks
+def token_mask(parts: Parts, config, targets: torch.Tensor, lengths: Sequence[int], teacher_hidden: torch.Tensor,
+               teacher_weight: torch.Tensor, student_hidden: torch.Tensor, weight: torch.Tensor,
+               project: Projection) -> torch.Tensor:
+    """(1, N) weights of one pass's N trained tokens (episodes flattened in order, `lengths` each)."""
+    device = targets.device
+    mask = torch.ones((1, targets.numel()), dtype=torch.bool, device=device)
+    if parts.mask == "relevance":
+        disagreement = (
+            sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size, project)
+            - sampled_log_probs(student_hidden.detach(), weight.detach(), targets, config.chunk_size, project)
+        ).abs()
+        mask = top_per_episode(disagreement, lengths, config.relevance_top)
+    if config.normalize == "episode":
+        mask = mask * episode_weights(lengths, device)
+    return mask
+
+
+def episode_weights(lengths: Sequence[int], device) -> torch.Tensor:
+    """(1, N) token weights 1/length of the token's episode: the masked mean becomes a mean of episode means."""
+    return torch.cat([torch.full((length,), 1.0 / length, device=device) for length in lengths])[None]
+
+
+def top_per_episode(scores: torch.Tensor, lengths: Sequence[int], top: int) -> torch.Tensor:
+    """RMSD's relevance mask on flattened episodes: each episode's `top` highest-scoring tokens (1, N)."""
+    width = max(lengths)
+    padded = torch.zeros((len(lengths), width), dtype=scores.dtype, device=scores.device)
+    valid = torch.zeros((len(lengths), width), dtype=torch.bool, device=scores.device)
+    start = 0
+    for row, length in enumerate(lengths):
+        padded[row, :length] = scores[start:start + length]
+        valid[row, :length] = True
+        start += length
+    chosen = top_positions(padded, valid, top)  # (E, L)
+    return chosen[valid][None]  # (1, N), in the flattened order
+
+
+# ------------------------------------------------------------------------------------------ losses
+LossFn = Callable[..., torch.Tensor]
+
+
+def token_loss(parts: Parts, config, student_hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, mask: torch.Tensor,
+               project: Projection) -> torch.Tensor:
+    """The masked mean of the per-token loss over one pass's N tokens: (N, H) hidden states in."""
+    if parts.loss == "sampled":
+        teacher_log_probs = sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size, project)
+        loss, _ = chunked_sampled_token_reverse_kl(
+            student_hidden[None], weight, targets[None], teacher_log_probs[None], mask,
+            chunk_size=config.chunk_size, project=project,
+        )
+        return loss
+    beta = 1.0 if parts.loss == "reverse_kl" else config.beta
+    return chunked_generalized_jsd(
+        student_hidden[None], weight, teacher_hidden[None], beta, mask,
+        teacher_lm_head_weight=teacher_weight, chunk_size=config.chunk_size, project=project,
+    )
+
+
+def loss_is_kl(parts: Parts, config) -> bool:
+    """Whether the loss is itself the full-vocabulary KL over every trained token at weight 1 (the fold
+    then logs it as the KL instead of computing the KL again)."""
+    return parts.loss == "reverse_kl" and parts.mask == "completion" and config.normalize == "token"
