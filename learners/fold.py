@@ -53,7 +53,15 @@ from learners.policies import (
     token_mask,
 )
 from learners.rollout import run_episodes
-from learners.student import ALL_LINEAR, adapter_parameters, attach_student, borrow, finish_training, hand_off
+from learners.student import (
+    ALL_LINEAR,
+    adapter_parameters,
+    attach_student,
+    borrow,
+    finish_training,
+    hand_off,
+    load_base,
+)
 from learners.teacher import Teacher
 from learners.views import TemplateError, episode_views, sampled_ids
 
@@ -207,6 +215,14 @@ def fold(
     student = attach_student(loan.base.model, config, previous_adapter)
     optimizer = torch.optim.AdamW([parameter for _, parameter in adapter_parameters(student)],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.teacher == "external" and external_teacher is None:
+        if not config.teacher_model:
+            raise FoldError("an external teacher needs fold.teacher_model (a model id or directory)")
+        external_teacher = load_base(config.teacher_model).model  # the trainer's own: it scores, never serves
+    if external_teacher is not None and (external_teacher.get_input_embeddings().weight.shape[0]
+                                         != causal_lm(student).get_input_embeddings().weight.shape[0]):
+        raise FoldError("the external teacher's vocabulary differs from the student's; pick a teacher of the "
+                        "same family")
     teacher = Teacher(student, config, external_teacher)
     start_step = resumed_from = 0
     checkpoint_path = latest_checkpoint(run_dir) if resume else None
