@@ -74,6 +74,9 @@ class HFEngine:
         self.packed_copies = True  # also a packed copy of a weight that stays dense (a tied head: +113 MiB)
         self.adapter_version = 0  # counts hand-offs: each adapter served (loaded, or a trainer's step) is one
         self._trained = None  # a trainer's live module served on our lent base (`serve_trained`)
+        # adapters are merged into fp32 weights only: in bf16/fp16, W + s·BA − s·BA is not W again (a fold's
+        # rollouts would move the frozen base, and its frozen teacher with it); there LoRA runs beside them
+        self._merges = next(model.parameters()).dtype == torch.float32
 
     @classmethod
     def load(
@@ -150,6 +153,8 @@ class HFEngine:
         module = self._trained
         if module is None or not (hasattr(module, "merge_adapter") and hasattr(module, "peft_config")):
             return contextlib.nullcontext()
+        if not self._merges:
+            return contextlib.nullcontext()  # half precision: merging and unmerging would round the base weights
         if is_packed(module):
             return merged_decoding(module)
         return _peft_merged(module)
@@ -521,7 +526,8 @@ class HFEngine:
         self.unload_adapter()  # the dense weights back too
         try:
             self.model = PeftModel.from_pretrained(self.base_model, str(adapter_dir)).eval()
-            self.model.merge_adapter()
+            if self._merges:
+                self.model.merge_adapter()
         except (RuntimeError, ValueError, KeyError) as error:
             self.model = self.base_model
             raise AdapterError(
@@ -535,7 +541,8 @@ class HFEngine:
         self.unpack_weights()
         if self._adapter is None:
             return
-        self.model.unmerge_adapter()
+        if self._merges:
+            self.model.unmerge_adapter()
         self.base_model = self.model.unload()
         self.model = self.base_model.eval()
         self._adapter = None

@@ -31,8 +31,13 @@ Projection = Callable[[Tensor, Tensor], Tensor]
 
 
 def linear_head(hidden: Tensor, weight: Tensor) -> Tensor:
-    """hidden @ weightᵀ, (n, H) x (V, H) -> (n, V)."""
-    return hidden @ weight.T
+    """hidden @ weightᵀ, (n, H) x (V, H) -> (n, V), in fp32: half-precision inputs (a bf16 model on a GPU)
+    are multiplied with fp32 accumulation and output, so the losses never see logits rounded to bf16."""
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        return hidden @ weight.T
+    if hidden.is_cuda:
+        return torch.mm(hidden, weight.T, out_dtype=torch.float32)
+    return hidden.float() @ weight.float().T
 
 
 # A per-token loss for `chunked_head_loss`: (logits (n, V) fp32, *extras (n, ...)) -> (loss (n,), stat (n,)).

@@ -119,12 +119,16 @@ class adapters_off:
 class _merged:
     """While inside, a LoRA student runs its no-grad teacher pass with the adapter merged into the base
     weights (peft's merge_adapter / unmerge_adapter): fewer matmuls than 210 LoRA pairs beside the base
-    layers. Where the engine packed the base layers (CPU), the LoRA pairs run beside them instead (a
+    layers. fp32 base weights only (a bf16 merge and unmerge would round the frozen base). Where the engine packed the base layers (CPU), the LoRA pairs run beside them instead (a
     merge would repack every layer). Nothing for a full fine-tune or a model without adapters."""
 
     def __init__(self, model) -> None:
         self.model = model if hasattr(model, "merge_adapter") and hasattr(model, "peft_config") else None
-        if self.model is not None and next(model.parameters()).device.type == "cpu" and is_packed(model):
+        base_weight = next((p for p in model.parameters() if not p.requires_grad), None)
+        if base_weight is not None and base_weight.dtype != torch.float32:
+            self.model = None  # half precision: W + s·BA − s·BA is not W again; the LoRA pairs run beside
+        elif self.model is not None and base_weight is not None and base_weight.device.type == "cpu" and is_packed(
+                model):
             self.model = None
 
     def __enter__(self):
