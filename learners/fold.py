@@ -330,6 +330,10 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
     targets = torch.tensor(
         [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=teacher_hidden.device
     )  # (N,)
+    behaviour = None  # (N,) the sampled tokens' behaviour log-probs, for the sampled loss's ratios
+    if parts.loss == "sampled" and any(v.student.behaviour for v in views):
+        behaviour = torch.tensor([v.student.behaviour[p] if v.student.behaviour else math.nan
+                                  for v in views for p in v.student.trained_positions], device=targets.device)
     lengths = [len(v.student.trained_positions) for v in views]
     offsets = [0]
     for length in lengths:
@@ -344,7 +348,7 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
         mask = token_mask(parts, config, row_targets, [lengths[row] for row in rows], row_teacher, teacher_weight,
                           student_hidden, weight, project)
         loss = token_loss(parts, config, student_hidden, weight, row_targets, row_teacher, teacher_weight, mask,
-                          project)
+                          project, None if behaviour is None else behaviour[index])
         mass = float(mask.float().sum())
         if loss_is_the_kl:
             kl = float(loss.detach())  # the loss is this very KL: every trained token, weight 1

@@ -64,6 +64,8 @@ def _sampled_token_terms(
     """Per-token loss, ratio and clipped flag of `sampled_token_reverse_kl` (all the input's shape)."""
     advantage = (teacher_logprobs - student_logprobs).detach()
     reference = student_logprobs.detach() if behaviour_logprobs is None else behaviour_logprobs.detach()
+    if behaviour_logprobs is not None:  # NaN: the token's behaviour log-prob is unknown, taken as on-policy
+        reference = torch.where(torch.isnan(reference), student_logprobs.detach(), reference)
     ratio = torch.exp(student_logprobs - reference)  # 1 on-policy, with gradient ∇log S
     unclipped = ratio * advantage
     if clip is None:
@@ -95,7 +97,7 @@ def sampled_token_reverse_kl(
     tinker `incorporate_kl_penalty`; the OPSD sampled-token mode).
 
         A_t = sg(log T(y_t) − log S(y_t))                  (−1 x the k1 estimate of KL(S‖T) at y_t)
-        r_t = exp(log S(y_t) − sg(log μ(y_t)))             (μ = None: on-policy, r_t = 1, ∇r_t = ∇log S)
+        r_t = exp(log S(y_t) − sg(log μ(y_t)))             (μ = None, or NaN at t: on-policy, r_t = 1, ∇r_t = ∇log S)
         ℓ_t = −min(r_t·A_t, clip(r_t, 1−ε, 1+ε)·A_t)       (ε = `clip`; None: no clipping)
         L   = Σ_t m_t·ℓ_t / Σ_t m_t
 

@@ -142,12 +142,15 @@ LossFn = Callable[..., torch.Tensor]
 
 def token_loss(parts: Parts, config, student_hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, mask: torch.Tensor,
-               project: Projection) -> torch.Tensor:
-    """The masked mean of the per-token loss over one pass's N tokens: (N, H) hidden states in."""
+               project: Projection, behaviour: torch.Tensor | None = None) -> torch.Tensor:
+    """The masked mean of the per-token loss over one pass's N tokens: (N, H) hidden states in.
+    `behaviour` (N,): the log-probs the tokens were sampled with (NaN where unknown), for the sampled
+    loss's importance ratios when the rollouts came from another adapter version than the student's."""
     if parts.loss == "sampled":
         teacher_log_probs = sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size, project)
         loss, _ = chunked_sampled_token_reverse_kl(
             student_hidden[None], weight, targets[None], teacher_log_probs[None], mask,
+            behaviour_logprobs=None if behaviour is None else behaviour[None],
             chunk_size=config.chunk_size, project=project,
         )
         return loss

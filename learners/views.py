@@ -14,11 +14,12 @@ those very ids instead of a re-tokenisation of the text (which can split it diff
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from envs.base import Message, Trajectory
+from envs.base import Message, Trajectory, Turn
 
 
 class TokenView(BaseModel):
@@ -28,6 +29,7 @@ class TokenView(BaseModel):
 
     input_ids: list[int]
     trained: list[bool]
+    behaviour: list[float] | None = None  # per position: the log-prob it was sampled with (NaN: unknown)
 
     @property
     def trained_positions(self) -> list[int]:
@@ -56,37 +58,41 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def sampled_ids(trajectory: Trajectory, offset: int = 0) -> dict[int, list[int]]:
-    """{index in `trajectory.messages()` (+ `offset`): the sampled token ids} of every played turn that
-    kept them (the last assistant messages of the transcript are the turns, in order)."""
+def sampled_ids(trajectory: Trajectory, offset: int = 0) -> dict[int, Turn]:
+    """{index in `trajectory.messages()` (+ `offset`): its turn} for every played turn that kept its
+    sampled token ids (the last assistant messages of the transcript are the turns, in order)."""
     messages = trajectory.messages()
     assistant = [index for index, message in enumerate(messages) if message.role == "assistant"]
     played = assistant[len(assistant) - len(trajectory.turns):] if trajectory.turns else []
-    return {index + offset: list(turn.token_ids) for index, turn in zip(played, trajectory.turns, strict=True)
-            if turn.token_ids}
+    return {index + offset: turn for index, turn in zip(played, trajectory.turns, strict=True) if turn.token_ids}
 
 
-def _content_ids(tokenizer, content: str, text: str, sampled: list[int] | None, end_ids: set[int]) -> list[int]:
+def _content_ids(tokenizer, content: str, text: str, sampled: Turn | None,
+                 end_ids: set[int]) -> tuple[list[int], list[float] | None]:
     """The sampled ids of an assistant message's content when they decode to exactly its text (an end
-    token they finished with left out); else the text tokenised."""
-    if sampled:
-        ids = list(sampled)
+    token they finished with left out), with the log-probs they were sampled with (one more, for that
+    end token, where there was one); else the text tokenised, and None."""
+    if sampled is not None:
+        ids = list(sampled.token_ids)
         while ids and ids[-1] in end_ids:
             ids.pop()
         if content == text and tokenizer.decode(ids, skip_special_tokens=False) == text:
-            return ids
-    return _encode(tokenizer, text)
+            logprobs = list(sampled.logprobs) if len(sampled.logprobs) == len(sampled.token_ids) else None
+            return ids, logprobs
+    return _encode(tokenizer, text), None
 
 
 def token_view(
     tokenizer, messages: Sequence[Message], end_ids: set[int], untrained: range = range(0),
-    sampled: dict[int, list[int]] | None = None,
+    sampled: dict[int, Turn] | None = None,
 ) -> TokenView:
     """Tokenise a conversation, marking each assistant message's content and end-of-turn token
     (except the messages whose index is in `untrained`: context such as worked examples).
-    `sampled[i]`: the token ids the engine sampled for assistant message i (`sampled_ids`)."""
+    `sampled[i]`: the turn whose sampled token ids (and their log-probs: `TokenView.behaviour`) make
+    assistant message i (`sampled_ids`)."""
     input_ids: list[int] = []
     trained: list[bool] = []
+    behaviour: list[float] = []
     rendered = ""
     for index, message in enumerate(messages):
         if message.role == "assistant":
@@ -100,10 +106,17 @@ def token_view(
             body = full[len(with_header):]
             content_end = body.find(message.content) + len(message.content) if message.content in body else 0
             header_ids = _encode(tokenizer, header)
-            content_ids = _content_ids(tokenizer, message.content, body[:content_end],
-                                       (sampled or {}).get(index), end_ids)
+            content_ids, logprobs = _content_ids(tokenizer, message.content, body[:content_end],
+                                                 (sampled or {}).get(index), end_ids)
             tail_ids = _encode(tokenizer, body[content_end:])
             input_ids += header_ids + content_ids + tail_ids
+            behaviour += [math.nan] * len(header_ids)
+            behaviour += logprobs[:len(content_ids)] if logprobs else [math.nan] * len(content_ids)
+            turn = (sampled or {}).get(index)
+            ended = logprobs is not None and tail_ids and len(turn.token_ids) > len(content_ids) and (
+                turn.token_ids[len(content_ids)] == tail_ids[0])
+            behaviour += ([logprobs[len(content_ids)]] if ended else [math.nan] * min(1, len(tail_ids)))
+            behaviour += [math.nan] * max(0, len(tail_ids) - 1)
             train = index not in untrained
             trained += [False] * len(header_ids) + [train] * len(content_ids)
             # the end-of-turn token is trained too: stopping is part of the behaviour
@@ -116,8 +129,10 @@ def token_view(
             piece_ids = _encode(tokenizer, full[len(rendered):])
             input_ids += piece_ids
             trained += [False] * len(piece_ids)
+            behaviour += [math.nan] * len(piece_ids)
             rendered = full
-    return TokenView(input_ids=input_ids, trained=trained)
+    known = any(not math.isnan(value) for value in behaviour)
+    return TokenView(input_ids=input_ids, trained=trained, behaviour=behaviour if known else None)
 
 
 def with_context(messages: Sequence[Message], context: Sequence[Message]) -> tuple[list[Message], range]:
@@ -134,7 +149,7 @@ def episode_views(
     context: Sequence[Message],
     end_ids: set[int],
     teacher_max_tokens: int = 4096,
-    sampled: dict[int, list[int]] | None = None,
+    sampled: dict[int, Turn] | None = None,
 ) -> EpisodeViews:
     """The student view (no context) and the teacher view (with as much context as fits its limit).
 
