@@ -69,8 +69,11 @@ class HFEngine:
         self.stop_ids = _eos_ids(model, tokenizer)
         self._adapter: str | None = None
         self._cache_kwarg = cache_kwarg(model)
-        # CPU fp32: frozen linear layers computed from oneDNN-prepacked weights (engines.onednn)
-        self.packed_weights = packed_weights
+        # The CPU speed layer (packed weights, the lean decode step) is installed on CPU only: on a GPU no
+        # module is walked or patched per call. CPU fp32: frozen linear layers from oneDNN-prepacked weights.
+        cpu = self.device.type == "cpu"
+        self.packed_weights = packed_weights and cpu
+        self._lean = cpu
         self.packed_copies = True  # also a packed copy of a weight that stays dense (a tied head: +113 MiB)
         self.adapter_version = 0  # counts hand-offs: each adapter served (loaded, or a trainer's step) is one
         self._trained = None  # a trainer's live module served on our lent base (`serve_trained`)
@@ -178,7 +181,8 @@ class HFEngine:
         prefilled = prefill(self.model, self._cache_kwarg, rows, self.pad_id)
         cache, attention_mask, next_positions = prefilled.cache, prefilled.attention_mask, prefilled.next_positions
         with_room(cache, params.max_new_tokens)  # decoding writes into the cache in place
-        lean = LeanDecoder.build(self.model, cache)  # the model's forward without its bookkeeping, if it applies
+        # the model's forward without its bookkeeping, where it applies
+        lean = LeanDecoder.build(self.model, cache) if self._lean else None
         logits = prefilled.logits
         longest_stop = max((len(stop) for stop in params.stop), default=0)
         for step in range(params.max_new_tokens):
@@ -505,7 +509,8 @@ class HFEngine:
 
     def unpack_weights(self) -> None:
         """Put the dense weights back (bit for bit), e.g. before merging or training them."""
-        unpack_linears(self.model)
+        if self.packed_weights:
+            unpack_linears(self.model)
 
     # ---------------------------------------------------------------- adapters
     @property
@@ -609,6 +614,7 @@ class _DecodeView:
         self.scope = scope
         self.device = next(model.parameters()).device
         self.pad_id = engine.pad_id
+        self.use_lean = engine._lean
         # the engine's model, or another one (an external teacher), under a peft wrapper or not
         self.cache_kwarg = engine._cache_kwarg if model is engine.model else cache_kwarg(
             model.get_base_model() if hasattr(model, "get_base_model") else model)
@@ -626,7 +632,7 @@ class _DecodeView:
                 self.rows = None
                 self.cache, self.attention_mask = prefilled.cache, prefilled.attention_mask
                 self.next_positions = prefilled.next_positions
-                self.lean = LeanDecoder.build(self.model, self.cache)
+                self.lean = LeanDecoder.build(self.model, self.cache) if self.use_lean else None
                 return prefilled.logits
             if self.lean is not None:
                 return self.lean.step(self.step_input, self.attention_mask, self.step_positions).float()
