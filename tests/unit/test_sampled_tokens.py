@@ -80,3 +80,16 @@ def test_a_fold_with_the_sampled_loss_trains_on_the_behaviour_logprobs(tiny_toke
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2]
     assert all(math.isfinite(record["loss"]) and record["trained_tokens"] > 0 for record in records)
+
+
+def test_relevance_mask_is_made_on_the_scores_device():
+    """RMSD's mask builds its tensors on the device of the scores (a tensor made without a device would
+    land on the default one: with CUDA scores, on the CPU). A default device of `meta` stands in."""
+    from learners.policies import episode_weights, top_per_episode
+
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.7])
+    with torch.device("meta"):
+        mask = top_per_episode(scores, [3, 4], 2)
+        weights = episode_weights([3, 4], scores.device)
+    assert mask.device == scores.device == weights.device
+    assert mask.tolist() == [[False, True, True, False, True, False, True]]
