@@ -27,6 +27,7 @@ import torch
 from engines.allocator import cap_heap
 from engines.base import Chat, Generation, GuidedGeneration, LentBase, SamplingParams, TokenScores
 from engines.lean import LeanDecoder
+from engines.merge import merged
 from engines.onednn import is_packed, merged_decoding, pack_linears, unpack_linears
 from engines.prefix import left_pad, prefill, with_room
 
@@ -80,6 +81,7 @@ class HFEngine:
         # adapters are merged into fp32 weights only: in bf16/fp16, W + s·BA − s·BA is not W again (a fold's
         # rollouts would move the frozen base, and its frozen teacher with it); there LoRA runs beside them
         self._merges = next(model.parameters()).dtype == torch.float32
+        self._served: merged | None = None  # the loaded adapter's merge while it is served
 
     @classmethod
     def load(
@@ -93,15 +95,19 @@ class HFEngine:
         packed_weights: bool = True,
     ) -> HFEngine:
         """Load a model by spec (the embedded default, a directory, or a Hub id)."""
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from engines.models import resolve_model
+        from engines.models import load_error, resolve_model
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
         location = resolve_model(model)
         torch_device = pick_device(device)
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        network = AutoModelForCausalLM.from_pretrained(location, dtype=pick_dtype(dtype, torch_device))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location)
+            network = AutoModelForCausalLM.from_pretrained(location, dtype=pick_dtype(dtype, torch_device))
+        except (OSError, ValueError, KeyError, SafetensorError) as error:  # a broken config.json, weights ...
+            raise load_error(model, location, error) from error
         network.to(torch_device)
         if torch_device.type == "cpu":
             _own_memory(network)
@@ -151,7 +157,7 @@ class HFEngine:
     def _decoding(self):
         """While inside, a trainer's live module decodes with its adapter merged into the base weights
         (unmerged LoRA pairs cost CPU decoding several times the base model): on packed CPU weights
-        through `engines.onednn.merged_decoding`, else peft's merge/unmerge. Nothing otherwise (a loaded
+        through `engines.onednn.merged_decoding`, else `engines.merge.merged`. Nothing otherwise (a loaded
         adapter is merged already; a full fine-tune has nothing to merge)."""
         module = self._trained
         if module is None or not (hasattr(module, "merge_adapter") and hasattr(module, "peft_config")):
@@ -160,7 +166,7 @@ class HFEngine:
             return contextlib.nullcontext()  # half precision: merging and unmerging would round the base weights
         if is_packed(module):
             return merged_decoding(module)
-        return _peft_merged(module)
+        return merged(module)  # peft's merge, its unmerge giving the base weights back bit for bit
 
     def _generate_batch(
         self, rows: list[list[int]], row_numbers: list[int], params: SamplingParams
@@ -521,18 +527,31 @@ class HFEngine:
         """Serve a PEFT LoRA adapter directory on top of the base weights (replacing any other).
 
         The adapter is merged into the weights while it is served, so generation costs what the
-        base model costs (unmerged LoRA layers slow CPU decoding several times); unloading unmerges.
+        base model costs (unmerged LoRA layers slow CPU decoding several times); unloading unmerges,
+        giving the base weights back bit for bit (`engines.merge.merged`).
         """
+        import json
+
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         adapter_dir = Path(path).expanduser()
         if not (adapter_dir / "adapter_config.json").is_file():
-            raise AdapterError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+            raise AdapterError(
+                f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json); pass a fold's adapter "
+                "(a directory under <home>/adapters), latest, or none"
+            )
         self.unload_adapter()  # the dense weights back too
         try:
             self.model = PeftModel.from_pretrained(self.base_model, str(adapter_dir)).eval()
             if self._merges:
-                self.model.merge_adapter()
+                self._served = merged(self.model).__enter__()
+        except (SafetensorError, OSError, json.JSONDecodeError) as error:  # a truncated or damaged file
+            self.model = self.base_model
+            raise AdapterError(
+                f"adapter {adapter_dir} cannot be read ({type(error).__name__}: {str(error)[:300]}); its files are "
+                "truncated or corrupt. Run the fold that wrote it again, or pass --adapter none (or another adapter)."
+            ) from error
         except (RuntimeError, ValueError, KeyError) as error:
             self.model = self.base_model
             raise AdapterError(
@@ -546,8 +565,9 @@ class HFEngine:
         self.unpack_weights()
         if self._adapter is None:
             return
-        if self._merges:
-            self.model.unmerge_adapter()
+        if self._served is not None:
+            self._served.__exit__(None, None, None)
+            self._served = None
         self.base_model = self.model.unload()
         self.model = self.base_model.eval()
         self._adapter = None
@@ -590,20 +610,6 @@ class HFEngine:
         self.packed_copies = True  # the engine's default again (the copies come at its next packing)
         if adapter:
             self.load_adapter(adapter)
-
-
-class _peft_merged:
-    """peft's merge_adapter while inside, unmerge_adapter on leaving (decoding only, never under autograd)."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.model.merge_adapter()
-        return self
-
-    def __exit__(self, *exc):
-        self.model.unmerge_adapter()
 
 
 class _DecodeView:

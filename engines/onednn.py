@@ -22,8 +22,8 @@ sampled tokens identical in the tests).
 A weight swapped into a packed layer (`parameter.data = other`, as a teacher scope does) is used
 densely until it is swapped back. `merged_decoding(model)` merges each LoRA layer's adapter into its
 base weight for a rollout (in place in the plain weight, read by engines.small_linear's kernel where
-it runs; packed otherwise) and leaves it plain (dense, on the `_Packed` holder) afterwards, for the
-training passes up to the next rollout. A decode step's few rows go through that kernel wherever a
+it runs; packed otherwise) and leaves it plain (dense, on the `_Packed` holder; W bit for bit) afterwards,
+for the training passes up to the next rollout. A decode step's few rows go through that kernel wherever a
 dense weight is at hand (a plain one, or the head's kept copy). `unpack_linears(model)` puts the
 dense weights back bit for bit.
 Anything that changes weights (merging an adapter, attaching LoRA, a full fine-tune) must run between
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from engines import small_linear
+from engines.merge import Residue, Scratch
 
 _PACK_BATCH = 8  # the batch hint of the reorder: the decode batch the layout is tuned for
 
@@ -424,8 +425,10 @@ class merged_decoding:
     with no weight packed or unpacked); elsewhere it is packed for oneDNN.
     For decoding only: the adapter must not change inside (no training step).
 
-    On leaving, each of those layers keeps its base weight *plainly* (dense, `_Packed.plain`:
-    W = (W + s·BA) - s·BA in fp32, as peft's unmerge, equal to W up to float rounding): what comes
+    On leaving, each of those layers keeps its base weight *plainly* (dense, `_Packed.plain`: W bit for
+    bit, (W + s·BA) - s·BA with the few elements that rounding moved written back from the residue
+    kept on entering, `engines.merge.Residue`; without it the frozen base drifted a little at every
+    rollout, and a resumed fold, starting from the weights as loaded, ended elsewhere): what comes
     between two rollouts of a fold (the teacher's pass, the student's passes and their backward)
     multiplies by the plain weight, instead of unpacking it again for every pass's backward; the next
     scope merges the new adapter in again. `unpack_linears` takes the plain weight back
@@ -434,6 +437,7 @@ class merged_decoding:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers: list[tuple[nn.Module, _Packed, str]] = []
+        self.residues: list[Residue] = []  # per layer entered: what W + s·BA − s·BA does not give back
         for module in model.modules():
             owner = _forward_owner(module)
             if not isinstance(owner, _LeanLora):
@@ -449,43 +453,57 @@ class merged_decoding:
         # with the small-batch kernel here, a decode step's matmuls read plain weights faster than
         # packed ones: W + s·BA is made in place in the plain weight and stays plain, nothing is packed
         in_place = small_linear.available()
-        entered = 0
+        self.residues = []
         try:
             with torch.inference_mode(False), torch.no_grad(), mapped_blocks():
+                # buffers the size of the largest layer, reused layer after layer (new blocks per layer,
+                # mmap'd here, cost more in page faults than the merge itself)
+                scratch = Scratch(max((module.lora_B[name].weight.shape[0] * module.lora_A[name].weight.shape[1]
+                                       for module, _, name in self.layers), default=0))
                 for module, layer, name in self.layers:
-                    # W + s·BA in W's plain buffer (unpacked first where the layer holds W packed): at most
-                    # one new block per layer, where peft's get_delta_weight makes two more of W's size
-                    merged = _add_delta(layer.plain if layer.plain is not None else layer.packed.to_dense(),
-                                        module, name, 1.0)
+                    # W + s·BA in W's plain buffer (unpacked first where the layer holds W packed); W itself
+                    # is kept only as the few elements that leaving would not give back (engines.merge)
+                    weight = layer.plain if layer.plain is not None else layer.packed.to_dense()
+                    original = Scratch.like(scratch.total, weight).copy_(weight)
+                    merged = _add_delta(weight, module, name, 1.0)
+                    del weight
+                    try:
+                        back = _add_delta(Scratch.like(scratch.back, merged).copy_(merged), module, name, -1.0)
+                        residue = Residue.between(back, original, scratch.mask)  # what leaving computes, against W
+                    except BaseException:
+                        merged.copy_(original)
+                        raise
+                    del original, back
                     if in_place:
                         layer.packed, layer.plain = None, merged
                     else:
                         try:
                             packed = _pack(merged)
                         except BaseException:
-                            _add_delta(merged, module, name, -1.0)  # this layer as it was (a plain one: W again)
+                            residue.restore(_add_delta(merged, module, name, -1.0))  # W again, bit for bit
                             raise
                         layer.packed, layer.plain = packed, None
                         del packed
                     del merged
                     module.merged_adapters.append(name)
-                    entered += 1
+                    self.residues.append(residue)
         except BaseException:
-            self._leave(self.layers[:entered])  # the layers merged so far go back: none stays half-done
+            self._leave(self.layers[:len(self.residues)], self.residues)  # none stays half-done
             raise
         return self
 
     def __exit__(self, *exc):
-        self._leave(self.layers)
+        self._leave(self.layers, self.residues)
 
     @staticmethod
-    def _leave(layers) -> None:
+    def _leave(layers, residues: list[Residue]) -> None:
         with torch.inference_mode(False), torch.no_grad(), mapped_blocks():
-            for module, layer, name in layers:
+            for (module, layer, name), residue in zip(layers, residues, strict=True):
                 module.merged_adapters.remove(name)
                 merged = layer.plain if layer.plain is not None else layer.packed.to_dense()
-                layer.plain = _add_delta(merged, module, name, -1.0)
+                layer.plain = residue.restore(_add_delta(merged, module, name, -1.0))
                 layer.packed = None
+        residues.clear()
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -496,7 +514,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 def _add_delta(weight: torch.Tensor, module: nn.Module, name: str, sign: float) -> torch.Tensor:
     """weight ± s·B A (peft's delta weight for a non-fan-in-fan-out LoRA layer), in place; returns it.
     The same product with the same scale both ways, so that merging then unmerging gives W back up to
-    float rounding, as peft's merge and unmerge do."""
+    float rounding, and bit for bit with the merge's `engines.merge.Residue` written back."""
     b, a = module.lora_B[name].weight, module.lora_A[name].weight
     return weight.addmm_(b, a, alpha=sign * module.scaling[name])
 

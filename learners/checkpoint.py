@@ -1,15 +1,18 @@
-"""Fold checkpoints: adapter + optimizer + RNG + extra tensors + step + config, written atomically.
+"""Trainer checkpoints (fold, SFT): adapter + optimizer + RNG + extra tensors + step + config, written atomically.
 
 A checkpoint is a directory `step-000012/` inside the fold's run directory. It is built as a hidden
 scratch directory `.ckpt-*` and renamed into place; its `state.json` is written last and lists every
 other file with its size (the manifest). So a kill at any moment leaves the previous checkpoints and
-at most a scratch directory, which the next save (or `latest_checkpoint`, at a new start) removes.
+at most a scratch directory, which the next save (or `clean_scratch`, at a new start) removes.
 `latest_checkpoint` returns the newest checkpoint whose manifest holds (every file there, at its
 size); `load_checkpoint` raises `CheckpointError` (never a raw traceback) on one it cannot read.
 
 Every write point calls `_before_write(name)` first when it is set (fault-injection tests kill the
 process there): "adapter", "optimizer.pt", "rng.pt", one "<name>.pt" per extra tensor file,
 "state.json", "rename", and "prune" (before old checkpoints are removed).
+
+`keep_metrics` makes a run's metrics file belong to its checkpoints: a resume cuts it back to the
+checkpoint's step before the run writes on.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 SCRATCH_PREFIX = ".ckpt-"
+METRICS_SCRATCH = ".metrics-"
+SCRATCH_PREFIXES = (SCRATCH_PREFIX, ".adapter-", METRICS_SCRATCH)  # what clean_scratch removes
 FILES_KEY = "checkpoint_files"  # the manifest inside state.json: {relative path: size in bytes}
 TENSORS_KEY = "checkpoint_tensors"  # the names of the extra tensor files
 _RESERVED = {"adapter", "optimizer", "rng", "state"}
@@ -132,18 +137,55 @@ def _problem(path: Path) -> str | None:
 
 
 def clean_scratch(run_dir: Path) -> list[Path]:
-    """Remove the `.ckpt-*` scratch directories a killed save left in `run_dir`; returns them.
-
-    One process writes a run directory at a time, so any scratch directory found is stale.
+    """Remove what a killed write left in `run_dir`; returns it: `.ckpt-*` checkpoint scratch,
+    `.adapter-*` adapter scratch (`learners.student.save_adapter`) and `.metrics-*` rewrites
+    (`keep_metrics`). One process writes a run directory at a time, so any scratch found is stale.
     """
     if not run_dir.is_dir():
         return []
-    stale = [path for path in run_dir.glob(SCRATCH_PREFIX + "*") if path.is_dir()]
+    stale = sorted(path for prefix in SCRATCH_PREFIXES for path in run_dir.glob(prefix + "*"))
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     if stale:
-        log.info("removed %d stale checkpoint scratch dir(s) in %s", len(stale), run_dir)
+        log.info("removed %d stale scratch file(s) or dir(s) in %s", len(stale), run_dir)
     return stale
+
+
+def keep_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Cut the metrics file `path` (JSON lines with a "step") to steps 1..`step`, the ones the
+    checkpoint resumed from holds, atomically (a new file renamed over it); returns those records.
+
+    A step's line is written before its checkpoint, so a killed run leaves lines past its last
+    checkpoint (and maybe a line cut short); the resumed run writes them again. A step found twice
+    (a file from before this rule) keeps its last line. `step` 0 removes the file.
+    """
+    by_step: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and 1 <= record["step"] <= step:
+                by_step[record["step"]] = record
+    records = [by_step[number] for number in sorted(by_step)]
+    if not records:
+        path.unlink(missing_ok=True)
+        return []
+    descriptor, scratch = tempfile.mkstemp(prefix=METRICS_SCRATCH, dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as sink:
+            sink.write("".join(json.dumps(record) + "\n" for record in records))
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise
+    return records
 
 
 def _discard(path: Path, run_dir: Path) -> None:

@@ -32,7 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import Engine, LentBase, SamplingParams
 from envs.base import Message, TaskFamily, Trajectory
-from learners.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from learners.checkpoint import (
+    CheckpointError,
+    clean_scratch,
+    keep_metrics,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from learners.passes import (
     attention,
     backward_in_passes,
@@ -206,6 +213,7 @@ def fold(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    clean_scratch(run_dir)  # what a killed write left: checkpoint and adapter scratch, a metrics rewrite
     (run_dir / "fold_config.json").write_text(config.model_dump_json(indent=2))
     previous_adapter = engine.adapter
     loan = borrow(engine, base, heap_threshold_kib=config.heap_threshold_kib, scratch=run_dir)
@@ -237,9 +245,8 @@ def fold(
             teacher.silent = teacher._adds_nothing()  # an EMA that has moved is no longer the base model
         log.info("resumed fold from %s (step %d)", checkpoint_path, start_step)
     metrics_path = run_dir / "metrics.jsonl"
-    if not resume and metrics_path.exists():
-        metrics_path.unlink()
-    writer = _tensorboard(run_dir)
+    kept = keep_metrics(metrics_path, start_step)  # the lines of the checkpoint's steps; none on a new start
+    writer = _tensorboard(run_dir, purge_step=start_step + 1 if resume else None)
     order = _item_order(items, config)
     handoff_seconds = hand_off(loan, student)
     project = projection(student)
@@ -278,8 +285,8 @@ def fold(
         if writer is not None:
             writer.close()
     adapter_dir = finish_training(loan, student, config, run_dir)
-    if not first and checkpoint_path is not None:
-        first = last = json.loads(checkpoint_path.joinpath("state.json").read_text())
+    if kept:  # resumed: the first steps (and, with none left to run, the last) are the checkpoint's
+        first, last = kept[0], last or kept[-1]
     return FoldResult(
         steps=config.steps,
         loss_first=first.get("loss"),
@@ -418,12 +425,14 @@ def _item_order(items: Sequence[FoldItem], config: FoldConfig) -> list[FoldItem]
     return order
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, purge_step: int | None = None):
+    """A TensorBoard writer where it is installed; `purge_step` hides the events a killed run wrote
+    from that step on (a resume writes them again)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def measure_kl(engine: Engine, families: dict[str, TaskFamily], items: Sequence[FoldItem],

@@ -12,7 +12,7 @@ computed from final hidden states in chunks (`learners.losses.chunked_head_loss`
 (tokens x vocabulary) logits are never whole. For equal compute with the fold, the steps, batch
 size, LoRA shape, weight decay and grad-norm clip are the fold's (`FoldConfig`); only the learning
 rate is the SFT's own. Batches cycle through a seeded shuffle of the episodes; a later phase trains
-the adapter of the earlier ones further.
+the adapter of the earlier ones further. Checkpoints and resume as the fold's (`learners.checkpoint`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,22 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import Engine, LentBase
 from envs.base import Trajectory
+from learners.checkpoint import (
+    clean_scratch,
+    keep_metrics,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from learners.fold import FoldConfig
 from learners.losses import Projection, chunked_head_loss, linear_head
 from learners.passes import causal_lm, projection, shared_prefix_hidden_at
@@ -95,14 +103,21 @@ def training_views(tokenizer, stop_ids: set[int], trajectories: Sequence[Traject
 
 
 def sft(engine: Engine, trajectories: Sequence[Trajectory], fold_config: FoldConfig, config: SftConfig,
-        run_dir: Path, seed: int = 0, base: LentBase | None = None) -> SftResult:
+        run_dir: Path, seed: int = 0, base: LentBase | None = None, *, resume: bool = False,
+        on_step: Callable[[dict[str, Any]], None] | None = None) -> SftResult:
     """Fine-tune the engine's model on the successes; the engine serves the new adapter afterwards
-    (trained on its lent weights where it shares them, else on `base` or the model loaded again)."""
+    (trained on its lent weights where it shares them, else on `base` or the model loaded again).
+
+    Every `fold_config.checkpoint_every` steps (and after the last) an atomic checkpoint goes to
+    `run_dir` (`learners.checkpoint`); `resume` continues from the newest one, to the same adapter
+    bit for bit as a run never stopped, and `run_dir/metrics.jsonl` continues after its step.
+    Raises `CheckpointError` on a checkpoint that cannot be restored."""
     started = time.perf_counter()
     if not any(trajectory.success and trajectory.turns for trajectory in trajectories):
         return SftResult(episodes=0, steps=0, trained_tokens=0, loss_first=None, loss_last=None, adapter=None,
                          seconds=time.perf_counter() - started)
     run_dir.mkdir(parents=True, exist_ok=True)
+    clean_scratch(run_dir)  # what a killed write left: checkpoint and adapter scratch, a metrics rewrite
     previous = engine.adapter
     loan = borrow(engine, base, heap_threshold_kib=fold_config.heap_threshold_kib, scratch=run_dir)
     views = training_views(loan.base.tokenizer, loan.base.stop_ids, trajectories, config.max_tokens)
@@ -118,20 +133,35 @@ def sft(engine: Engine, trajectories: Sequence[Trajectory], fold_config: FoldCon
     project = projection(student)
     parameters = [parameter for parameter in student.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=fold_config.weight_decay)
-    losses, trained = [], 0
+    start_step = 0
+    checkpoint_path = latest_checkpoint(run_dir) if resume else None
+    if checkpoint_path is not None:
+        start_step = load_checkpoint(checkpoint_path, student, optimizer)["step"]
+        log.info("resumed SFT from %s (step %d)", checkpoint_path, start_step)
+    metrics_path = run_dir / "metrics.jsonl"
+    kept = keep_metrics(metrics_path, start_step)  # the lines of the checkpoint's steps; none on a new start
+    losses = [record["loss"] for record in kept]
+    trained = sum(record["trained_tokens"] for record in kept)
     student.train()
-    with open(run_dir / "metrics.jsonl", "w") as sink:
-        for step in range(fold_config.steps):
-            batch = [views[order[(step * fold_config.batch_size + i) % len(order)]] for i in range(fold_config.batch_size)]
-            loss, tokens = sft_loss(student, batch, fold_config.chunk_size, project)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, fold_config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            trained += tokens
-            sink.write(json.dumps({"step": step + 1, "loss": losses[-1], "trained_tokens": tokens}) + "\n")
+    for step in range(start_step, fold_config.steps):
+        batch = [views[order[(step * fold_config.batch_size + i) % len(order)]] for i in range(fold_config.batch_size)]
+        loss, tokens = sft_loss(student, batch, fold_config.chunk_size, project)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, fold_config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        trained += tokens
+        record = {"step": step + 1, "loss": losses[-1], "trained_tokens": tokens}
+        with open(metrics_path, "a") as sink:
+            sink.write(json.dumps(record) + "\n")
+        if on_step:
+            on_step(record)
+        if (step + 1) % fold_config.checkpoint_every == 0 or step + 1 == fold_config.steps:
+            save_checkpoint(run_dir, step + 1, student, optimizer,
+                            {"config": config.model_dump(mode="json"), "fold": fold_config.model_dump(mode="json")})
     student.eval()
     adapter_dir = finish_training(loan, student, fold_config, run_dir)
-    return SftResult(episodes=len(views), steps=fold_config.steps, trained_tokens=trained, loss_first=losses[0],
-                     loss_last=losses[-1], adapter=str(adapter_dir), seconds=time.perf_counter() - started)
+    return SftResult(episodes=len(views), steps=fold_config.steps, trained_tokens=trained,
+                     loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                     adapter=str(adapter_dir), seconds=time.perf_counter() - started)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engines.merge import merged
 from learners.passes import causal_lm, is_packed, shared_prefix_hidden_at
 from learners.student import adapter_parameters
 from learners.views import EpisodeViews
@@ -118,24 +119,26 @@ class adapters_off:
 
 class _merged:
     """While inside, a LoRA student runs its no-grad teacher pass with the adapter merged into the base
-    weights (peft's merge_adapter / unmerge_adapter): fewer matmuls than 210 LoRA pairs beside the base
-    layers. fp32 base weights only (a bf16 merge and unmerge would round the frozen base). Where the engine packed the base layers (CPU), the LoRA pairs run beside them instead (a
-    merge would repack every layer). Nothing for a full fine-tune or a model without adapters."""
+    weights (`engines.merge.merged`: peft's merge, and an unmerge that gives the frozen base back bit
+    for bit): fewer matmuls than 210 LoRA pairs beside the base layers. fp32 base weights only (in
+    bf16 the residue of a merge would be most of the weights). Where the engine packed the base layers
+    (CPU), the LoRA pairs run beside them instead (a merge would repack every layer). Nothing for a
+    full fine-tune or a model without adapters."""
 
     def __init__(self, model) -> None:
-        self.model = model if hasattr(model, "merge_adapter") and hasattr(model, "peft_config") else None
+        self.scope = merged(model) if hasattr(model, "merge_adapter") and hasattr(model, "peft_config") else None
         base_weight = next((p for p in model.parameters() if not p.requires_grad), None)
         if base_weight is not None and base_weight.dtype != torch.float32:
-            self.model = None  # half precision: W + s·BA − s·BA is not W again; the LoRA pairs run beside
-        elif self.model is not None and base_weight is not None and base_weight.device.type == "cpu" and is_packed(
+            self.scope = None  # half precision: the LoRA pairs run beside
+        elif self.scope is not None and base_weight is not None and base_weight.device.type == "cpu" and is_packed(
                 model):
-            self.model = None
+            self.scope = None
 
     def __enter__(self):
-        if self.model is not None:
-            self.model.merge_adapter()
+        if self.scope is not None:
+            self.scope.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.model is not None:
-            self.model.unmerge_adapter()
+        if self.scope is not None:
+            self.scope.__exit__(*exc)
