@@ -21,7 +21,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent.cli_common import console, fail, open_engine, open_memory, quiet_libraries, user_errors
+from agent import cli_common
+from agent.cli_common import (
+    check_home,
+    console,
+    fail,
+    open_engine,
+    open_engine_and_memory,
+    open_memory,
+    quiet_libraries,
+    user_errors,
+)
 from agent.cli_memory import chat, skills_app
 from agent.config import ConfigError, EvalConfig, ModelConfig, build_config, save_config
 
@@ -37,7 +47,10 @@ log = logging.getLogger("skillfold")
 
 
 @app.callback()
-def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging; errors with their traceback")] = False,
+) -> None:
+    cli_common.verbose = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -130,10 +143,15 @@ def eval_command(
         if not run_config.envs:
             fail("name at least one task family with --env (see `skillfold envs`), e.g. --env rg:leg_counting")
         families = [make_family(spec.name, dict(spec.options)) for spec in run_config.envs]
-        run_dir = _new_run_dir(run_config.home, "eval")
+        for family in families:
+            if run_config.items > family.split_size("eval"):
+                fail(f"{family.name} has {family.split_size('eval')} distinct eval items; pass --items "
+                     f"{family.split_size('eval')} or fewer")
+        check_home(run_config.home)
+        engine, store = open_engine_and_memory(run_config.model, run_config.home, run_config.memory_url,
+                                               run_config.memory)
+        run_dir = _new_run_dir(run_config.home, "eval")  # once every input is known good: nothing written before
         save_config(run_config, run_dir)
-        store = open_memory(run_config.home, run_config.memory_url) if run_config.memory else None
-        engine = open_engine(run_config.model, run_config.home)
         results = []
         with open(run_dir / "trajectories.jsonl", "w") as sink:
             for family in families:
@@ -202,9 +220,8 @@ def run_command(
         family = make_family(run_config.env.name, dict(run_config.env.options))
         name = run_config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_dir = run_config.home / "runs" / f"run-{name}"
-        save_config(run_config, run_dir)
-        store = open_memory(run_config.home, run_config.memory_url)
-        engine = open_engine(run_config.model, run_config.home)
+        engine, store = open_engine_and_memory(run_config.model, run_config.home, run_config.memory_url)
+        save_config(run_config, run_dir)  # once every input is known good
         with _progress_bar(f"run {family.name}") as progress:
             progress("planned", run_config.loop.episodes)
             tally = {"episodes": 0, "successes": 0}
@@ -258,7 +275,7 @@ def fold_command(
 ) -> None:
     """Fold skills into the weights: on-policy self-distillation from a skill-prompted teacher."""
     from agent.config import FoldRunConfig
-    from agent.folding import fold_items, register_adapter, resolve_adapter
+    from agent.folding import adapters_dir, fold_items, register_adapter, resolve_adapter
     from envs import make_family
     from learners.fold import FoldError, fold
 
@@ -274,6 +291,16 @@ def fold_command(
         run_config = build_config(FoldRunConfig, config, flags, overrides or [])
         if resume and not run_config.run_id:
             fail("--resume needs the --run-id of the fold to continue")
+        name = run_config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        run_dir = run_config.home / "folds" / name
+        registered = adapters_dir(run_config.home) / name
+        if registered.exists():  # checked before anything loads or is written
+            if resume and run_dir.is_dir():
+                _finished_fold(name, run_dir, registered, json_output)
+                return
+            fail(f"an adapter named {name} is registered already ({registered}): this fold has finished. "
+                 f"Pass another --run-id for a new fold" + ("" if resume else f", or --run-id {name} --resume "
+                                                                                "to see its result"))
         store = open_memory(run_config.home, run_config.memory_url)
         names = run_config.families or [
             name for name in store.families() if store.list_skills(family=name, status="active")
@@ -288,8 +315,6 @@ def fold_command(
             fail("method opd needs an external teacher: --teacher-model ID_OR_DIR")
         items = fold_items(store, engine, skilled, anchors, run_config.items_per_family, run_config.probes,
                            run_config.token_budget, run_config.retrieve_k, seed=run_config.fold.seed)
-        name = run_config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        run_dir = run_config.home / "folds" / name
         save_config(run_config, run_dir)
         with _fold_progress(run_config.fold.steps) as on_step:
             try:
@@ -306,6 +331,15 @@ def fold_command(
     )
     if json_output:
         print(result.model_dump_json())
+
+
+def _finished_fold(name: str, run_dir: Path, registered: Path, json_output: bool) -> None:
+    """`fold --run-id NAME --resume` on a fold that has finished: its result again, nothing run or written."""
+    saved = run_dir / "result.json"
+    result = json.loads(saved.read_text()) if saved.is_file() else {"adapter": str(registered), "run_dir": str(run_dir)}
+    console.print(f"fold {name} has finished already: its adapter is {registered}; nothing to resume")
+    if json_output:
+        print(json.dumps(result))
 
 
 @contextmanager
@@ -347,10 +381,10 @@ def evolve_command(
         families = stream_families(config.stream)
         check_stream(config.stream, families, config.stream.assess_offset + config.stream.assess_items)
         run_dir = config.home / "evolve" / config.run_id
+        check_home(config.home)
         check_run(run_dir, config.stream)
-        save_config(config, run_dir)
-        store = open_memory(config.home, config.memory_url)
-        engine = open_engine(config.model, config.home)
+        engine, store = open_engine_and_memory(config.model, config.home, config.memory_url)
+        save_config(config, run_dir)  # once every input is known good
         runtime = Stream(engine=engine, memory=store, settings=config.stream, families=families, home=config.home,
                          run_id=config.run_id, say=console.print, on_fold_step=_fold_step_line(config.stream.fold.steps))
         started = time.perf_counter()
@@ -593,8 +627,7 @@ def _progress_bar(description: str):
 
 
 def _new_run_dir(home: Path, kind: str) -> Path:
-    if home.exists() and not home.is_dir():
-        raise ConfigError(f"skillfold home {home} exists but is not a directory; pass --home DIR")
+    check_home(home)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     run_dir = home / "runs" / f"{stamp}-{kind}"
     run_dir.mkdir(parents=True, exist_ok=False)

