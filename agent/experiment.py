@@ -479,7 +479,8 @@ def sft_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainSta
         prefix = f"{stream.run_id}-p{phase}-"
         played = [t for t in stream.memory.list_trajectories(env=lab.families[phase].name, split="train", limit=None)
                   if t.id.startswith(prefix)]
-        result = lab.sft_fn(lab.engine, played, stream.settings.fold, lab.config.sft, run_dir, seed=seed)
+        result = lab.sft_fn(lab.engine, played, stream.settings.fold, lab.config.sft, run_dir, seed=seed,
+                            resume=True)  # a killed experiment's SFT continues from its last checkpoint
         write_atomic(run_dir / "result.json", result.model_dump_json(indent=2))
     result = SftResult.model_validate_json((run_dir / "result.json").read_text())
     if result.adapter and not target.is_dir():

@@ -59,7 +59,7 @@ def forgetful_fold(engine, families, items, config, run_dir, *, resume=False, on
                       adapter=str(adapter), run_dir=str(run_dir), seconds=0.0)
 
 
-def forgetful_sft(engine, trajectories, fold_config, config, run_dir, seed=0):
+def forgetful_sft(engine, trajectories, fold_config, config, run_dir, seed=0, resume=False):
     adapter = _adapter(run_dir, Path(run_dir).name == "sft-p0", engine)
     return SftResult(episodes=sum(t.success for t in trajectories), steps=fold_config.steps, trained_tokens=10,
                      loss_first=1.0, loss_last=0.5, adapter=str(adapter), seconds=0.0)
