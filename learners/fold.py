@@ -62,6 +62,7 @@ from learners.policies import (
 from learners.rollout import run_episodes
 from learners.student import (
     ALL_LINEAR,
+    abandon,
     adapter_parameters,
     attach_student,
     borrow,
@@ -217,73 +218,78 @@ def fold(
     (run_dir / "fold_config.json").write_text(config.model_dump_json(indent=2))
     previous_adapter = engine.adapter
     loan = borrow(engine, base, heap_threshold_kib=config.heap_threshold_kib, scratch=run_dir)
-    if config.full_finetune and not loan.shared:
-        raise FoldError("a full fine-tune is served only by an engine that shares its weights (the HF engine); "
-                        "use a LoRA adapter (fold.full_finetune=false)")
-    student = attach_student(loan.base.model, config, previous_adapter)
-    optimizer = torch.optim.AdamW([parameter for _, parameter in adapter_parameters(student)],
-                                  lr=config.learning_rate, weight_decay=config.weight_decay)
-    if config.teacher == "external" and external_teacher is None:
-        if not config.teacher_model:
-            raise FoldError("an external teacher needs fold.teacher_model (a model id or directory)")
-        external_teacher = load_base(config.teacher_model).model  # the trainer's own: it scores, never serves
-    if external_teacher is not None and (external_teacher.get_input_embeddings().weight.shape[0]
-                                         != causal_lm(student).get_input_embeddings().weight.shape[0]):
-        raise FoldError("the external teacher's vocabulary differs from the student's; pick a teacher of the "
-                        "same family")
-    teacher = Teacher(student, config, external_teacher)
-    start_step = resumed_from = 0
-    checkpoint_path = latest_checkpoint(run_dir) if resume else None
-    if checkpoint_path is not None:
-        try:
-            saved = load_checkpoint(checkpoint_path, student, optimizer)
-        except CheckpointError as error:
-            raise FoldError(f"cannot resume the fold in {run_dir}: {error}") from None
-        start_step = resumed_from = saved["step"]
-        if config.teacher == "self-ema":
-            teacher.snapshot = saved["tensors"]["ema"]
-            teacher.silent = teacher._adds_nothing()  # an EMA that has moved is no longer the base model
-        log.info("resumed fold from %s (step %d)", checkpoint_path, start_step)
-    metrics_path = run_dir / "metrics.jsonl"
-    kept = keep_metrics(metrics_path, start_step)  # the lines of the checkpoint's steps; none on a new start
-    writer = _tensorboard(run_dir, purge_step=start_step + 1 if resume else None)
-    order = _item_order(items, config)
-    handoff_seconds = hand_off(loan, student)
-    project = projection(student)
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
+    student = None
     try:
-        for step in range(start_step, config.steps):
-            step_started = time.perf_counter()
-            batch = [order[(step * config.batch_size + offset) % len(order)] for offset in range(config.batch_size)]
-            record = fold_step(engine, student, teacher, families, batch, config, optimizer, step,
-                               base=loan.base, parts=parts, project=project)
-            if (step + 1) % config.sync_every == 0:
-                handoff_seconds = hand_off(loan, student)
-            record["handoff_seconds"] = handoff_seconds
-            record["seconds"] = time.perf_counter() - step_started
-            record["tokens_per_second"] = (record["generated_tokens"] + record["trained_tokens"]) / record["seconds"]
-            if not math.isfinite(record["loss"]):
-                raise FoldError(
-                    f"the loss became {record['loss']} at step {step + 1}; stopped. The last good checkpoint is "
-                    f"in {run_dir}; lower fold.learning_rate and resume with --resume"
-                )
-            with open(metrics_path, "a") as sink:
-                sink.write(json.dumps(record) + "\n")
+        if config.full_finetune and not loan.shared:
+            raise FoldError("a full fine-tune is served only by an engine that shares its weights (the HF engine); "
+                            "use a LoRA adapter (fold.full_finetune=false)")
+        student = attach_student(loan.base.model, config, previous_adapter)
+        optimizer = torch.optim.AdamW([parameter for _, parameter in adapter_parameters(student)],
+                                      lr=config.learning_rate, weight_decay=config.weight_decay)
+        if config.teacher == "external" and external_teacher is None:
+            if not config.teacher_model:
+                raise FoldError("an external teacher needs fold.teacher_model (a model id or directory)")
+            external_teacher = load_base(config.teacher_model).model  # the trainer's own: it scores, never serves
+        if external_teacher is not None and (external_teacher.get_input_embeddings().weight.shape[0]
+                                             != causal_lm(student).get_input_embeddings().weight.shape[0]):
+            raise FoldError("the external teacher's vocabulary differs from the student's; pick a teacher of the "
+                            "same family")
+        teacher = Teacher(student, config, external_teacher)
+        start_step = resumed_from = 0
+        checkpoint_path = latest_checkpoint(run_dir) if resume else None
+        if checkpoint_path is not None:
+            try:
+                saved = load_checkpoint(checkpoint_path, student, optimizer)
+            except CheckpointError as error:
+                raise FoldError(f"cannot resume the fold in {run_dir}: {error}") from None
+            start_step = resumed_from = saved["step"]
+            if config.teacher == "self-ema":
+                teacher.snapshot = saved["tensors"]["ema"]
+                teacher.silent = teacher._adds_nothing()  # an EMA that has moved is no longer the base model
+            log.info("resumed fold from %s (step %d)", checkpoint_path, start_step)
+        metrics_path = run_dir / "metrics.jsonl"
+        kept = keep_metrics(metrics_path, start_step)  # the lines of the checkpoint's steps; none on a new start
+        writer = _tensorboard(run_dir, purge_step=start_step + 1 if resume else None)
+        order = _item_order(items, config)
+        handoff_seconds = hand_off(loan, student)
+        project = projection(student)
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        try:
+            for step in range(start_step, config.steps):
+                step_started = time.perf_counter()
+                batch = [order[(step * config.batch_size + offset) % len(order)] for offset in range(config.batch_size)]
+                record = fold_step(engine, student, teacher, families, batch, config, optimizer, step,
+                                   base=loan.base, parts=parts, project=project)
+                if (step + 1) % config.sync_every == 0:
+                    handoff_seconds = hand_off(loan, student)
+                record["handoff_seconds"] = handoff_seconds
+                record["seconds"] = time.perf_counter() - step_started
+                record["tokens_per_second"] = (record["generated_tokens"] + record["trained_tokens"]) / record["seconds"]
+                if not math.isfinite(record["loss"]):
+                    raise FoldError(
+                        f"the loss became {record['loss']} at step {step + 1}; stopped. The last good checkpoint is "
+                        f"in {run_dir}; lower fold.learning_rate and resume with --resume"
+                    )
+                with open(metrics_path, "a") as sink:
+                    sink.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for key in ("loss", "kl", "rollout_success", "tokens_per_second", "teacher_token_share"):
+                        writer.add_scalar(f"fold/{key}", record[key], step + 1)
+                first = first or record
+                last = record
+                if on_step:
+                    on_step(record)
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                    ema = {"ema": teacher.snapshot} if config.teacher == "self-ema" and teacher.snapshot else None
+                    save_checkpoint(run_dir, step + 1, student, optimizer, {"config": config.model_dump(mode="json")},
+                                    tensors=ema)
+        finally:
             if writer is not None:
-                for key in ("loss", "kl", "rollout_success", "tokens_per_second", "teacher_token_share"):
-                    writer.add_scalar(f"fold/{key}", record[key], step + 1)
-            first = first or record
-            last = record
-            if on_step:
-                on_step(record)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                ema = {"ema": teacher.snapshot} if config.teacher == "self-ema" and teacher.snapshot else None
-                save_checkpoint(run_dir, step + 1, student, optimizer, {"config": config.model_dump(mode="json")},
-                                tensors=ema)
-    finally:
-        if writer is not None:
-            writer.close()
+                writer.close()
+    except BaseException:
+        abandon(loan, student, config, previous_adapter)  # the engine serves what it served before
+        raise
     adapter_dir = finish_training(loan, student, config, run_dir)
     if kept:  # resumed: the first steps (and, with none left to run, the last) are the checkpoint's
         first, last = kept[0], last or kept[-1]

@@ -139,6 +139,25 @@ def release(student, config):
     return student.unload().eval()
 
 
+def abandon(loan: Loan, student, config, adapter: str | None) -> None:
+    """End a loan whose training failed (a bad checkpoint, a NaN loss, an interrupt): the engine serves
+    its base with `adapter` (what it served before) again; nothing is saved. A full fine-tune's weights
+    cannot be taken back: the engine keeps them as trained so far."""
+    try:
+        if loan.shared:
+            loan.engine.serve_trained(None)  # type: ignore[attr-defined]
+            base = release(student, config) if student is not None else loan.base.model
+            loan.engine.reclaim(base, adapter)  # type: ignore[attr-defined]
+        elif adapter and loan.engine.adapter != adapter:
+            loan.engine.load_adapter(adapter)
+        elif not adapter and loan.engine.adapter is not None:
+            loan.engine.unload_adapter()
+    except Exception as error:  # the failure that got us here is the one to report
+        import logging
+
+        logging.getLogger(__name__).warning("could not give the engine its weights back: %s", error)
+
+
 def finish_training(loan: Loan, student, config, run_dir: Path) -> Path:
     """Save the trained adapter to `run_dir/adapter` (atomically), end the loan and have the engine
     serve the adapter (a full fine-tune is served as the sharing engine's weights). Returns its dir."""

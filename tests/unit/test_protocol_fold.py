@@ -128,3 +128,22 @@ def test_learners_reach_the_speed_layer_through_one_module_and_losses_import_tor
         text = path.read_text()
         assert "engine.model =" not in text and "engine.base_model" not in text, path.name
         assert "hasattr(engine" not in text, path.name
+
+
+def test_a_failed_fold_gives_the_engine_back_as_it_served_before(tiny_tokenizer, tmp_path, monkeypatch):
+    import learners.policies as policies
+    from engines.base import SamplingParams
+
+    family = make_family("toy")
+    items = [FoldItem(family=family.name, index=i, context=CONTEXT) for i in range(8)]
+    engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, model_name="tiny", batch_size=8)
+    params = SamplingParams(max_new_tokens=8)
+    before = [output.token_ids for output in engine.generate([[{"role": "user", "content": "hi"}]], params)]
+    real = policies.chunked_generalized_jsd
+    monkeypatch.setattr(policies, "chunked_generalized_jsd", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(FoldError, match="loss became nan"):
+        fold(engine, {family.name: family}, items, fold_config(steps=2), tmp_path / "run")
+    assert engine.adapter is None and engine._trained is None
+    assert not any("lora" in name for name, _ in engine.model.named_modules())  # the trainer's layers are gone
+    after = [output.token_ids for output in engine.generate([[{"role": "user", "content": "hi"}]], params)]
+    assert after == before
