@@ -41,6 +41,7 @@ bench: install model
 	$(BIN)/python benchmarks/bench_memory.py 100000
 	$(BIN)/python benchmarks/bench_fast.py
 	$(BIN)/python benchmarks/bench_fold.py
+	$(BIN)/python benchmarks/bench_concurrency.py
 
 lint: install
 	$(BIN)/ruff check .
