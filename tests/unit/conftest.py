@@ -32,3 +32,12 @@ def tiny_engine(tiny_model, tiny_tokenizer):
     from engines.hf import HFEngine
 
     return HFEngine(tiny_model, tiny_tokenizer, model_name="tiny", batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_tokenizer) -> str:
+    """The tiny model and tokenizer saved as a model directory (what `--model DIR` takes)."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    build_model(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)

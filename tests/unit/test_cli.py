@@ -14,17 +14,8 @@ from typer.testing import CliRunner
 from agent.cli import app
 from envs.base import Message, Trajectory
 from memory import Memory, Skill
-from tests.tiny import build_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, tiny_tokenizer) -> str:
-    path = tmp_path_factory.mktemp("tiny-model")
-    build_model(tiny_tokenizer).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(autouse=True)

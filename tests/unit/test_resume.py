@@ -277,14 +277,6 @@ def tree(home: Path) -> dict[str, tuple[int, int]]:
             for path in sorted(home.rglob("*"))}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer) -> str:
-    path = tmp_path_factory.mktemp("tiny-model")
-    build_model(tiny_tokenizer).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_a_finished_fold_run_again_is_a_no_op_or_a_clear_error(model_dir, tmp_path, monkeypatch):
     import agent.cli
     from memory import Memory, Skill
