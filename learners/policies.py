@@ -14,7 +14,7 @@ fold step asks the parts, never the method's name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -137,9 +137,6 @@ def top_per_episode(scores: torch.Tensor, lengths: Sequence[int], top: int) -> t
 
 
 # ------------------------------------------------------------------------------------------ losses
-LossFn = Callable[..., torch.Tensor]
-
-
 def token_loss(parts: Parts, config, student_hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, mask: torch.Tensor,
                project: Projection, behaviour: torch.Tensor | None = None) -> torch.Tensor:

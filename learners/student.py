@@ -79,7 +79,7 @@ class Loan:
     base: LentBase
     shared: bool
     handoff_dir: Path | None = None
-    handoffs: int = field(default=0)
+    handoffs: int = field(default=0)  # how many times the engine was given the student
 
 
 def borrow(engine: Engine, base: LentBase | None, *, heap_threshold_kib: int = 0,
