@@ -19,6 +19,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -248,6 +249,7 @@ def _open_home(home: Path, create: bool) -> tuple[ClientAPI, str, str]:
 
 
 PROBE_TIMEOUT_S = 10.0
+PROBE_TRY_S = 0.5
 
 
 def _connect(url: str) -> tuple[ClientAPI, str, str]:
@@ -263,14 +265,24 @@ def _connect(url: str) -> tuple[ClientAPI, str, str]:
         raise MemoryStoreError(f"the port of {url!r} is not a number; write it as http://HOST:PORT") from None
     start = f"`chroma run --path <dir> --host {parsed.hostname} --port {port}`"
     host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-    try:  # Chroma's own client waits forever on a server that accepts and never answers
-        httpx.get(f"{parsed.scheme}://{host}:{port}/api/v2/heartbeat", timeout=PROBE_TIMEOUT_S)
-    except httpx.TimeoutException as error:
-        raise MemoryStoreError(
-            f"no Chroma server answers at {url} within {PROBE_TIMEOUT_S:.0f} s; start one with {start}, or fix the url"
-        ) from error
-    except httpx.HTTPError:
-        pass  # refused, unresolvable ...: the client below says so in its own words
+    # Chroma's own client waits forever on a server that accepts and never answers. The probe asks in
+    # short tries, so that the main thread comes back to Python often: a Ctrl-C that another thread of
+    # the process received is acted on within a try, not after the whole wait.
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    while True:
+        try:
+            httpx.get(f"{parsed.scheme}://{host}:{port}/api/v2/heartbeat",
+                      timeout=max(0.05, min(PROBE_TRY_S, deadline - time.monotonic())))
+            break
+        except httpx.TimeoutException as error:
+            if time.monotonic() < deadline:
+                continue
+            raise MemoryStoreError(
+                f"no Chroma server answers at {url} within {PROBE_TIMEOUT_S:.0f} s; start one with {start}, or fix "
+                "the url"
+            ) from error
+        except httpx.HTTPError:
+            break  # refused, unresolvable ...: the client below says so in its own words
     try:
         client = chromadb.HttpClient(
             host=parsed.hostname, port=port, ssl=ssl, settings=Settings(anonymized_telemetry=False)
