@@ -27,7 +27,7 @@ import torch
 from engines.allocator import cap_heap
 from engines.base import Chat, Generation, GuidedGeneration, LentBase, SamplingParams, TokenScores
 from engines.lean import LeanDecoder
-from engines.merge import merged
+from engines.merge import mergeable, merged
 from engines.onednn import is_packed, merged_decoding, pack_linears, unpack_linears
 from engines.prefix import left_pad, prefill, with_room
 
@@ -78,9 +78,6 @@ class HFEngine:
         self.packed_copies = True  # also a packed copy of a weight that stays dense (a tied head: +113 MiB)
         self.adapter_version = 0  # counts hand-offs: each adapter served (loaded, or a trainer's step) is one
         self._trained = None  # a trainer's live module served on our lent base (`serve_trained`)
-        # adapters are merged into fp32 weights only: in bf16/fp16, W + s·BA − s·BA is not W again (a fold's
-        # rollouts would move the frozen base, and its frozen teacher with it); there LoRA runs beside them
-        self._merges = next(model.parameters()).dtype == torch.float32
         self._served: merged | None = None  # the loaded adapter's merge while it is served
 
     @classmethod
@@ -158,12 +155,11 @@ class HFEngine:
         """While inside, a trainer's live module decodes with its adapter merged into the base weights
         (unmerged LoRA pairs cost CPU decoding several times the base model): on packed CPU weights
         through `engines.onednn.merged_decoding`, else `engines.merge.merged`. Nothing otherwise (a loaded
-        adapter is merged already; a full fine-tune has nothing to merge)."""
+        adapter is merged already; a full fine-tune has nothing to merge; half-precision weights are
+        never merged, `engines.merge.mergeable`)."""
         module = self._trained
-        if module is None or not (hasattr(module, "merge_adapter") and hasattr(module, "peft_config")):
+        if module is None or not mergeable(module):
             return contextlib.nullcontext()
-        if not self._merges:
-            return contextlib.nullcontext()  # half precision: merging and unmerging would round the base weights
         if is_packed(module):
             return merged_decoding(module)
         return merged(module)  # peft's merge, its unmerge giving the base weights back bit for bit
@@ -544,7 +540,7 @@ class HFEngine:
         self.unload_adapter()  # the dense weights back too
         try:
             self.model = PeftModel.from_pretrained(self.base_model, str(adapter_dir)).eval()
-            if self._merges:
+            if mergeable(self.model):
                 self._served = merged(self.model).__enter__()
         except (SafetensorError, OSError, json.JSONDecodeError) as error:  # a truncated or damaged file
             self.model = self.base_model
@@ -571,7 +567,6 @@ class HFEngine:
         self.base_model = self.model.unload()
         self.model = self.base_model.eval()
         self._adapter = None
-
 
     # --------------------------------------------- the trainer's loan (SharesWeights)
     def lend_base(self, *, heap_threshold_kib: int = 0) -> LentBase:

@@ -108,6 +108,15 @@ def unmerge_from(weight: torch.Tensor, delta: torch.Tensor, residue: Residue) ->
     return residue.restore(weight.sub_(delta))
 
 
+def mergeable(model: nn.Module) -> bool:
+    """Whether `merged` serves `model`: a peft model whose frozen base weights are fp32. In half
+    precision a merge's residue would be most of the weights: there the LoRA pairs run beside them."""
+    if not (hasattr(model, "merge_adapter") and hasattr(model, "peft_config")):
+        return False
+    base = next((parameter for parameter in model.parameters() if not parameter.requires_grad), None)
+    return base is not None and base.dtype == torch.float32
+
+
 def _exact(module: nn.Module, name: str) -> bool:
     """Whether the adapter `name` of a peft LoRA layer merges as a plain delta weight into a dense one
     (no DoRA or other variant, no LoRA bias), the case `merged` restores exactly."""

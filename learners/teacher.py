@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engines.merge import merged
+from engines.merge import mergeable, merged
 from learners.passes import causal_lm, is_packed, shared_prefix_hidden_at
 from learners.student import adapter_parameters
 from learners.views import EpisodeViews
@@ -117,28 +117,13 @@ class adapters_off:
             layer._disable_adapters = saved
 
 
-class _merged:
-    """While inside, a LoRA student runs its no-grad teacher pass with the adapter merged into the base
-    weights (`engines.merge.merged`: peft's merge, and an unmerge that gives the frozen base back bit
-    for bit): fewer matmuls than 210 LoRA pairs beside the base layers. fp32 base weights only (in
-    bf16 the residue of a merge would be most of the weights). Where the engine packed the base layers
-    (CPU), the LoRA pairs run beside them instead (a merge would repack every layer). Nothing for a
-    full fine-tune or a model without adapters."""
-
-    def __init__(self, model) -> None:
-        self.scope = merged(model) if hasattr(model, "merge_adapter") and hasattr(model, "peft_config") else None
-        base_weight = next((p for p in model.parameters() if not p.requires_grad), None)
-        if base_weight is not None and base_weight.dtype != torch.float32:
-            self.scope = None  # half precision: the LoRA pairs run beside
-        elif self.scope is not None and base_weight is not None and base_weight.device.type == "cpu" and is_packed(
-                model):
-            self.scope = None
-
-    def __enter__(self):
-        if self.scope is not None:
-            self.scope.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.scope is not None:
-            self.scope.__exit__(*exc)
+def _merged(model):
+    """A scope in which a LoRA student runs its no-grad teacher pass with the adapter merged into the
+    base weights (`engines.merge.merged`: peft's merge, and an unmerge that gives the frozen base back
+    bit for bit): fewer matmuls than 210 LoRA pairs beside the base layers. Only where
+    `engines.merge.mergeable` (fp32 base weights); and where the engine packed the base layers (CPU),
+    the LoRA pairs run beside them instead (a merge would repack every layer). Nothing for a full
+    fine-tune or a model without adapters."""
+    if not mergeable(model) or (next(model.parameters()).device.type == "cpu" and is_packed(model)):
+        return contextlib.nullcontext()
+    return merged(model)
