@@ -50,14 +50,15 @@ _PATH_ERRORS = {
 @contextmanager
 def user_errors():
     """Turn bad-input exceptions into a clear message and exit code 2 (bugs still raise); Ctrl-C into 130."""
-    from engines.hf import AdapterError
+    from engines.base import AdapterError, EngineUnavailable
     from engines.models import ModelNotFound
     from envs.base import EnvSpecError
     from memory import InvalidSkill, MemoryStoreError, SkillNotFound, TrajectoryNotFound
 
     try:
         yield
-    except (ConfigError, EnvSpecError, ModelNotFound, AdapterError, MemoryStoreError, InvalidSkill) as error:
+    except (ConfigError, EnvSpecError, ModelNotFound, AdapterError, EngineUnavailable, MemoryStoreError,
+            InvalidSkill) as error:
         _failed(str(error))
     except (SkillNotFound, TrajectoryNotFound) as error:
         _failed(str(error.args[0]) if error.args else str(error))
@@ -105,6 +106,19 @@ def open_memory(home: Path, url: str | None = None):
     check_home(home)
     with console.status("opening memory"):
         return Memory.open(home=None if url else home, url=url)
+
+
+def engine_flags(kind: str | None, urls: list[str] | None) -> dict:
+    """The config keys of `--engine KIND` and `--engine-url URL` (repeatable; a URL implies vllm)."""
+    flags: dict = {}
+    if kind is not None:
+        if kind not in ("hf", "vllm"):
+            raise ConfigError(f"--engine takes hf or vllm, not {kind!r}")
+        flags["model.kind"] = kind
+    if urls:
+        flags["model.kind"] = kind or "vllm"
+        flags["model.urls"] = list(urls)
+    return flags
 
 
 def open_engine(model_config: ModelConfig, home: Path | None = None) -> Engine:

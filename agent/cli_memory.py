@@ -16,8 +16,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from agent.cli_common import console, fail, open_engine, open_memory, quiet_libraries, user_errors
-from agent.config import ConfigError, ModelConfig, default_home
+from agent.cli_common import (
+    console,
+    engine_flags,
+    fail,
+    open_engine,
+    open_memory,
+    quiet_libraries,
+    user_errors,
+)
+from agent.config import ConfigError, ModelConfig, build_config, default_home
 
 skills_app = typer.Typer(no_args_is_help=True, help="Inspect and edit the skill library.")
 
@@ -188,6 +196,8 @@ def chat(
     memory_url: UrlOption = None,
     model: Annotated[str | None, typer.Option(help="HF model id or directory")] = None,
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory")] = None,
+    engine_kind: Annotated[str | None, typer.Option("--engine", help="hf (default) or vllm")] = None,
+    engine_url: Annotated[list[str] | None, typer.Option("--engine-url", help="a vLLM server URL (repeatable)")] = None,
     tools: Annotated[str | None, typer.Option(help="tools the agent may call: calc")] = "calc",
     family: Annotated[str, typer.Option(help="family name the exchanges are filed under")] = "chat",
     max_new_tokens: Annotated[int, typer.Option(help="tokens per reply")] = 128,
@@ -198,7 +208,9 @@ def chat(
     quiet_libraries()
     with user_errors():
         store = _memory(home, memory_url, must_exist=False)
-        engine = open_engine(ModelConfig(name=model, adapter=adapter))
+        flags = {"name": model, "adapter": adapter,
+                 **{key.removeprefix("model."): value for key, value in engine_flags(engine_kind, engine_url).items()}}
+        engine = open_engine(build_config(ModelConfig, None, flags, []))
         session = ChatSession(engine, store, family=family, tools=[t for t in (tools or "").split(",") if t],
                               max_new_tokens=max_new_tokens)
     console.print(CHAT_HELP)

@@ -1,7 +1,8 @@
 """Generation and scoring backends behind one protocol (`Engine`), used by agent and learners alike.
 
-`load_engine(config)` builds the backend an `EngineConfig` names. `engines.hf` (transformers, CPU or
-CUDA) is imported lazily so that importing the protocol does not import torch.
+`load_engine(config)` builds the backend an `EngineConfig` names: `engines.hf` (transformers in this
+process, CPU or CUDA) or `engines.vllm` (vLLM servers over HTTP; `engines.vllm_server` starts them).
+Both are imported lazily so that importing the protocol does not import torch.
 """
 
 from collections.abc import Callable
@@ -40,7 +41,16 @@ def _load_hf(config: EngineConfig) -> Engine:
     )
 
 
-_LOADERS: dict[str, Callable[[EngineConfig], Engine]] = {"hf": _load_hf}
+def _load_vllm(config: EngineConfig) -> Engine:
+    from engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(config.urls, model=config.name, concurrency=config.batch_size)
+    if config.adapter:
+        engine.load_adapter(config.adapter)
+    return engine
+
+
+_LOADERS: dict[str, Callable[[EngineConfig], Engine]] = {"hf": _load_hf, "vllm": _load_vllm}
 
 
 def load_engine(config: EngineConfig) -> Engine:

@@ -28,6 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field
 Chat = Sequence[dict[str, str]]
 
 
+class AdapterError(RuntimeError):
+    """A LoRA adapter that cannot be loaded onto this model."""
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine that cannot be reached (a server that is down); the message names how to start one."""
+
+
 class SamplingParams(BaseModel):
     """How to generate. temperature 0 means greedy decoding."""
 
@@ -55,6 +63,9 @@ class Generation(BaseModel):
     logprobs: list[float] = Field(description="model log-prob of each sampled token")
     prompt_tokens: int
     finish_reason: Literal["stop", "length"]
+    adapter_version: int | None = Field(
+        default=None, description="the adapter version that sampled it, where the engine names one per request "
+        "(a remote engine whose adapter may change while requests are in flight); None = the engine's current")
 
 
 class GuidedGeneration(Generation):

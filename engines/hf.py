@@ -25,17 +25,21 @@ from typing import Literal
 import torch
 
 from engines.allocator import cap_heap
-from engines.base import Chat, Generation, GuidedGeneration, LentBase, SamplingParams, TokenScores
+from engines.base import (
+    AdapterError,
+    Chat,
+    Generation,
+    GuidedGeneration,
+    LentBase,
+    SamplingParams,
+    TokenScores,
+)
 from engines.lean import LeanDecoder
 from engines.merge import mergeable, merged
 from engines.onednn import is_packed, merged_decoding, pack_linears, unpack_linears
 from engines.prefix import left_pad, prefill, with_room
 
 log = logging.getLogger(__name__)
-
-
-class AdapterError(RuntimeError):
-    """A LoRA adapter that cannot be loaded onto this model."""
 
 
 def pick_device(device: str = "auto") -> torch.device:

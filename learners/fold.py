@@ -24,6 +24,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,11 @@ class FoldConfig(BaseModel):
     sync_every: int = Field(
         default=1, ge=1, description="optimizer steps between adapter hand-offs to the engine (1 = on-policy); "
         "an engine that shares its weights serves the live adapter whatever this is")
+    max_staleness: int = Field(
+        default=0, ge=0, description="optimizer steps by which rollouts may lag the adapter being trained (0 = "
+        "on-policy). With an engine that does not share its weights (vLLM servers), sync_every - 1 of lag comes "
+        "from the hand-off interval, and a lag of sync_every or more lets the next step's rollouts run on the "
+        "servers while this step trains; the sampled loss weighs stale tokens by their behaviour log-probs")
     max_turns: int = Field(default=3, ge=1)
     relevance_top: int = Field(default=8, ge=1, description="rmsd: positions kept per episode")
     speculative_top_k: int = Field(default=20, ge=1, description="speculative: the teacher's top-k that accepts a student token")
@@ -219,7 +225,12 @@ def fold(
     previous_adapter = engine.adapter
     loan = borrow(engine, base, heap_threshold_kib=config.heap_threshold_kib, scratch=run_dir)
     student = None
+    pipeline: ThreadPoolExecutor | None = None
     try:
+        if not loan.shared and config.sync_every - 1 > config.max_staleness:
+            raise FoldError(f"fold.sync_every={config.sync_every} lets rollouts lag {config.sync_every - 1} steps "
+                            f"behind the adapter, past fold.max_staleness={config.max_staleness}; raise "
+                            "fold.max_staleness or lower fold.sync_every")
         if config.full_finetune and not loan.shared:
             raise FoldError("a full fine-tune is served only by an engine that shares its weights (the HF engine); "
                             "use a LoRA adapter (fold.full_finetune=false)")
@@ -252,17 +263,35 @@ def fold(
         writer = _tensorboard(run_dir, purge_step=start_step + 1 if resume else None)
         order = _item_order(items, config)
         handoff_seconds = hand_off(loan, student)
+        trained_at = {getattr(engine, "adapter_version", None): start_step}  # adapter version -> its steps
         project = projection(student)
         first: dict[str, float] = {}
         last: dict[str, float] = {}
+
+        def batch_of(step: int) -> list[FoldItem]:
+            return [order[(step * config.batch_size + offset) % len(order)] for offset in range(config.batch_size)]
+
+        # the next step's rollouts run on the servers while this step trains (an engine apart from the trainer)
+        if not loan.shared and config.max_staleness >= config.sync_every:
+            pipeline = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+        upcoming: Future | None = None
         try:
             for step in range(start_step, config.steps):
                 step_started = time.perf_counter()
-                batch = [order[(step * config.batch_size + offset) % len(order)] for offset in range(config.batch_size)]
+                batch = batch_of(step)
+                student.eval()  # no dropout while sampling
+                trajectories = (upcoming.result() if upcoming is not None
+                                else collect(engine, teacher, families, batch, config, step, parts))
+                upcoming = None
+                if pipeline is not None and step + 1 < config.steps:
+                    upcoming = pipeline.submit(collect, engine, teacher, families, batch_of(step + 1), config,
+                                               step + 1, parts)
                 record = fold_step(engine, student, teacher, families, batch, config, optimizer, step,
-                                   base=loan.base, parts=parts, project=project)
+                                   base=loan.base, parts=parts, project=project, trajectories=trajectories)
+                record["rollout_lag"] = 0 if loan.shared else _lag(trajectories, trained_at, step)
                 if (step + 1) % config.sync_every == 0:
                     handoff_seconds = hand_off(loan, student)
+                    trained_at[getattr(engine, "adapter_version", None)] = step + 1
                 record["handoff_seconds"] = handoff_seconds
                 record["seconds"] = time.perf_counter() - step_started
                 record["tokens_per_second"] = (record["generated_tokens"] + record["trained_tokens"]) / record["seconds"]
@@ -287,6 +316,8 @@ def fold(
         finally:
             if writer is not None:
                 writer.close()
+            if pipeline is not None:  # rollouts in flight finish (or are cancelled) before the engine changes hands
+                pipeline.shutdown(wait=True, cancel_futures=True)
     except BaseException:
         abandon(loan, student, config, previous_adapter)  # the engine serves what it served before
         raise
@@ -306,21 +337,36 @@ def fold(
     )
 
 
-def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequence[FoldItem], config: FoldConfig,
-              optimizer, step: int, *, base: LentBase, parts: Parts | None = None, project=None) -> dict[str, Any]:
-    """One rollout -> score -> mask -> loss -> update step; returns its metrics. `base`: the student's
-    base weights as lent (its tokenizer and end tokens render the views)."""
-    parts = parts or parts_of(config)
-    project = project or projection(student)
-    tokenizer, stop_ids = base.tokenizer, base.stop_ids
-    student.eval()  # no dropout while sampling
+def collect(engine: Engine, teacher: Teacher, families, batch: Sequence[FoldItem], config: FoldConfig, step: int,
+            parts: Parts) -> list[Trajectory]:
+    """Step `step`'s rollouts: the batch's train items played to the end under the rollout policy."""
     environments = [families[item.family].make("train", item.index) for item in batch]
     sampling = config.sampling.model_copy(update={"seed": config.seed + step * 1000})
-    trajectories = run_episodes(
+    return run_episodes(
         engine, environments, sampling, split="train", max_turns=config.max_turns,
         teacher_contexts=[[] if item.anchor else list(item.context) for item in batch],
         guided=guided_rollout(parts, engine, teacher, config, step),
     )
+
+
+def _lag(trajectories: Sequence[Trajectory], trained_at: dict[Any, int], step: int) -> int:
+    """Steps between the adapter being trained and the oldest adapter that sampled these rollouts."""
+    versions = {turn.adapter_version for trajectory in trajectories for turn in trajectory.turns}
+    return max((step - trained_at[version] for version in versions if version in trained_at), default=0)
+
+
+def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequence[FoldItem], config: FoldConfig,
+              optimizer, step: int, *, base: LentBase, parts: Parts | None = None, project=None,
+              trajectories: Sequence[Trajectory] | None = None) -> dict[str, Any]:
+    """One rollout -> score -> mask -> loss -> update step; returns its metrics. `base`: the student's
+    base weights as lent (its tokenizer and end tokens render the views); `trajectories`: the step's
+    rollouts where they were collected already (`collect`)."""
+    parts = parts or parts_of(config)
+    project = project or projection(student)
+    tokenizer, stop_ids = base.tokenizer, base.stop_ids
+    if trajectories is None:
+        student.eval()  # no dropout while sampling
+        trajectories = collect(engine, teacher, families, batch, config, step, parts)
     views, kept_items = _views(tokenizer, stop_ids, batch, trajectories, config)
     generated = sum(t.completion_tokens for t in trajectories)
     teacher_tokens = sum(turn.info.get("teacher_tokens", 0) for t in trajectories for turn in t.turns)

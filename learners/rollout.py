@@ -166,7 +166,8 @@ def play_turn(
             completion_tokens=len(generation.token_ids),
             token_ids=list(generation.token_ids),
             logprobs=list(getattr(generation, "behaviour_logprobs", None) or generation.logprobs),
-            adapter_version=getattr(engine, "adapter_version", None),
+            adapter_version=(generation.adapter_version if generation.adapter_version is not None
+                             else getattr(engine, "adapter_version", None)),
         )
         if guided is not None:
             turn.info = {"teacher_tokens": sum(getattr(generation, "sources", [])),
