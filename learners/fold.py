@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.base import Engine, LentBase, SamplingParams
+from engines.base import Engine, LentBase, SamplingParams, SharesWeights
 from envs.base import Message, TaskFamily, Trajectory
 from learners.checkpoint import (
     CheckpointError,
@@ -216,6 +216,11 @@ def fold(
         check_engine(parts, engine)
     except MethodError as error:
         raise FoldError(str(error)) from None
+    shares = base is None and isinstance(engine, SharesWeights)  # else the engine serves hand-offs from disk
+    if not shares and config.sync_every - 1 > config.max_staleness:
+        raise FoldError(f"fold.sync_every={config.sync_every} lets rollouts lag {config.sync_every - 1} steps "
+                        f"behind the adapter, past fold.max_staleness={config.max_staleness}; raise "
+                        "fold.max_staleness or lower fold.sync_every")
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -227,10 +232,6 @@ def fold(
     student = None
     pipeline: ThreadPoolExecutor | None = None
     try:
-        if not loan.shared and config.sync_every - 1 > config.max_staleness:
-            raise FoldError(f"fold.sync_every={config.sync_every} lets rollouts lag {config.sync_every - 1} steps "
-                            f"behind the adapter, past fold.max_staleness={config.max_staleness}; raise "
-                            "fold.max_staleness or lower fold.sync_every")
         if config.full_finetune and not loan.shared:
             raise FoldError("a full fine-tune is served only by an engine that shares its weights (the HF engine); "
                             "use a LoRA adapter (fold.full_finetune=false)")
@@ -497,7 +498,6 @@ def measure_kl(engine: Engine, families: dict[str, TaskFamily], items: Sequence[
     {"kl", "tokens", "success"} (success: the student's rollout success on these items). Needs an
     engine that shares its weights (the passes run on them, with and without its adapter).
     """
-    from engines.base import SharesWeights
     from learners.teacher import adapters_off
 
     if not isinstance(engine, SharesWeights):

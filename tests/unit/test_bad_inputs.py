@@ -175,6 +175,13 @@ CASES = {
                                ["no Chroma server answers at http://127.0.0.1:", "chroma run --path"], {}),
     "skills with a dead server": (lambda c: ["skills", "list", "--home", c.home, "--memory-url", c.dead],
                                   ["no Chroma server answers at http://127.0.0.1:", "chroma run --path"], {}),
+    # ---- vLLM engine: a dead server, a wrong engine kind, no server URL
+    "run on a dead vLLM server": (lambda c: [*RUN, "--home", c.home, "--engine-url", c.dead],
+                                  ["no vLLM server answers at http://127.0.0.1:", "skillfold serve"], {}),
+    "an unknown --engine": (lambda c: [*EVAL, "--home", c.home, "--engine", "tgi"],
+                            ["--engine takes hf or vllm", "'tgi'"], {}),
+    "--engine vllm without a URL": (lambda c: [*EVAL, "--home", c.home, "--engine", "vllm"],
+                                    ["needs server URLs", "--engine-url URL", "skillfold serve"], {}),
     "a server url that is not http": (lambda c: [*EVAL, "--model", c.model, "--home", c.home, "--memory-url", "ftp://x"],
                                       ["'ftp://x'", "http://HOST:PORT"], {}),
     "a server url with a bad port": (

@@ -50,6 +50,10 @@ class ProtocolEngine:
     def adapter(self):
         return self._inner.adapter
 
+    @property
+    def adapter_version(self):
+        return self._inner.adapter_version
+
 
 def fold_config(**overrides) -> FoldConfig:
     values = dict(steps=3, batch_size=4, learning_rate=5e-3, lora_rank=4, lora_alpha=8, checkpoint_every=2,
@@ -79,6 +83,33 @@ def test_a_fold_through_the_protocol_alone_trains_the_same_adapter(tiny_tokenize
         assert torch.allclose(expected[name], actual[name], atol=1e-6), name
     records = [line for line in (tmp_path / "protocol" / "metrics.jsonl").read_text().splitlines()]
     assert all('"handoff_seconds"' in record for record in records)
+
+
+def test_rollouts_may_run_a_step_ahead_within_max_staleness(tiny_tokenizer, tmp_path):
+    """With an engine apart from the trainer, max_staleness >= sync_every lets the next step's rollouts run
+    while this step trains: they lag one step, and every metrics line says by how much."""
+    import json
+
+    family = make_family("toy")
+    items = [FoldItem(family=family.name, index=i, context=CONTEXT) for i in range(12)]
+
+    def run(name: str, **overrides):
+        remote = ProtocolEngine(build_model(tiny_tokenizer), tiny_tokenizer)
+        base = LentBase(model=build_model(tiny_tokenizer).requires_grad_(False), tokenizer=tiny_tokenizer,
+                        stop_ids={tiny_tokenizer.eos_token_id})
+        fold(remote, {family.name: family}, items, fold_config(steps=4, **overrides), tmp_path / name, base=base)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return remote, [json.loads(line)["rollout_lag"] for line in lines]
+
+    remote, lags = run("on-policy")
+    assert lags == [0, 0, 0, 0] and len(remote.loaded) == 1 + 4 + 1
+    remote, lags = run("ahead", max_staleness=1)
+    assert lags == [0, 1, 1, 1] and len(remote.loaded) == 1 + 4 + 1
+    remote, lags = run("every-2", sync_every=2, max_staleness=1)  # lag from the hand-off interval alone
+    assert lags == [0, 1, 0, 1] and len(remote.loaded) == 1 + 2 + 1
+    with pytest.raises(FoldError, match="max_staleness"):
+        run("too-stale", sync_every=3, max_staleness=1)
+    assert not (tmp_path / "too-stale").exists()  # refused before anything was written
 
 
 def test_a_guided_method_on_an_engine_without_guided_generation_fails_before_the_fold(tiny_tokenizer, tmp_path):
