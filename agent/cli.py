@@ -43,6 +43,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="last stdout line is a 
 OverridesArgument = Annotated[list[str] | None, typer.Argument(help="key=value config overrides, e.g. model.batch_size=16")]
 MemoryUrlOption = Annotated[str | None, typer.Option(help="Chroma server URL instead of the embedded store")]
 ModelOption = Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded SmolLM2-135M)")]
+EngineOption = Annotated[str | None, typer.Option("--engine", help="hf (in this process, the default) or vllm (servers)")]
+EngineUrlOption = Annotated[list[str] | None, typer.Option(
+    "--engine-url", help="a vLLM server URL (repeatable: rollouts spread over them); implies --engine vllm")]
 log = logging.getLogger("skillfold")
 
 
@@ -101,6 +104,8 @@ def eval_command(
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="task family, e.g. rg:leg_counting (repeatable)")] = None,
     items: Annotated[int | None, typer.Option(help="held-out items per family")] = None,
     model: ModelOption = None,
+    engine_kind: EngineOption = None,
+    engine_url: EngineUrlOption = None,
     adapter: Annotated[str | None, typer.Option(help="adapter: latest (newest fold in --home), none, or a directory")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value (repeatable)")] = None,
     tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc or calc,lookup")] = None,
@@ -127,6 +132,7 @@ def eval_command(
         flags = {
             "items": items,
             "model.name": model,
+            **cli_common.engine_flags(engine_kind, engine_url),
             "model.adapter": adapter,
             "model.batch_size": batch_size,
             "sampling.temperature": temperature,
@@ -189,6 +195,8 @@ def run_command(
     tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value")] = None,
     model: ModelOption = None,
+    engine_kind: EngineOption = None,
+    engine_url: EngineUrlOption = None,
     adapter: Annotated[str | None, typer.Option(help="adapter: latest (newest fold in --home), none, or a directory")] = None,
     home: Annotated[Path | None, typer.Option(help="skillfold home (memory, runs)")] = None,
     memory_url: MemoryUrlOption = None,
@@ -209,6 +217,7 @@ def run_command(
             "loop.episodes": episodes,
             "loop.approve": approve or None,
             "model.name": model,
+            **cli_common.engine_flags(engine_kind, engine_url),
             "model.adapter": adapter,
             "home": str(home) if home else None,
             "memory_url": memory_url,
@@ -263,6 +272,8 @@ def fold_command(
     method: Annotated[str | None, typer.Option(help="opsd, opd, rmsd, speculative or trb")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     model: ModelOption = None,
+    engine_kind: EngineOption = None,
+    engine_url: EngineUrlOption = None,
     adapter: Annotated[str | None, typer.Option(help="adapter to continue from: latest, none or a path")] = "latest",
     teacher_model: Annotated[str | None, typer.Option(help="external teacher (method opd)")] = None,
     home: Annotated[Path | None, typer.Option(help="skillfold home (memory, adapters)")] = None,
@@ -275,7 +286,7 @@ def fold_command(
 ) -> None:
     """Fold skills into the weights: on-policy self-distillation from a skill-prompted teacher."""
     from agent.config import FoldRunConfig
-    from agent.folding import adapters_dir, fold_items, register_adapter, resolve_adapter
+    from agent.folding import adapters_dir, finish_registration, fold_items, register_fold, resolve_adapter
     from envs import make_family
     from learners.fold import FoldError, fold
 
@@ -283,7 +294,8 @@ def fold_command(
     with user_errors():
         flags = {
             "families": families, "anchors": anchor, "fold.method": method, "fold.steps": steps,
-            "fold.teacher_model": teacher_model, "model.name": model, "home": str(home) if home else None,
+            "fold.teacher_model": teacher_model, "model.name": model, **cli_common.engine_flags(engine_kind, engine_url),
+            "home": str(home) if home else None,
             "memory_url": memory_url, "run_id": run_id,
         }
         if method == "opd":
@@ -296,6 +308,7 @@ def fold_command(
         registered = adapters_dir(run_config.home) / name
         if registered.exists():  # checked before anything loads or is written
             if resume and run_dir.is_dir():
+                finish_registration(run_config.home, name, run_dir)  # a kill while it was registered
                 _finished_fold(name, run_dir, registered, json_output)
                 return
             fail(f"an adapter named {name} is registered already ({registered}): this fold has finished. "
@@ -322,9 +335,7 @@ def fold_command(
                               on_step=on_step)
             except FoldError as error:
                 fail(str(error))
-        registered = register_adapter(run_config.home, name, Path(result.adapter))
-        result = result.model_copy(update={"adapter": str(registered)})
-        (run_dir / "result.json").write_text(result.model_dump_json(indent=2))
+        result = register_fold(run_config.home, name, run_dir, result)
     console.print(
         f"folded {', '.join(skilled)} in {result.steps} steps ({result.seconds:.0f}s): loss "
         f"{result.loss_first} -> {result.loss_last}; adapter {result.adapter} (now --adapter latest)"
@@ -366,6 +377,8 @@ def evolve_command(
     home: Annotated[Path | None, typer.Option(help="skillfold home (memory, adapters, evolve runs)")] = None,
     run_id: Annotated[str | None, typer.Option(help="run name (default evolve); running it again resumes it")] = None,
     model: ModelOption = None,
+    engine_kind: EngineOption = None,
+    engine_url: EngineUrlOption = None,
     memory_url: MemoryUrlOption = None,
     json_output: JsonOption = False,
     overrides: OverridesArgument = None,
@@ -376,7 +389,8 @@ def evolve_command(
 
     quiet_libraries()
     with user_errors():
-        flags = {"model.name": model, "home": str(home) if home else None, "memory_url": memory_url, "run_id": run_id}
+        flags = {"model.name": model, **cli_common.engine_flags(engine_kind, engine_url), "home": str(home) if home else None,
+                 "memory_url": memory_url, "run_id": run_id}
         config = _evolve_config(stream, flags, overrides or [])
         families = stream_families(config.stream)
         check_stream(config.stream, families, config.stream.assess_offset + config.stream.assess_items)
@@ -447,6 +461,8 @@ def experiment_command(
     arm: Annotated[list[str] | None, typer.Option(
         "--arm", help="run only this arm of the config (repeatable), like --seed")] = None,
     model: ModelOption = None,
+    engine_kind: EngineOption = None,
+    engine_url: EngineUrlOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Compare base, memory, sft, fold and skillfold on one stream: accuracy matrices, forgetting, report."""
@@ -471,7 +487,8 @@ def experiment_command(
         if not report_only:
             if config is None:
                 fail("name the experiment config, e.g. `skillfold experiment experiments/stream.toml --out DIR`")
-            experiment = build_config(ExperimentConfig, config, {"model.name": model}, overrides or [])
+            experiment = build_config(ExperimentConfig, config,
+                                      {"model.name": model, **cli_common.engine_flags(engine_kind, engine_url)}, overrides or [])
             check_experiment(experiment)
             check_seeds(experiment, seed or None)
             check_arms(experiment, arm or None)
@@ -632,6 +649,66 @@ def _new_run_dir(home: Path, kind: str) -> Path:
     run_dir = home / "runs" / f"{stamp}-{kind}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+# ------------------------------------------------------------------- serve
+@app.command("serve")
+def serve_command(
+    model: ModelOption = None,
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0 = a free one)")] = 8000,
+    gpus: Annotated[int, typer.Option(help="GPUs for tensor parallelism (CUDA machines)")] = 1,
+    lora: Annotated[bool, typer.Option(help="serve LoRA adapters (a fold's hand-off); --no-lora for a teacher "
+                                           "server that scores (engine.score)")] = True,
+    max_lora_rank: Annotated[int, typer.Option(help="largest adapter rank it will load")] = 64,
+    max_model_len: Annotated[int, typer.Option(help="prompt + completion tokens per request")] = 2048,
+    detach: Annotated[bool, typer.Option(help="leave the server running in the background and exit")] = False,
+    stop: Annotated[bool, typer.Option(help="stop the detached server on --port")] = False,
+    install_only: Annotated[bool, typer.Option(help="build the vLLM venv and exit (make vllm)")] = False,
+    vllm_arg: Annotated[list[str] | None, typer.Option(help="one more argument for vllm serve (repeatable)")] = None,
+) -> None:
+    """Start a vLLM server for `--engine-url` (its own venv, built once); prints its URL as the last line."""
+    from engines import vllm_server
+    from engines.models import resolve_model
+
+    with user_errors():
+        if stop:
+            url = vllm_server.stop_remembered(port)
+            if url is None:
+                fail(f"no detached server of ours runs on port {port}; `skillfold serve --detach --port {port}` starts one")
+            console.print(f"stopped the vLLM server at {url}")
+            return
+        cuda = vllm_server.has_cuda()
+        python = vllm_server.ensure_venv(cuda, say=console.print)
+        if install_only:
+            print(python)
+            return
+        location = resolve_model(model)
+        port = port or vllm_server.free_port()
+        server = vllm_server.start(location, port=port, python=python, cuda=cuda, gpus=gpus, lora=lora,
+                                   max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+                                   extra_args=tuple(vllm_arg or ()))
+        try:
+            with console.status(f"starting vLLM on {server.url} (log: {server.log_path})"):
+                vllm_server.wait_ready(server)
+        except BaseException:
+            server.stop()
+            raise
+    if detach:
+        vllm_server.remember(server)
+        console.print(f"vLLM serves {location} at {server.url} (pid {server.process.pid}); "
+                      f"stop it with `skillfold serve --stop --port {port}`")
+        print(server.url)
+        return
+    console.print(f"vLLM serves {location}; Ctrl-C stops it")
+    print(server.url, flush=True)
+    try:
+        code = server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+        console.print("stopped")
+        raise typer.Exit(130) from None
+    fail(f"the vLLM server exited with code {code}; its log ({server.log_path}) ends:\n"
+         f"{vllm_server.log_tail(server.log_path)}")
 
 
 # ------------------------------------------------ skills and chat (agent/cli_memory.py)
