@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check --no-input
 
-.PHONY: install model test unit integration demo bench lint clean
+.PHONY: install model vllm test unit integration demo bench lint clean
 
 install: $(VENV)/.installed
 
@@ -22,13 +22,18 @@ $(VENV)/.installed: pyproject.toml
 model: install
 	$(BIN)/skillfold models pull
 
-test: install model
+# vLLM in its own venv under the skillfold cache (it pins its own torch and transformers); the vLLM
+# engine's integration tests start servers from it
+vllm: install
+	$(BIN)/skillfold serve --install-only
+
+test: install model vllm
 	$(BIN)/python -m pytest -q tests
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: install model
+integration: install model vllm
 	$(BIN)/python -m pytest -q tests/integration
 
 demo: install model
@@ -42,6 +47,7 @@ bench: install model
 	$(BIN)/python benchmarks/bench_fast.py
 	$(BIN)/python benchmarks/bench_fold.py
 	$(BIN)/python benchmarks/bench_concurrency.py
+	$(BIN)/python benchmarks/bench_ui.py
 
 lint: install
 	$(BIN)/ruff check .
