@@ -163,6 +163,8 @@ class VLLMEngine:
                     target.in_flight -= 1
             if response.status_code >= 400:
                 raise ServerError(f"{target.url}{path} answered {response.status_code}: {response.text[:400]}")
+            if "json" not in response.headers.get("content-type", ""):
+                return {"text": response.text}  # the LoRA endpoints answer in plain text
             return response.json()
 
     # ------------------------------------------------------------ prompts

@@ -37,9 +37,9 @@ class FakeVLLM:
                 pass
 
             def _send(self, code: int, body) -> None:
-                data = json.dumps(body).encode()
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
                 self.send_response(code)
-                self.send_header("content-type", "application/json" if not isinstance(body, str) else "text/plain")
+                self.send_header("content-type", "text/plain" if isinstance(body, str) else "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -86,7 +86,7 @@ class FakeVLLM:
                     self._send(200, {"choices": [{"prompt_logprobs": rows}]})
                 elif self.path == "/v1/load_lora_adapter":
                     fake.adapters[body["lora_name"]] = body["lora_path"]
-                    self._send(200, "ok")
+                    self._send(200, f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
                 elif self.path == "/v1/unload_lora_adapter":
                     fake.adapters.pop(body["lora_name"], None)
                     self._send(200, "ok")
