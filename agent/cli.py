@@ -33,6 +33,7 @@ from agent.cli_common import (
     user_errors,
 )
 from agent.cli_memory import chat, skills_app
+from agent.cli_ui import ui_command
 from agent.config import ConfigError, EvalConfig, ModelConfig, build_config, save_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Agents that learn skills fast and fold them slow.")
@@ -714,6 +715,7 @@ def serve_command(
 # ------------------------------------------------ skills and chat (agent/cli_memory.py)
 app.add_typer(skills_app, name="skills")
 app.command("chat")(chat)
+app.command("ui")(ui_command)
 
 
 def main() -> None:
