@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agent.evaluate import wilson_interval
 from agent.experiment import FamilyEval, Metrics, check_experiment, read_episodes
-from envs.base import TaskFamily, Trajectory
+from envs.base import Environment, TaskFamily, Trajectory, close_environment
 from learners.rollout import score_trajectory
 
 
@@ -42,15 +42,29 @@ def _close(a: float, b: float) -> bool:
 
 def replay(trajectory: Trajectory, family: TaskFamily, index: int, threshold: float) -> list[str]:
     """Differences between a stored episode and the same actions played in a fresh environment."""
-    problems = []
     if trajectory.env != family.name or trajectory.split != "eval":
         return [
             f"is a {trajectory.split} episode of {trajectory.env}, not eval item {index} of {family.name}"
         ]
     environment = family.make("eval", index)
+    try:
+        return _replay(trajectory, environment, index, threshold)
+    finally:
+        close_environment(environment)
+
+
+def _replay(trajectory: Trajectory, environment: Environment, index: int, threshold: float) -> list[str]:
+    problems = []
     if trajectory.item_id != environment.item_id:
         return [f"is item {trajectory.item_id}, the cell's episode {index} should be {environment.item_id}"]
-    if list(environment.initial_observation()) != trajectory.prompt:
+    try:
+        prompt = list(environment.initial_observation())
+    except Exception as error:  # the episode must have failed before its first turn
+        if trajectory.error is None or trajectory.turns:
+            return [f"the environment raises ({type(error).__name__}) at its first observation but the episode "
+                    "records no error there"]
+        return []
+    if prompt != trajectory.prompt:
         problems.append("its prompt is not the environment's")
     rescored = trajectory.model_copy(deep=True)  # its turns' rewards are checked against the replay above
     for number, turn in enumerate(trajectory.turns, 1):
@@ -94,7 +108,7 @@ def check_cell(out: Path, cell: FamilyEval, family: TaskFamily, audit: Audit) ->
         audit.problems.append(f"{where} not a file of episodes ({str(error).splitlines()[0]})")
         return
     audit.cells += 1
-    threshold = getattr(family, "success_threshold", 1.0)
+    threshold = family.success_threshold
     for index, episode in enumerate(episodes):
         audit.episodes += 1
         audit.turns += len(episode.turns)

@@ -3,15 +3,30 @@
 Every answered task becomes a trajectory once the person rates it (`/good` = reward 1, `/bad` = 0),
 so chat feeds the same store as `skillfold run`. A `/good` answer also becomes an exemplar skill
 (the person is its verifier); `/teach TEXT` stores a skill directly.
+
+Tools are `calc`, a user's typed functions (`module:function`, `file.py:function`) and the tools of
+MCP servers; `seed_documentation` gives a family with no skills yet its tools' documentation
+examples as its first skills, as `skillfold run` starts (chat has no probe items to verify them on).
 """
 
 from __future__ import annotations
 
-from agent.skills import exemplar_from, render_context, retrieve_for
+from agent.skills import dialogue_skills, exemplar_from, render_context, retrieve_for
 from engines.base import Engine, SamplingParams
-from envs.base import Message, Trajectory, Turn
-from envs.tool_use import system_prompt
-from envs.tools import FinalAnswer, Malformed, ToolCall, ToolError, calculator, parse_action
+from envs.base import EnvSpecError, Message, Trajectory, Turn
+from envs.plugins import is_object_spec
+from envs.registry import tool_from_spec
+from envs.tool_use import documentation_dialogue, system_prompt
+from envs.tools import (
+    FinalAnswer,
+    Malformed,
+    Tool,
+    ToolCall,
+    calculator,
+    observation_text,
+    parse_action,
+    run_tool,
+)
 from memory import Memory, Skill
 
 AVAILABLE_TOOLS = {"calc": calculator}
@@ -27,19 +42,37 @@ class ChatSession:
         max_new_tokens: int = 128,
         max_tool_calls: int = 4,
         token_budget: int = 600,
+        mcp: list[str] | None = None,
     ) -> None:
-        unknown = [name for name in tools or [] if name not in AVAILABLE_TOOLS]
+        unknown = [name for name in tools or [] if name not in AVAILABLE_TOOLS and not is_object_spec(name)]
         if unknown:
-            raise ValueError(f"unknown chat tools {unknown}; available: {sorted(AVAILABLE_TOOLS)}")
+            raise EnvSpecError(f"unknown chat tools {unknown}; available: {sorted(AVAILABLE_TOOLS)}, "
+                               "module:function or file.py:function")
         self.engine = engine
         self.memory = memory
         self.family = family
-        self.tools = [AVAILABLE_TOOLS[name] for name in tools or []]
+        self.tools: list[Tool] = [AVAILABLE_TOOLS[name] if name in AVAILABLE_TOOLS else tool_from_spec(name)
+                                  for name in tools or []]
+        if mcp:
+            from envs.mcp_tools import mcp_tools
+
+            self.tools += [tool for command in mcp for tool in mcp_tools(command)]
+        names = [tool.name for tool in self.tools]
+        if len(set(names)) != len(names):
+            raise EnvSpecError(f"two chat tools share a name: {names}; each tool needs its own name")
         self.params = SamplingParams(max_new_tokens=max_new_tokens)
         self.max_tool_calls = max_tool_calls
         self.token_budget = token_budget
         self.last: Trajectory | None = None
         self.last_skills: list[Skill] = []
+
+    def seed_documentation(self) -> list[Skill]:
+        """On a family with no skills yet, store its tools' documentation examples as its first skills."""
+        if not self.tools or self.memory.list_skills(family=self.family):
+            return []
+        dialogues = [documentation_dialogue(tool) for tool in self.tools if tool.documented]
+        skills = dialogue_skills(self.family, [dialogue for dialogue in dialogues if dialogue])
+        return self.memory.add_skills(skills) if skills else []
 
     def handle(self, line: str) -> list[str]:
         """React to one line from the person; returns what to show."""
@@ -89,10 +122,9 @@ class ChatSession:
             if isinstance(action, ToolCall):
                 calls += 1
                 tool = next(tool for tool in self.tools if tool.name == action.tool)
-                try:
-                    result = f"Result: {tool.run(action.argument)}"
-                except ToolError as error:
-                    result = f"Error: {error}"
+                use = run_tool(tool, action.argument)
+                result = observation_text(use)
+                turn.tool_calls = [use]
                 turn.observation = [Message(role="user", content=result)]
                 shown.append(f"[tool] {generation.text.strip()} -> {result}")
                 continue

@@ -45,6 +45,11 @@ OverridesArgument = Annotated[list[str] | None, typer.Argument(help="key=value c
 MemoryUrlOption = Annotated[str | None, typer.Option(help="Chroma server URL instead of the embedded store")]
 ModelOption = Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded SmolLM2-135M)")]
 EngineOption = Annotated[str | None, typer.Option("--engine", help="hf (in this process, the default) or vllm (servers)")]
+ToolsOption = Annotated[list[str] | None, typer.Option(
+    help="tools the agent may call, comma-separated or repeated: calc, lookup, package.module:function, "
+    "file.py:function")]
+McpOption = Annotated[list[str] | None, typer.Option(
+    "--mcp", help='an MCP server (stdio) whose tools the agent may call, e.g. --mcp "python server.py" (repeatable)')]
 EngineUrlOption = Annotated[list[str] | None, typer.Option(
     "--engine-url", help="a vLLM server URL (repeatable: rollouts spread over them); implies --engine vllm")]
 log = logging.getLogger("skillfold")
@@ -109,7 +114,8 @@ def eval_command(
     engine_url: EngineUrlOption = None,
     adapter: Annotated[str | None, typer.Option(help="adapter: latest (newest fold in --home), none, or a directory")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value (repeatable)")] = None,
-    tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc or calc,lookup")] = None,
+    tools: ToolsOption = None,
+    mcp: McpOption = None,
     memory: Annotated[str | None, typer.Option(help="on: retrieve skills from memory into the prompt; off: none")] = None,
     memory_url: Annotated[
         str | None, typer.Option(help="Chroma server URL (default: the embedded store in --home); implies --memory on")
@@ -145,11 +151,11 @@ def eval_command(
             "memory_url": memory_url,
         }
         if env:
-            flags["envs"] = [{"name": _with_tools(name, tools), "options": options} for name in env]
+            flags["envs"] = [{"name": _with_tools(name, tools), "options": options, "mcp": mcp or []} for name in env]
         run_config = build_config(EvalConfig, config, flags, overrides or [])
         if not run_config.envs:
             fail("name at least one task family with --env (see `skillfold envs`), e.g. --env rg:leg_counting")
-        families = [make_family(spec.name, dict(spec.options)) for spec in run_config.envs]
+        families = [make_family(spec.name, dict(spec.options), mcp=spec.mcp) for spec in run_config.envs]
         for family in families:
             if run_config.items > family.split_size("eval"):
                 fail(f"{family.name} has {family.split_size('eval')} distinct eval items; pass --items "
@@ -193,7 +199,8 @@ def eval_command(
 def run_command(
     env: Annotated[str | None, typer.Option("--env", "-e", help="task family, e.g. rg:basic_arithmetic")] = None,
     episodes: Annotated[int | None, typer.Option(help="train episodes to play")] = None,
-    tools: Annotated[str | None, typer.Option(help="tools the agent may call, e.g. calc")] = None,
+    tools: ToolsOption = None,
+    mcp: McpOption = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value")] = None,
     model: ModelOption = None,
     engine_kind: EngineOption = None,
@@ -225,9 +232,9 @@ def run_command(
             "run_id": run_id,
         }
         if env:
-            flags["env"] = {"name": _with_tools(env, tools), "options": _parse_options(option or [])}
+            flags["env"] = {"name": _with_tools(env, tools), "options": _parse_options(option or []), "mcp": mcp or []}
         run_config = build_config(RunConfig, config, flags, overrides or [])
-        family = make_family(run_config.env.name, dict(run_config.env.options))
+        family = make_family(run_config.env.name, dict(run_config.env.options), mcp=run_config.env.mcp)
         name = run_config.run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_dir = run_config.home / "runs" / f"run-{name}"
         engine, store = open_engine_and_memory(run_config.model, run_config.home, run_config.memory_url)
@@ -288,7 +295,6 @@ def fold_command(
     """Fold skills into the weights: on-policy self-distillation from a skill-prompted teacher."""
     from agent.config import FoldRunConfig
     from agent.folding import adapters_dir, finish_registration, fold_items, register_fold, resolve_adapter
-    from envs import make_family
     from learners.fold import FoldError, fold
 
     quiet_libraries()
@@ -321,8 +327,8 @@ def fold_command(
         ]
         if not names:
             fail(f"no family in {run_config.home} has active skills to fold; run `skillfold run` first")
-        skilled = {name: make_family(name) for name in names}
-        anchors = {name: make_family(name) for name in run_config.anchors if name not in skilled}
+        skilled = _families_by_name(names)
+        anchors = {name: family for name, family in _families_by_name(run_config.anchors).items() if name not in skilled}
         start_adapter = resolve_adapter(adapter, run_config.home)
         engine = open_engine(run_config.model.model_copy(update={"adapter": start_adapter}))
         if run_config.fold.teacher == "external" and not run_config.fold.teacher_model:
@@ -623,10 +629,24 @@ def _on_off(value: str) -> bool:
     return value.lower() == "on"
 
 
-def _with_tools(name: str, tools: str | None) -> str:
+def _families_by_name(specs: list[str]) -> dict:
+    """Families by the name memory files them under; a spec may name a family of one's own (`file.py:Name`)."""
+    from envs import EnvSpecError, make_family
+
+    families = {}
+    for spec in specs:
+        try:
+            family = make_family(spec)
+        except EnvSpecError as error:
+            raise EnvSpecError(f"{error}. A family of your own is named by its spec: --families path/to/file.py:Name") from None
+        families[family.name] = family
+    return families
+
+
+def _with_tools(name: str, tools: list[str] | None) -> str:
     if not tools:
         return name
-    return "+".join([name, *[tool.strip() for tool in tools.split(",") if tool.strip()]])
+    return "+".join([name, *[tool.strip() for option in tools for tool in option.split(",") if tool.strip()]])
 
 
 @contextmanager

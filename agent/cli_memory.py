@@ -198,7 +198,10 @@ def chat(
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter directory")] = None,
     engine_kind: Annotated[str | None, typer.Option("--engine", help="hf (default) or vllm")] = None,
     engine_url: Annotated[list[str] | None, typer.Option("--engine-url", help="a vLLM server URL (repeatable)")] = None,
-    tools: Annotated[str | None, typer.Option(help="tools the agent may call: calc")] = "calc",
+    tools: Annotated[str | None, typer.Option(
+        help="tools the agent may call, comma-separated: calc, package.module:function, file.py:function")] = "calc",
+    mcp: Annotated[list[str] | None, typer.Option(
+        "--mcp", help='an MCP server (stdio) whose tools the agent may call, e.g. --mcp "python server.py"')] = None,
     family: Annotated[str, typer.Option(help="family name the exchanges are filed under")] = "chat",
     max_new_tokens: Annotated[int, typer.Option(help="tokens per reply")] = 128,
 ) -> None:
@@ -211,8 +214,10 @@ def chat(
         flags = {"name": model, "adapter": adapter,
                  **{key.removeprefix("model."): value for key, value in engine_flags(engine_kind, engine_url).items()}}
         engine = open_engine(build_config(ModelConfig, None, flags, []))
-        session = ChatSession(engine, store, family=family, tools=[t for t in (tools or "").split(",") if t],
-                              max_new_tokens=max_new_tokens)
+        session = ChatSession(engine, store, family=family, tools=[t.strip() for t in (tools or "").split(",") if t.strip()],
+                              max_new_tokens=max_new_tokens, mcp=mcp)
+        for skill in session.seed_documentation():  # a fresh family starts from its tools' documentation
+            console.print(f"seeded skill {skill.id}: {skill.title}", markup=False, highlight=False)
     console.print(CHAT_HELP)
     for line in _lines():
         line = line.strip()

@@ -37,6 +37,7 @@ class EnvConfig(BaseModel):
 
     name: str = Field(description="task family spec, e.g. rg:leg_counting")
     options: dict[str, Any] = Field(default_factory=dict, description="family options (difficulty ...)")
+    mcp: list[str] = Field(default_factory=list, description="MCP servers (stdio commands) whose tools the agent may call")
 
 
 class EvalConfig(BaseModel):
@@ -207,9 +208,30 @@ def apply_overrides_value(data: dict[str, Any], dotted: str, value: Any) -> None
 
 
 def save_config(config: BaseModel, run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.json"
-    temporary = path.with_suffix(f".json.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(config.model_dump(mode="json"), indent=2))
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(config.model_dump(mode="json"), indent=2))
     return path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether this machine runs a process `pid` (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: `.<name>.<pid>.tmp` beside it, then renamed over it (processes
+    sharing a directory never collide). A temporary of it that a killed process left goes first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from engines.base import Engine, SamplingParams
-from envs.base import Message, TaskFamily, Trajectory
+from envs.base import Message, TaskFamily, Trajectory, item_prompt
 from learners.rollout import run_episodes
 
 
@@ -77,7 +77,7 @@ def evaluate(
         contexts=contexts,
         skill_ids=skill_ids,
         max_turns=max_turns,
-        success_threshold=getattr(family, "success_threshold", 1.0),
+        success_threshold=family.success_threshold,
         on_finish=on_finish,
         progress=progress,
     )
@@ -112,7 +112,7 @@ def memory_contexts(
 
     contexts = []
     for index in range(items):
-        prompt = family.make("eval", index).initial_observation()
-        skills = retrieve_for(memory, engine, family.name, prompt, token_budget, k)
+        prompt = item_prompt(family, "eval", index)
+        skills = retrieve_for(memory, engine, family.name, prompt, token_budget, k) if prompt is not None else []
         contexts.append((render_context(skills), [skill.id for skill in skills]))
     return contexts

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.config import ConfigError, LoopSettings, ModelConfig, default_home
+from agent.config import ConfigError, LoopSettings, ModelConfig, default_home, write_atomic
 from agent.evaluate import EvalResult, evaluate, memory_contexts
 from agent.folding import adapters_dir, fold_items, register_adapter
 from agent.loop import Runtime, run_loop
@@ -177,13 +177,6 @@ class Stream:
 
 
 # --------------------------------------------------------------------------- files
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes sharing a directory never collide
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def load_state(run_dir: Path) -> EvolveState | None:
     path = run_dir / "state.json"
     return EvolveState.model_validate_json(path.read_text()) if path.is_file() else None
@@ -194,6 +187,11 @@ def save_state(run_dir: Path, state: EvolveState) -> None:
 
 
 def log_event(run_dir: Path, event: EvolveEvent) -> None:
+    """Append `event`, unless the log holds it already: a stage a kill cut short logs again when it is
+    done again, and a run has one event of a kind per (phase, chunk, family)."""
+    key = (event.kind, event.phase, event.chunk, event.family)
+    if any((e.kind, e.phase, e.chunk, e.family) == key for e in read_events(run_dir)):
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "evolve.jsonl", "a", encoding="utf-8") as sink:
         sink.write(event.model_dump_json() + "\n")
@@ -269,7 +267,7 @@ class _Shifted:
 
     def __init__(self, family: TaskFamily, offset: int) -> None:
         self.family, self.offset, self.name = family, offset, family.name
-        self.success_threshold = getattr(family, "success_threshold", 1.0)
+        self.success_threshold = family.success_threshold
 
     def split_size(self, split):
         return self.family.split_size(split) - (self.offset if split == "eval" else 0)
@@ -369,12 +367,15 @@ def fold_skills(stream: Stream, state: EvolveState) -> str | None:
         stream.say(f"fold {number}: {', '.join(skilled)} ({len(items)} prompts, anchors: {', '.join(anchors) or 'none'})")
         result = stream.fold_fn(stream.engine, {**skilled, **anchors}, items, config, stream.home / "folds" / name,
                                 resume=True, on_step=stream.on_fold_step)
-        register_adapter(stream.home, name, Path(result.adapter))
         evidence = result.model_dump(exclude={"adapter", "run_dir"}) | {
             "adapter": str(target), "families": sorted(skilled), "anchors": sorted(anchors), "prompts": len(items),
             "generated_tokens": _fold_tokens(Path(result.run_dir)),
         }
+        # logged before the adapter is registered: once it is, a resumed stage skips the fold
         log_event(stream.run_dir, EvolveEvent(kind="fold", phase=state.phase, chunk=state.chunk, evidence=evidence))
+        register_adapter(stream.home, name, Path(result.adapter))
+    else:  # registered by this stage before a kill, which may have come before `latest` named it
+        register_adapter(stream.home, name, target)
     serve(stream.engine, str(target))
     return str(target)
 
@@ -427,10 +428,12 @@ def _folded_level(skill) -> float:
 def _transition(stream: Stream, state: EvolveState, family: TaskFamily, skills, kind: str, evidence: dict,
                 reason: str) -> None:
     status = "folded" if kind == "folded" else "active"
-    for skill in skills:
-        stream.memory.set_status(skill.id, status, reason, evidence)
+    # logged first: if a kill stops the changes half-way, the assess done again changes the rest and the
+    # event, logged once, names them all
     log_event(stream.run_dir, EvolveEvent(kind=kind, phase=state.phase, chunk=state.chunk, family=family.name,
                                           skill_ids=[skill.id for skill in skills], evidence=evidence))
+    for skill in skills:
+        stream.memory.set_status(skill.id, status, reason, evidence)
     stream.say(f"{family.name}: {len(skills)} skills {kind} ({reason})")
 
 

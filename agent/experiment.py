@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.config import ConfigError, ModelConfig, save_config
+from agent.config import ConfigError, ModelConfig, process_alive, save_config
 from agent.evaluate import EvalResult
 from agent.evolve import (
     EvolveEvent,
@@ -244,7 +244,8 @@ def prepare_out(out: Path, config: ExperimentConfig) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; pass a directory for the experiment")
     saved = out / "config.json"
-    if out.is_dir() and any(out.iterdir()) and not saved.is_file():
+    stale = re.compile(r"\.config\.json\.[0-9]+\.tmp")  # a first save_config a kill cut short
+    if out.is_dir() and any(not stale.fullmatch(path.name) for path in out.iterdir()) and not saved.is_file():
         raise ConfigError(f"--out {out} is not empty and holds no experiment; pass a new or empty directory")
     if saved.is_file() and _comparable(_as_now(saved)) != _comparable(config.model_dump(mode="json")):
         raise ConfigError(f"{out} holds an experiment with another config; resume it with the same config "
@@ -301,6 +302,9 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
     for seed in [seed for seed in config.seeds if seeds is None or seed in seeds]:
         for arm in [arm for arm in config.arms if arms is None or arm in arms]:
             if all(unit_path(out, arm, seed, phase).is_file() for phase in range(len(families))):
+                if (out / "units" / arm / f"seed-{seed}" / ".lock").exists():
+                    with chain_lock(out, arm, seed):  # a claim a killed run left on its finished units goes
+                        pass
                 continue
             with chain_lock(out, arm, seed) as holder:
                 if holder is not None:
@@ -333,16 +337,6 @@ def check_seeds(config: ExperimentConfig, seeds: list[int] | None) -> None:
                           f"{config.seeds}; pass some of those")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextmanager
 def chain_lock(out: Path, arm: str, seed: int) -> Iterator[str | None]:
     """Claim an arm's units for one seed for this process: yields None when claimed (released on exit),
@@ -363,7 +357,7 @@ def chain_lock(out: Path, arm: str, seed: int) -> Iterator[str | None]:
             if holder.get("host") not in (None, me["host"]):
                 yield f"{holder.get('pid')} on {holder['host']} (if that run is gone, delete {lock})"
                 return
-            if holder.get("pid") not in (None, me["pid"]) and _alive(holder["pid"]):
+            if holder.get("pid") not in (None, me["pid"]) and process_alive(holder["pid"]):
                 yield str(holder["pid"])
                 return
             lock.unlink(missing_ok=True)  # stale (or unreadable): its process is gone
@@ -483,9 +477,8 @@ def sft_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainSta
                             resume=True)  # a killed experiment's SFT continues from its last checkpoint
         write_atomic(run_dir / "result.json", result.model_dump_json(indent=2))
     result = SftResult.model_validate_json((run_dir / "result.json").read_text())
-    if result.adapter and not target.is_dir():
-        register_adapter(stream.home, name, Path(result.adapter))
-    if result.adapter:
+    if result.adapter:  # registered again if it is: a kill may have come before `latest` named it
+        register_adapter(stream.home, name, target if target.is_dir() else Path(result.adapter))
         serve(lab.engine, str(target))
     return stats.model_copy(update={"sft_episodes": result.episodes, "sft_steps": result.steps}), []
 
@@ -523,6 +516,8 @@ def evaluate_family(lab: Lab, family: TaskFamily, memory: Memory | None, unit_di
     earlier = lab.out / "evals" / f"{key}.json"
     if earlier.is_file():
         original = FamilyEval.model_validate_json(earlier.read_text())
+        if original.trajectories == str(path.relative_to(lab.out)):  # this unit's own, before a kill
+            return original
         source = lab.out / original.trajectories
         if source.is_file():  # the episodes, as served here (the same weights under this arm's adapter path)
             episodes = [episode.model_copy(update={"model": lab.engine.model_name, "adapter": lab.engine.adapter})

@@ -6,6 +6,7 @@ in a memory-on prompt, oldest skill first), plus anchor items of other families 
 train items, kept for skill verification) and every eval item are never used.
 
 Adapters are registered under `home/adapters/<name>/`; `home/adapters/LATEST` names the newest.
+A fold run registers its adapter with `register_fold`, which a kill at any point leaves resumable.
 `resolve_adapter("latest" | "none" | PATH, home)` is what `--adapter` means on every command.
 """
 
@@ -17,11 +18,12 @@ from pathlib import Path
 
 from agent.skills import render_context, retrieve_for
 from engines.base import Engine
-from envs.base import TaskFamily
-from learners.fold import FoldItem
+from envs.base import TaskFamily, item_prompt
+from learners.fold import FoldItem, FoldResult
 from memory import Memory
 
 LATEST = "LATEST"
+PENDING_RESULT = "result.pending.json"
 
 
 def fold_items(
@@ -41,7 +43,9 @@ def fold_items(
         available = family.split_size("train") - probes
         indices = rng.sample(range(available), min(items_per_family, available))
         for index in indices:
-            prompt = family.make("train", index).initial_observation()
+            prompt = item_prompt(family, "train", index)
+            if prompt is None:  # an environment that fails teaches nothing
+                continue
             # rendered oldest first: items whose retrieval picks the same skills give the teacher the
             # same context, a prefix its passes compute once per batch
             skills = retrieve_for(memory, engine, name, prompt, token_budget, k)
@@ -70,6 +74,31 @@ def register_adapter(home: Path, name: str, adapter_dir: Path) -> Path:
     pointer.write_text(name + "\n")
     os.replace(pointer, target.parent / LATEST)
     return target
+
+
+def register_fold(home: Path, name: str, run_dir: Path, result: FoldResult) -> FoldResult:
+    """Register a finished fold's adapter as `name` and write its `result.json`, in an order a kill at any
+    point leaves resumable: the result goes to `result.pending.json` first, then the adapter is registered
+    (moved, then `latest`), and the rename to `result.json` marks it all done (`finish_registration`)."""
+    trained = Path(result.adapter)
+    result = result.model_copy(update={"adapter": str(adapters_dir(home) / name)})
+    pending, scratch = run_dir / PENDING_RESULT, run_dir / f".{PENDING_RESULT}.tmp"
+    scratch.write_text(result.model_dump_json(indent=2))
+    os.replace(scratch, pending)
+    register_adapter(home, name, trained)
+    os.replace(pending, run_dir / "result.json")
+    return result
+
+
+def finish_registration(home: Path, name: str, run_dir: Path) -> bool:
+    """Finish what a kill cut short in `register_fold` after the adapter was moved: `latest` points at it
+    and `result.json` is written. True when there was something to finish."""
+    pending = run_dir / PENDING_RESULT
+    if (run_dir / "result.json").is_file() or not pending.is_file():
+        return False
+    register_adapter(home, name, adapters_dir(home) / name)
+    os.replace(pending, run_dir / "result.json")
+    return True
 
 
 def resolve_adapter(spec: str | None, home: Path) -> str | None:

@@ -40,7 +40,7 @@ from agent.skills import (
 )
 from engines.base import Engine
 from envs.base import Environment, TaskFamily, Trajectory
-from learners.rollout import _error_text, play_turn, score_trajectory
+from learners.rollout import _error_text, end_episode, play_turn, score_trajectory
 from memory import Memory, Skill
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _active(trajectory: Trajectory) -> bool:
 def build_graph(runtime: Runtime, checkpointer=None):
     settings = runtime.settings
     family = runtime.family
-    threshold = getattr(family, "success_threshold", 1.0)
+    threshold = family.success_threshold
 
     def environment_for(trajectory: Trajectory) -> Environment:
         """The live environment of an unfinished episode; after a resume it is rebuilt from its item
@@ -142,6 +142,7 @@ def build_graph(runtime: Runtime, checkpointer=None):
                 adapter=runtime.engine.adapter,
                 info={"index": index},
             )
+            environment = None
             try:
                 environment = family.make("train", index)
                 trajectory.item_id = environment.item_id
@@ -149,6 +150,8 @@ def build_graph(runtime: Runtime, checkpointer=None):
                 runtime.environments[trajectory.id] = environment
             except Exception as error:
                 trajectory.error = _error_text(error)
+                if environment is not None:
+                    end_episode(environment, trajectory)
                 finish(trajectory, started)
                 batch.append(trajectory.model_dump(mode="json"))
                 continue
@@ -181,6 +184,7 @@ def build_graph(runtime: Runtime, checkpointer=None):
         for index in still_active:
             if len(trajectories[index].turns) >= settings.max_turns:
                 trajectories[index].truncated = True
+                end_episode(environments[index], trajectories[index])
                 finish(trajectories[index], started)
         return {"batch": [trajectory.model_dump(mode="json") for trajectory in trajectories]}
 
@@ -193,16 +197,17 @@ def build_graph(runtime: Runtime, checkpointer=None):
         for trajectory in trajectories:
             trajectory.info.pop("index", None)
             runtime.environments.pop(trajectory.id, None)
-        new_ids = set(runtime.memory.add_trajectories(trajectories))
-        fresh = [trajectory for trajectory in trajectories if trajectory.id in new_ids]
-        for trajectory in fresh:
+        # Every episode of the batch counts, stored now or by this node's run before a kill (the store
+        # upserts by id): counting only the newly stored ones made a resumed run play extra episodes.
+        runtime.memory.add_trajectories(trajectories)
+        for trajectory in trajectories:
             if runtime.on_episode:
                 runtime.on_episode(trajectory)
         return {
             "batch": [trajectory.model_dump(mode="json") for trajectory in trajectories],
-            "episodes": len(fresh),
-            "successes": sum(trajectory.success for trajectory in fresh),
-            "since_reflection": state.get("since_reflection", 0) + len(fresh),
+            "episodes": len(trajectories),
+            "successes": sum(trajectory.success for trajectory in trajectories),
+            "since_reflection": state.get("since_reflection", 0) + len(trajectories),
         }
 
     def reflect(state: LoopState) -> LoopState:
@@ -287,13 +292,19 @@ def run_loop(
         graph = build_graph(runtime, checkpointer)
         config = {"configurable": {"thread_id": runtime.run_id}, "recursion_limit": 10_000}
         snapshot = graph.get_state(config)
-        resuming = bool(snapshot.next)
+        # A node killed after its writes were saved but before the next checkpoint leaves no `next` (its
+        # task is done) but the task with its writes: that run resumes too. Taken for a new start, the
+        # loop would begin again from its first node and play on past the batch it had not recorded.
+        resuming = bool(snapshot.next or snapshot.tasks)
         if not resuming and snapshot.values.get("episodes", 0) >= runtime.settings.episodes:
             return snapshot.values  # already complete
-        result = graph.invoke(None if resuming else {}, config)
+        # durability "sync": a node's checkpoint is written before the next node starts, so the writes
+        # of a run come in one order and a kill re-runs at most the node it stopped (with "async", the
+        # default, the checkpoint is written while the next node runs).
+        result = graph.invoke(None if resuming else {}, config, durability="sync")
         while result.get("__interrupt__"):
             if approve is None:
                 raise RuntimeError("the loop asks for approval but no approver was given")
             answers = {item.id: approve(item.value) for item in result["__interrupt__"]}
-            result = graph.invoke(Command(resume=answers), config)
+            result = graph.invoke(Command(resume=answers), config, durability="sync")
         return graph.get_state(config).values

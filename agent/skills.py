@@ -59,11 +59,16 @@ def documentation_skills(family: TaskFamily) -> list[Skill]:
     documentation = getattr(family, "documentation", None)
     if documentation is None:
         return []
+    return dialogue_skills(family.name, documentation())
+
+
+def dialogue_skills(family: str, dialogues: Sequence[Sequence[Message]]) -> list[Skill]:
+    """One exemplar skill of `family` per documentation dialogue, titled by its first tool call."""
     skills = []
-    for dialogue in documentation():
+    for dialogue in dialogues:
         call = next((m.content for m in dialogue if m.role == "assistant"), "tool")
         skills.append(
-            Skill(kind="exemplar", family=family.name, title=f"how to call a tool: {call}",
+            Skill(kind="exemplar", family=family, title=f"how to call a tool: {call}",
                   text=dialogue_text(dialogue), provenance=[f"tool-documentation:{call}"])
         )
     return skills
@@ -202,7 +207,7 @@ def verify(
         split="train",
         contexts=contexts,
         max_turns=max_turns,
-        success_threshold=getattr(family, "success_threshold", 1.0),
+        success_threshold=family.success_threshold,
     )
     probes = len(probe_indices)
     per_arm = [

@@ -8,8 +8,10 @@ from envs.base import (
     Split,
     StepResult,
     TaskFamily,
+    ToolUse,
     Trajectory,
     Turn,
+    close_environment,
 )
 from envs.extract import extract_answer
 from envs.registry import available_families, make_family
@@ -22,9 +24,11 @@ __all__ = [
     "Split",
     "StepResult",
     "TaskFamily",
+    "ToolUse",
     "Trajectory",
     "Turn",
     "available_families",
+    "close_environment",
     "extract_answer",
     "make_family",
 ]

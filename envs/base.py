@@ -5,7 +5,12 @@ observation, takes actions until it says `done`, and is then thrown away (no res
 makes environments for the items of its train and eval splits; the two splits never share an item.
 
 Everything that crosses a package boundary about an episode is a pydantic record defined here, at
-the bottom of the import graph: `Message`, `StepResult`, `Turn`, `Trajectory`.
+the bottom of the import graph: `Message`, `StepResult`, `ToolUse`, `Turn`, `Trajectory`.
+
+The protocol, in full (docs/environments.md has a worked example):
+- `TaskFamily`: `name`, `success_threshold`, `split_size(split)`, `make(split, index)`.
+- `Environment`: `family`, `item_id`, `initial_observation()`, `step(action)`, and optionally
+  `close()`, which the rollout loop calls once at the end of every episode (a failed one included).
 """
 
 from __future__ import annotations
@@ -32,6 +37,19 @@ class Message(BaseModel):
         return {"role": self.role, "content": self.content}
 
 
+class ToolUse(BaseModel):
+    """One tool call an action made, as it ran: what was asked, what came back, how long it took."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the tool's name, e.g. calc")
+    arguments: dict[str, Any] | str = Field(
+        description="the arguments as parsed (a dict), or the raw argument text when it could not be parsed")
+    result: str | None = Field(default=None, description="the result text the model was shown (capped)")
+    error: str | None = Field(default=None, description="why the call failed: bad arguments, an exception, a timeout")
+    seconds: float = 0.0
+
+
 class StepResult(BaseModel):
     """What `Environment.step` returns: messages to show next, the reward of this step, done."""
 
@@ -41,6 +59,7 @@ class StepResult(BaseModel):
     reward: float = 0.0
     done: bool = False
     info: dict[str, Any] = Field(default_factory=dict)
+    tool_calls: list[ToolUse] = Field(default_factory=list, description="tool calls this action made")
 
 
 class EnvSpecError(ValueError):
@@ -49,7 +68,11 @@ class EnvSpecError(ValueError):
 
 @runtime_checkable
 class Environment(Protocol):
-    """One episode of one item. `initial_observation` once, then `step` until `done`."""
+    """One episode of one item. `initial_observation` once, then `step` until `done`.
+
+    An environment that holds a resource (a process, a file, a connection) may also define
+    `close()`: the loop calls it once when the episode ends, however it ends (`close_environment`).
+    """
 
     family: str
     item_id: str
@@ -59,11 +82,43 @@ class Environment(Protocol):
     def step(self, action: str) -> StepResult: ...
 
 
+def close_environment(environment: Environment) -> str | None:
+    """Call the environment's optional `close()`; returns what it raised as text (None when fine)."""
+    close = getattr(environment, "close", None)
+    if close is None:
+        return None
+    try:
+        close()
+    except Exception as error:  # a failing close is recorded on the episode, never a crash
+        return f"close() raised {type(error).__name__}: {error}"[:2000]
+    return None
+
+
+def item_prompt(family: TaskFamily, split: Split, index: int) -> list[Message] | None:
+    """An item's first observation (to retrieve skills for it), its environment closed after; None when
+    the environment fails (its episode will fail on record when it is played)."""
+    try:
+        environment = family.make(split, index)
+    except Exception:
+        return None
+    try:
+        return list(environment.initial_observation())
+    except Exception:
+        return None
+    finally:
+        close_environment(environment)
+
+
 @runtime_checkable
 class TaskFamily(Protocol):
-    """Makes single-use environments for the items of a family's two disjoint splits."""
+    """Makes single-use environments for the items of a family's two disjoint splits.
+
+    An episode succeeds when it ends without error and its summed reward reaches `success_threshold`
+    (1.0 for a family that scores one answer as 0 or 1).
+    """
 
     name: str
+    success_threshold: float
 
     def make(self, split: Split, index: int) -> Environment: ...
 
@@ -91,6 +146,7 @@ class Turn(BaseModel):
         default_factory=list, description="the behaviour log-prob of each sampled token (the rollout policy's, "
         "at temperature 1), for importance ratios")
     adapter_version: int | None = Field(default=None, description="the adapter version that sampled this turn")
+    tool_calls: list[ToolUse] = Field(default_factory=list, description="the tool calls of this action, as they ran")
 
 
 def _now() -> datetime:

@@ -16,17 +16,18 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 
-from envs.base import Environment, EnvSpecError, Message, Split, StepResult, TaskFamily
+from envs.base import Environment, EnvSpecError, Message, Split, StepResult, TaskFamily, close_environment
 from envs.extract import extract_answer
 from envs.tools import (
     FinalAnswer,
     Malformed,
     Tool,
     ToolCall,
-    ToolError,
     calculator,
     make_lookup,
+    observation_text,
     parse_action,
+    run_tool,
 )
 
 PLAIN_INSTRUCTION = "Respond with only the final answer."
@@ -113,35 +114,51 @@ class ToolEnvironment:
                 reward=0.0, done=True, info={"reason": "tool budget exhausted", **self._counts()}
             )
         self.tool_calls += 1
-        try:
-            content, failed = f"Result: {self.tools[call.tool].run(call.argument)}", False
-        except ToolError as error:
-            content, failed = f"Error: {error}", True
-        info = {"tool": call.tool, "argument": call.argument, "tool_error": failed}
-        return StepResult(observation=[Message(role="user", content=content)], info=info)
+        use = run_tool(self.tools[call.tool], call.argument)
+        info = {"tool": call.tool, "argument": call.argument, "tool_error": use.error is not None}
+        return StepResult(observation=[Message(role="user", content=observation_text(use))], info=info,
+                          tool_calls=[use])
 
     def _counts(self) -> dict[str, int]:
         return {"tool_calls": self.tool_calls, "malformed_calls": self.malformed_calls}
 
+    def close(self) -> None:
+        """Close the wrapped environment (its optional `close()`)."""
+        problem = close_environment(self.inner)
+        if problem is not None:
+            raise RuntimeError(problem)
+
 
 class ToolFamily:
-    """A task family whose environments are wrapped in `ToolEnvironment` with the named tools."""
+    """A task family whose environments are wrapped in `ToolEnvironment` with the named tools.
 
-    def __init__(self, family: TaskFamily, tool_names: Sequence[str], max_tool_calls: int = 4) -> None:
+    `tool_names` are built-in tools (TOOL_NAMES); `extra_tools` are tools made elsewhere (a user's
+    functions, an MCP server's tools), the same for every item.
+    """
+
+    def __init__(self, family: TaskFamily, tool_names: Sequence[str], max_tool_calls: int = 4,
+                 extra_tools: Sequence[Tool] = ()) -> None:
         if isinstance(family, ToolFamily):
             raise EnvSpecError(f"{family.name} already has tools; name all the tools in one list")
         names = sorted({name.strip().lower() for name in tool_names})
-        if not names:
+        if not names and not extra_tools:
             raise EnvSpecError(
-                f"name at least one tool for {family.name}; available tools: {', '.join(TOOL_NAMES)}"
+                f"name at least one tool for {family.name}; available tools: {', '.join(TOOL_NAMES)}, "
+                "module:function or file.py:function"
             )
         unknown = [name for name in names if name not in TOOL_NAMES]
         if unknown:
-            raise EnvSpecError(f"unknown tool {', '.join(unknown)}; available tools: {', '.join(TOOL_NAMES)}")
+            raise EnvSpecError(f"unknown tool {', '.join(unknown)}; available tools: {', '.join(TOOL_NAMES)}, "
+                               "module:function or file.py:function")
+        every = names + [tool.name for tool in extra_tools]
+        repeated = sorted({name for name in every if every.count(name) > 1})
+        if repeated:
+            raise EnvSpecError(f"two tools are named {', '.join(repeated)}; each tool needs its own name")
         self.family = family
         self.tool_names = names
+        self.extra_tools = list(extra_tools)
         self.max_tool_calls = max_tool_calls
-        self.name = f"{family.name}+{'+'.join(names)}"
+        self.name = f"{family.name}+{'+'.join(sorted(every))}"
         self._tables: Callable[[Split, int], Mapping[str, str]] | None = None
         self._shared_lookup: Tool | None = None
         if "lookup" in names:
@@ -158,14 +175,17 @@ class ToolFamily:
 
     @property
     def success_threshold(self) -> float:
-        return getattr(self.family, "success_threshold", 1.0)
+        return self.family.success_threshold
 
     def split_size(self, split: Split) -> int:
         return self.family.split_size(split)
 
     def documentation(self) -> list[list[Message]]:
-        """One worked dialogue per tool, from the tools' own usage examples."""
-        return [documentation_dialogue(tool) for tool in self.make("train", 0).tools.values()]
+        """One worked dialogue per tool that has a documentation example, from those examples."""
+        environment = self.make("train", 0)
+        close_environment(environment)
+        dialogues = [documentation_dialogue(tool) for tool in environment.tools.values() if tool.documented]
+        return [dialogue for dialogue in dialogues if dialogue]
 
     def make(self, split: Split, index: int) -> ToolEnvironment:
         tools = []
@@ -177,7 +197,7 @@ class ToolFamily:
             else:
                 assert self._tables is not None
                 tools.append(make_lookup(self._tables(split, index)))
-        return ToolEnvironment(self.family.make(split, index), tools, self.max_tool_calls)
+        return ToolEnvironment(self.family.make(split, index), tools + self.extra_tools, self.max_tool_calls)
 
 
 def documentation_dialogue(tool: Tool) -> list[Message]:
@@ -189,11 +209,17 @@ def documentation_dialogue(tool: Tool) -> list[Message]:
     """
     arguments = [tool.usage[len(tool.call_name) + 1 : -1], *tool.examples]
     dialogue = []
-    for argument in arguments:
-        result = tool.run(argument)
+    for number, argument in enumerate(arguments):
+        use = run_tool(tool, argument)
+        if use.error is not None:  # a user's example that does not run teaches nothing
+            continue
+        result = use.result
+        if number < len(tool.questions):
+            question = tool.questions[number]
+        else:
+            question = f"What is the {argument}?" if tool.name == "lookup" else f"What is {argument}?"
         dialogue += [
-            Message(role="user", content=f"What is the {argument}? {TOOL_INSTRUCTION}" if tool.name == "lookup"
-                    else f"What is {argument}? {TOOL_INSTRUCTION}"),
+            Message(role="user", content=f"{question} {TOOL_INSTRUCTION}"),
             Message(role="assistant", content=f"{tool.call_name}({argument})"),
             Message(role="user", content=f"Result: {result}"),
             Message(role="assistant", content=f"ANSWER: {result}"),
@@ -201,9 +227,10 @@ def documentation_dialogue(tool: Tool) -> list[Message]:
     return dialogue
 
 
-def with_tools(family: TaskFamily, tool_names: Sequence[str], max_tool_calls: int = 4) -> ToolFamily:
-    """`family` run with tools (names from TOOL_NAMES); raises EnvSpecError naming the fix."""
-    return ToolFamily(family, tool_names, max_tool_calls)
+def with_tools(family: TaskFamily, tool_names: Sequence[str], max_tool_calls: int = 4,
+               extra_tools: Sequence[Tool] = ()) -> ToolFamily:
+    """`family` run with tools (names from TOOL_NAMES, and `extra_tools`); raises EnvSpecError naming the fix."""
+    return ToolFamily(family, tool_names, max_tool_calls, extra_tools)
 
 
 # ---------------------------------------------------------------- the facts family

@@ -21,6 +21,10 @@ The call syntax (what the model writes; the environment parses it with `parse_ac
 A tool is a plain typed function `run(argument: str) -> str` in a `Tool` record; it raises
 `ToolError` for an argument it cannot serve, and the environment shows "Error: <message>". No tool
 ever executes model-written code: the calculator walks a whitelisted arithmetic syntax tree.
+`run_tool` is how every call runs (in an environment or in chat): under a time limit, its output
+capped, and whatever goes wrong (bad arguments, an exception, a timeout) turned into an error the
+model is shown. A user's typed Python function becomes a `Tool` in `envs.function_tools`, an MCP
+server's tools in `envs.mcp_tools`.
 """
 
 from __future__ import annotations
@@ -30,10 +34,18 @@ import difflib
 import math
 import operator
 import re
+import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
+
+from envs.base import ToolUse
+
+TIME_LIMIT_S = 10.0  # the longest one tool call may take before the model is told it timed out
+MAX_OUTPUT_CHARS = 2000  # a longer result is cut to this many characters
 
 
 class ToolError(ValueError):
@@ -50,6 +62,10 @@ class Tool:
     run: Callable[[str], str]  # argument -> result text; raises ToolError
     argument: str = "argument"  # the placeholder in the syntax line: CALC(<expression>)
     examples: tuple[str, ...] = ()  # more example arguments, for documentation dialogues
+    # the argument text as structured arguments (for the trajectory record); raises ToolError
+    parse: Callable[[str], dict[str, Any] | str] | None = None
+    questions: tuple[str, ...] = ()  # the task of each documentation example (usage, then examples)
+    documented: bool = True  # False: `usage` is only a pattern, with no example to replay
 
     @property
     def call_name(self) -> str:
@@ -58,6 +74,64 @@ class Tool:
     @property
     def syntax(self) -> str:
         return f"{self.call_name}(<{self.argument}>)"
+
+
+def _capped(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} ... [{len(text) - limit} more characters cut]"
+
+
+def run_tool(
+    tool: Tool, argument: str, *, time_limit_s: float = TIME_LIMIT_S, max_output_chars: int = MAX_OUTPUT_CHARS
+) -> ToolUse:
+    """Run one call of `tool` and record it; nothing the tool does escapes as an exception.
+
+    The call runs in a daemon thread that the caller waits on for `time_limit_s`; a call that runs
+    past it is reported as timed out and abandoned (Python cannot stop a thread: a tool that must be
+    killable belongs in its own process, e.g. an MCP server). Results and errors are cut to
+    `max_output_chars`.
+    """
+    started = time.perf_counter()
+    arguments: dict[str, Any] | str = argument
+    outcome: dict[str, str] = {}
+    try:
+        if tool.parse is not None:
+            arguments = tool.parse(argument)
+    except ToolError as error:
+        outcome["error"] = str(error)
+    except Exception as error:  # a parser of a user's tool
+        outcome["error"] = f"cannot read the arguments ({type(error).__name__}: {error})"
+
+    def call() -> None:
+        try:
+            outcome["result"] = str(tool.run(argument))
+        except ToolError as error:
+            outcome["error"] = str(error)
+        except BaseException as error:  # a user's tool: whatever it raises is the model's observation
+            outcome["error"] = f"the tool raised {type(error).__name__}: {error}"
+
+    if not outcome:
+        worker = threading.Thread(target=call, name=f"tool-{tool.name}", daemon=True)
+        worker.start()
+        worker.join(time_limit_s)
+        if worker.is_alive():  # what it may still write is ignored
+            outcome = {"error": f"no result within the time limit of {time_limit_s:g} seconds"}
+        elif not outcome:
+            outcome["error"] = "the tool ended without a result"
+    result, error = outcome.get("result"), outcome.get("error")
+    return ToolUse(
+        name=tool.name,
+        arguments=arguments,
+        result=None if result is None else _capped(result, max_output_chars),
+        error=None if error is None else _capped(error, max_output_chars),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def observation_text(use: ToolUse) -> str:
+    """What the model is shown for a call: "Result: <value>" or "Error: <message>"."""
+    return f"Error: {use.error}" if use.error is not None else f"Result: {use.result}"
 
 
 # ---------------------------------------------------------------- calculator

@@ -15,6 +15,8 @@ in between leaves two copies (reads take the newer) and never none.
 
 Every write that reads first (a usage count, a family baseline, dedup on add) holds the store's
 `WriteLock`, so several processes of one machine writing one store lose no count (`memory.chroma`).
+A kill between storing episodes and counting their usage neither loses nor doubles a count: see
+`_store_trajectories`.
 
 Every write of a skill writes its whole flattened record in one call. Embeddings are computed here,
 once per text, and handed to Chroma, so dedup queries and upserts share them.
@@ -23,6 +25,7 @@ once per text, and handed to Chroma, so dedup queries and upserts share them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -73,6 +76,9 @@ from memory.records import (
 logger = logging.getLogger(__name__)
 
 TRAJECTORIES = "trajectories"
+COUNT_BATCH = "count_batch"  # on a stored episode whose usage is not counted yet: its batch
+COUNTED = "counted_batches"  # on a skill and a family's baseline: the last batches counted into it
+KEEP_COUNTED = 16
 Vector = np.ndarray  # (D,)
 
 
@@ -107,6 +113,7 @@ class _Family:
 class _Stored:
     skill: Skill
     collection: Collection
+    counted: tuple[str, ...] = ()  # the trajectory batches whose usage its counts hold (`_store_trajectories`)
 
 
 class Memory:
@@ -243,8 +250,8 @@ class Memory:
         """Store (upsert) episodes; the ids seen for the first time, whose skill usage is counted.
 
         An episode with skills in its prompt counts a use of each (`record_use`); one without
-        counts toward its family's baseline (`record_baseline`). Usage is counted after the
-        episode is stored, so a crash in between loses a count, never doubles one.
+        counts toward its family's baseline (`record_baseline`), once: the same episodes stored
+        again after a kill count what the killed call had not counted yet.
         """
         unique = list({trajectory.id: trajectory for trajectory in trajectories}.values())
         if not unique:
@@ -257,19 +264,42 @@ class Memory:
     def _store_trajectories(
         self, unique: list[Trajectory], rows: list[tuple[str, str, dict[str, Any]]], vectors: list[Vector]
     ) -> list[str]:
+        """Store, then count usage, exactly once across kills. The new episodes are stored carrying their
+        batch's name (`COUNT_BATCH`, a digest of their ids); every count then bumped records that name
+        in the same write (`COUNTED`, the last `KEEP_COUNTED`), and the name is taken off the episodes
+        last. Episodes found stored with a name were cut short: their batch is counted again, skipping
+        the counts that hold its name already. (Several processes writing one store: exact unless more
+        than `KEEP_COUNTED` other batches bump one count between a kill and the retry.)"""
         ids = [row[0] for row in rows]
-        seen = set(self._trajectories.get(ids=ids, include=[])["ids"])
+        found = self._trajectories.get(ids=ids, include=["metadatas"])
+        stored = dict(zip(found["ids"], found["metadatas"] or [], strict=True))
+        new = [trajectory for trajectory in unique if trajectory.id not in stored]
+        batch = hashlib.sha1(" ".join(sorted(t.id for t in new)).encode()).hexdigest()[:16]
         for part in self._batches(len(rows)):
             self._trajectories.upsert(
                 ids=ids[part],
                 documents=[row[1] for row in rows[part]],
-                metadatas=[row[2] for row in rows[part]],
+                metadatas=[row[2] if row[0] in stored else {**row[2], COUNT_BATCH: batch} for row in rows[part]],
                 embeddings=vectors[part],
-            )
-        new = [trajectory for trajectory in unique if trajectory.id not in seen]
+            )  # metadata is merged: an episode stored before keeps its COUNT_BATCH, or has none
+        batches: dict[str, list[Trajectory]] = defaultdict(list)
+        batches[batch] = new
+        for metadata in stored.values():
+            if metadata and metadata.get(COUNT_BATCH):
+                batches[str(metadata[COUNT_BATCH])].append(trajectory_from_chroma(metadata))
+        for name, episodes in batches.items():
+            if episodes:
+                self._count_usage(episodes, name)
+                for part in self._batches(len(episodes)):
+                    self._trajectories.update(
+                        ids=[t.id for t in episodes[part]], metadatas=[{COUNT_BATCH: None}] * len(episodes[part])
+                    )
+        return [trajectory.id for trajectory in new]
+
+    def _count_usage(self, episodes: list[Trajectory], batch: str) -> None:
         uses: dict[str, dict[str, list[int]]] = defaultdict(dict)
         baseline: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for trajectory in new:
+        for trajectory in episodes:
             if trajectory.skill_ids:
                 for skill_id in dict.fromkeys(trajectory.skill_ids):
                     counts = uses[trajectory.env].setdefault(skill_id, [0, 0])
@@ -278,10 +308,9 @@ class Memory:
                 baseline[trajectory.env][0] += 1
                 baseline[trajectory.env][1] += int(trajectory.success)
         for family, increments in uses.items():
-            self._bump_uses(family, {skill_id: (s, f) for skill_id, (s, f) in increments.items()})
-        for family, (episodes, successes) in baseline.items():
-            self._bump_baseline(family, episodes, successes)
-        return [trajectory.id for trajectory in new]
+            self._bump_uses(family, {skill_id: (s, f) for skill_id, (s, f) in increments.items()}, batch)
+        for family, (count, successes) in baseline.items():
+            self._bump_baseline(family, count, successes, batch)
 
     @guarded
     def get_trajectory(self, trajectory_id: str) -> Trajectory:
@@ -325,13 +354,23 @@ class Memory:
                 rows["ids"], rows["documents"] or [], rows["metadatas"] or [], strict=True
             ):
                 skill = skill_from_chroma(skill_id, document, dict(metadata))
+                copy = _Stored(skill, collection, tuple(json.loads(str(metadata.get(COUNTED, "[]")))))
                 if skill_id in found:  # a move cut short: both copies are whole, drop the older
-                    older, found[skill_id] = sorted(
-                        [found[skill_id], _Stored(skill, collection)], key=lambda item: item.skill.updated_at
-                    )
+                    older, found[skill_id] = sorted([found[skill_id], copy], key=lambda item: item.skill.updated_at)
                     older.collection.delete(ids=[skill_id])
                 else:
-                    found[skill_id] = _Stored(skill, collection)
+                    found[skill_id] = copy
+        if status is not None and found:  # a copy in the other collection may be the newer: then that is the record
+            collection = family.archive if family.collection_for(status) is family.active else family.active
+            rows = collection.get(ids=list(found), include=["documents", "metadatas"])
+            for skill_id, document, metadata in zip(
+                rows["ids"], rows["documents"] or [], rows["metadatas"] or [], strict=True
+            ):
+                other = _Stored(skill_from_chroma(skill_id, document, dict(metadata)), collection)
+                older, newer = sorted([found[skill_id], other], key=lambda item: item.skill.updated_at)
+                older.collection.delete(ids=[skill_id])
+                if newer is other:  # its status is another now
+                    del found[skill_id]
         for skill_id in found:
             self._skill_family[skill_id] = family.name
         return found
@@ -454,8 +493,14 @@ class Memory:
                 raise InvalidSkill(f"skill {field} is not valid UTF-8: {value!r}") from None
         return skill if text is skill.text else skill.model_copy(update={"text": text})
 
-    def _put(self, family: _Family, items: list[tuple[Skill, Vector | None, Collection | None]]) -> None:
-        """Write whole records. Vector None means the text is unchanged (only metadata is rewritten).
+    def _put(
+        self,
+        family: _Family,
+        items: list[tuple[Skill, Vector | None, Collection | None]],
+        extra: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Write whole records. Vector None means the text is unchanged (only metadata is rewritten);
+        `extra`: metadata of our own to write with a record, by skill id (`COUNTED`).
 
         A record whose status moves it to the other collection is written there first (with its
         stored embedding), then deleted from where it was.
@@ -467,6 +512,8 @@ class Memory:
         for skill, vector, source in items:
             target = family.collection_for(skill.status)
             row = skill_to_chroma(skill)
+            if extra and skill.id in extra:
+                row = (row[0], row[1], {**row[2], **extra[skill.id]})
             if vector is None and source is target:
                 updates[target.name].append(row)
                 continue
@@ -643,12 +690,19 @@ class Memory:
 
     # ---- usage and curation ------------------------------------------------------------------
 
-    def _bump_uses(self, family_hint: str, increments: dict[str, tuple[int, int]]) -> None:
+    def _bump_uses(self, family_hint: str, increments: dict[str, tuple[int, int]], batch: str | None = None) -> None:
+        """Add (successes, failures) to each skill's counts; with `batch`, those that hold it already
+        are skipped and the others record it (`_store_trajectories`)."""
         located = self._locate(list(increments), family_hint)
         for skill_id in increments.keys() - located.keys():
             logger.warning("usage of unknown skill %s not counted (removed, or never stored)", skill_id)
         by_family: dict[str, tuple[_Family, list[tuple[Skill, None, Collection]]]] = {}
+        extra: dict[str, dict[str, Any]] = {}
         for skill_id, (family, stored) in located.items():
+            if batch is not None:
+                if batch in stored.counted:
+                    continue
+                extra[skill_id] = {COUNTED: json.dumps([*stored.counted, batch][-KEEP_COUNTED:])}
             successes, failures = increments[skill_id]
             skill = stored.skill.model_copy(
                 update={
@@ -658,14 +712,19 @@ class Memory:
             )
             by_family.setdefault(family.name, (family, []))[1].append((skill, None, stored.collection))
         for family, items in by_family.values():
-            self._put(family, items)
+            self._put(family, items, extra)
 
-    def _bump_baseline(self, family_name: str, episodes: int, successes: int) -> None:
+    def _bump_baseline(self, family_name: str, episodes: int, successes: int, batch: str | None = None) -> None:
         family = self._family(family_name, create=True)
         assert family is not None
         metadata = dict(
             self.client.get_collection(family.active.name, embedding_function=self.embedding).metadata or {}
         )
+        if batch is not None:  # as in `_bump_uses`
+            counted = json.loads(str(metadata.get(COUNTED, "[]")))
+            if batch in counted:
+                return
+            metadata[COUNTED] = json.dumps([*counted, batch][-KEEP_COUNTED:])
         metadata["baseline_episodes"] = int(metadata.get("baseline_episodes", 0)) + episodes
         metadata["baseline_successes"] = int(metadata.get("baseline_successes", 0)) + successes
         family.active.modify(metadata=metadata)  # replaces the whole metadata, family name included

@@ -314,6 +314,7 @@ class FakeFamily:
 
 class PlainFamily:
     name = "plain"
+    success_threshold = 1.0
 
     def make(self, split, index):
         return FakeEnvironment(item_id=f"{split}-{index}")
