@@ -60,7 +60,7 @@ from learners.policies import (
     token_loss,
     token_mask,
 )
-from learners.rollout import run_episodes
+from learners.rollout import run_episodes, score_trajectory
 from learners.student import (
     ALL_LINEAR,
     abandon,
@@ -343,11 +343,14 @@ def collect(engine: Engine, teacher: Teacher, families, batch: Sequence[FoldItem
     """Step `step`'s rollouts: the batch's train items played to the end under the rollout policy."""
     environments = [families[item.family].make("train", item.index) for item in batch]
     sampling = config.sampling.model_copy(update={"seed": config.seed + step * 1000})
-    return run_episodes(
+    trajectories = run_episodes(
         engine, environments, sampling, split="train", max_turns=config.max_turns,
         teacher_contexts=[[] if item.anchor else list(item.context) for item in batch],
         guided=guided_rollout(parts, engine, teacher, config, step),
     )
+    for item, trajectory in zip(batch, trajectories, strict=True):  # a batch mixes families: each its own bar
+        score_trajectory(trajectory, families[item.family].success_threshold)
+    return trajectories
 
 
 def _lag(trajectories: Sequence[Trajectory], trained_at: dict[Any, int], step: int) -> int:
