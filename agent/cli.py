@@ -210,6 +210,8 @@ def run_command(
     memory_url: MemoryUrlOption = None,
     run_id: Annotated[str | None, typer.Option(help="run name; an unfinished run of that name resumes")] = None,
     approve: Annotated[bool, typer.Option(help="ask before storing each new skill")] = False,
+    pending: Annotated[bool, typer.Option(
+        help="store new skills as pending, for `skillfold skills approve|reject` or the ui")] = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     overrides: OverridesArgument = None,
@@ -224,6 +226,7 @@ def run_command(
         flags = {
             "loop.episodes": episodes,
             "loop.approve": approve or None,
+            "loop.pending": pending or None,
             "model.name": model,
             **cli_common.engine_flags(engine_kind, engine_url),
             "model.adapter": adapter,
@@ -260,12 +263,14 @@ def run_command(
         "successes": state.get("successes", 0),
         "skills_added": state.get("skills_added", 0),
         "skills_rejected": state.get("skills_rejected", 0),
+        "skills_pending": state.get("skills_pending", 0),
         "memory": store.stats()["skills"],
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    pending_note = f", {summary['skills_pending']} pending approval" if summary["skills_pending"] else ""
     console.print(
         f"{summary['episodes']} episodes, {summary['successes']} successes, "
-        f"{summary['skills_added']} skills added, {summary['skills_rejected']} rejected on probes "
+        f"{summary['skills_added']} skills added, {summary['skills_rejected']} rejected on probes{pending_note} "
         f"(memory: {summary['memory']})"
     )
     if json_output:

@@ -60,7 +60,7 @@ def _skill_row(skill) -> dict:
 @skills_app.command("list")
 def skills_list(
     family: Annotated[str | None, typer.Option(help="only this task family")] = None,
-    status: Annotated[str | None, typer.Option(help="active, folded or retired")] = None,
+    status: Annotated[str | None, typer.Option(help="active, pending, folded or retired")] = None,
     home: HomeOption = None,
     memory_url: UrlOption = None,
     json_output: JsonOption = False,
@@ -180,6 +180,36 @@ def skills_rm(
     with user_errors():
         removed = _memory(home, memory_url).remove_skill(skill_id)
     console.print(f"removed {removed.id} ({removed.kind}, {removed.family})", markup=False)
+
+
+def _review(skill_id: str, approved: bool, reason: str, home: Path | None, memory_url: str | None) -> None:
+    from agent.skills import review_pending
+
+    with user_errors():
+        skill = review_pending(_memory(home, memory_url), skill_id, approved, reason.strip(), by="skillfold skills")
+    console.print(f"{skill.id} ({skill.kind}, {skill.family}) is now {skill.status}", markup=False)
+
+
+@skills_app.command("approve")
+def skills_approve(
+    skill_id: Annotated[str, typer.Argument(help="id of a pending skill (`skillfold skills list --status pending`)")],
+    reason: Annotated[str, typer.Option(help="why (kept in the skill's status history)")] = "",
+    home: HomeOption = None,
+    memory_url: UrlOption = None,
+) -> None:
+    """Approve a pending skill (from `skillfold run --pending`): it becomes active and is retrieved."""
+    _review(skill_id, True, reason, home, memory_url)
+
+
+@skills_app.command("reject")
+def skills_reject(
+    skill_id: Annotated[str, typer.Argument(help="id of a pending skill (`skillfold skills list --status pending`)")],
+    reason: Annotated[str, typer.Option(help="why (kept in the skill's status history)")] = "",
+    home: HomeOption = None,
+    memory_url: UrlOption = None,
+) -> None:
+    """Reject a pending skill: it is retired (kept, never retrieved)."""
+    _review(skill_id, False, reason, home, memory_url)
 
 
 # -------------------------------------------------------------------- chat

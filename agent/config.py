@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engines.base import SamplingParams
 from engines.config import EngineConfig
@@ -78,7 +78,17 @@ class LoopSettings(BaseModel):
     max_candidates_per_batch: int = Field(default=2, ge=0)
     reflect_every: int = Field(default=16, ge=0, description="episodes between model-written rules; 0 = never")
     approve: bool = Field(default=False, description="ask a person before storing each new skill")
+    pending: bool = Field(
+        default=False,
+        description="store verified skills as pending (never retrieved) for `skillfold skills approve` or the ui",
+    )
     start_index: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_way_to_approve(self) -> LoopSettings:
+        if self.approve and self.pending:
+            raise ValueError("loop.approve asks now and loop.pending asks later: set one of them")
+        return self
 
 
 class RunConfig(BaseModel):

@@ -11,7 +11,9 @@ ids are derived from the run id and item index, and the store upserts by id, so 
 never stores an episode twice.
 
 With `approve=True`, every verified candidate skill pauses the graph (LangGraph `interrupt`) for a
-person to accept or reject it before it is stored.
+person to accept or reject it before it is stored. With `pending=True` the run never waits: each
+verified candidate is stored as `pending` (never retrieved) with its probe evidence, for a person to
+approve or reject later (`skillfold skills approve|reject`, or the ui with `--allow-edits`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from agent.skills import (
 from engines.base import Engine
 from envs.base import Environment, TaskFamily, Trajectory
 from learners.rollout import _error_text, end_episode, play_turn, score_trajectory
-from memory import Memory, Skill
+from memory import Memory, Skill, StatusChange
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class LoopState(TypedDict, total=False):
     successes: Annotated[int, operator.add]
     skills_added: Annotated[int, operator.add]
     skills_rejected: Annotated[int, operator.add]
+    skills_pending: Annotated[int, operator.add]
     since_reflection: int
 
 
@@ -246,17 +249,24 @@ def build_graph(runtime: Runtime, checkpointer=None):
     def admit(state: LoopState) -> LoopState:
         candidates = [Skill.model_validate(item) for item in state.get("candidates", [])]
         verdicts = {item["skill_id"]: item for item in state.get("verdicts", [])}
-        added = declined = 0
+        added = declined = pending = 0
         for candidate in candidates:
             if settings.approve:
                 answer = interrupt({"skill": candidate.model_dump(mode="json"), "probe": verdicts.get(candidate.id)})
                 if not answer:
                     declined += 1
                     continue
-            runtime.memory.add_skill(candidate)
-            added += 1
+            if settings.pending:
+                probe = verdicts.get(candidate.id) or {}
+                change = StatusChange(status="pending", reason="awaiting approval", evidence=probe)
+                candidate = candidate.model_copy(update={"status": "pending", "status_history": [change]})
+            stored = runtime.memory.add_skill(candidate)
+            if stored.status == "pending":  # else merged into a known record, whose status it keeps
+                pending += 1
+            else:
+                added += 1
         runtime.memory.curate(family.name)
-        return {"candidates": [], "skills_added": added, "skills_rejected": declined}
+        return {"candidates": [], "skills_added": added, "skills_rejected": declined, "skills_pending": pending}
 
     def after_admit(state: LoopState) -> str:
         return "retrieve" if state.get("episodes", 0) < settings.episodes else END

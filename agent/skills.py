@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from engines.base import Engine, SamplingParams
 from envs.base import Message, TaskFamily, Trajectory
 from learners.rollout import run_episodes
-from memory import Memory, Skill
+from memory import InvalidSkill, Memory, Skill
 
 log = logging.getLogger(__name__)
 
@@ -225,3 +225,17 @@ def verify(
         )
         for position, candidate in enumerate(candidates)
     ]
+
+
+def review_pending(memory: Memory, skill_id: str, approved: bool, reason: str, by: str) -> Skill:
+    """A person's answer on a pending skill: approved -> active, rejected -> retired, `reason` in its history.
+
+    Raises `InvalidSkill` (nothing written) for a skill that is not pending.
+    """
+    skill = memory.get_skill(skill_id)
+    if skill.status != "pending":
+        raise InvalidSkill(f"skill {skill_id} is {skill.status}, not pending: only pending skills are approved or rejected")
+    verb = "approved" if approved else "rejected"
+    return memory.set_status(
+        skill_id, "active" if approved else "retired", f"{verb} by {by}: {reason}".rstrip(": "), {"by": by}
+    )

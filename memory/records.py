@@ -31,7 +31,9 @@ from envs.base import Trajectory
 from memory.errors import InvalidSkill
 
 SkillKind = Literal["exemplar", "rule", "taught"]
-SkillStatus = Literal["active", "folded", "retired"]
+SkillStatus = Literal["active", "pending", "folded", "retired"]
+"""`pending`: verified by the loop, awaiting a person's approval (`skillfold skills approve`); like
+folded and retired skills it lives in the archive collection and is never retrieved into prompts."""
 
 SCHEMA_VERSION = 2
 

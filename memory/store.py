@@ -6,7 +6,7 @@ Layout of the Chroma database (embedded under `<home>/chroma`, or on a Chroma se
   scalars to filter on and the whole `Trajectory` as JSON (`memory.records`).
 - `skills-<sha1(family)[:16]>-active`: the active skills of one task family. Its collection metadata
   holds the family name and the family's baseline counts (episodes without skills, and successes).
-- `skills-<sha1(family)[:16]>-archive`: the family's folded and retired skills.
+- `skills-<sha1(family)[:16]>-archive`: the family's pending, folded and retired skills.
 
 A family-scoped search for active skills is therefore an unfiltered query on a small collection,
 never a `where` filter (which measured 33-98 ms at 100k records). A status change moves the record:
@@ -668,7 +668,7 @@ class Memory:
     def set_status(
         self, skill_id: str, status: SkillStatus, reason: str, evidence: dict[str, Any] | None = None
     ) -> Skill:
-        """Mark a skill active, folded or retired, with the reason and evidence in its history."""
+        """Mark a skill active, pending, folded or retired, with the reason and evidence in its history."""
         skill = self.get_skill(skill_id)
         change = StatusChange(status=status, reason=reason, evidence=evidence or {})
         return self.update_skill(
@@ -788,14 +788,17 @@ class Memory:
     @guarded
     def stats(self) -> dict[str, Any]:
         """{"trajectories": n, "skills": {status: n}, "families": {family: counts and baseline}}."""
-        totals = {"active": 0, "folded": 0, "retired": 0}
+        totals = {"active": 0, "pending": 0, "folded": 0, "retired": 0}
         families: dict[str, dict[str, int]] = {}
         for found in self._each_family(None):
-            folded = len(found.archive.get(where={"status": "folded"}, include=[])["ids"])
+            pending, folded = (
+                len(found.archive.get(where={"status": status}, include=[])["ids"]) for status in ("pending", "folded")
+            )
             counts = {
                 "active": found.active.count(),
+                "pending": pending,
                 "folded": folded,
-                "retired": found.archive.count() - folded,
+                "retired": found.archive.count() - pending - folded,
             }
             baseline = self.family_stats(found.name)
             families[found.name] = counts | {

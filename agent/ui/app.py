@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from agent.skills import review_pending
 from agent.ui import library, runs
 from agent.ui.charts import line_chart
 from memory import InvalidSkill, Memory, MemoryStoreError, SkillNotFound, TrajectoryNotFound
@@ -49,6 +50,8 @@ T = TypeVar("T")
 DONE = {
     "retired": "retired",
     "restored": "restored to active",
+    "approved": "approved: now active",
+    "rejected": "rejected: retired",
     "edited": "saved as a new version",
     "reason": "give a reason: it is kept in the skill's history",
 }
@@ -271,13 +274,22 @@ def create_app(settings: UiSettings, embedding: Any = None) -> FastAPI:
             raise Forbidden("the form's CSRF token is missing or wrong: reload the page and try again")
 
     @app.post("/skills/{skill_id}/status")
-    def set_status(skill_id: str, action: str = Form(...), reason: str = Form(""), csrf: str = Form("")) -> Response:
+    def set_status(
+        request: Request, skill_id: str, action: str = Form(...), reason: str = Form(""), csrf: str = Form("")
+    ) -> Response:
         check_edit(csrf)
         targets = {"retire": "retired", "restore": "active"}
-        if action not in targets:
-            raise Forbidden(f"unknown action {action!r}: retire or restore")
+        if action not in (*targets, "approve", "reject"):
+            raise Forbidden(f"unknown action {action!r}: retire, restore, approve or reject")
         if not reason.strip():
             return RedirectResponse(f"/skills/{quote(skill_id, safe='')}?done=reason", status_code=303)
+        if action in ("approve", "reject"):  # only a pending skill: anything else is refused, unchanged
+            try:
+                state.read(lambda memory: review_pending(
+                    memory, skill_id, action == "approve", reason.strip(), by="skillfold ui"))
+            except InvalidSkill as error:
+                return skill_page(request, skill_id, message=f"not changed: {error}")
+            return RedirectResponse(f"/skills/{quote(skill_id, safe='')}?done={action}d", status_code=303)
         state.read(lambda memory: memory.set_status(
             skill_id, targets[action], f"{action} in skillfold ui: {reason.strip()}", {"by": "skillfold ui"}))  # type: ignore[arg-type]
         return RedirectResponse(f"/skills/{quote(skill_id, safe='')}?done={action}d", status_code=303)

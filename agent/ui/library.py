@@ -25,7 +25,7 @@ from typing import Any
 
 from memory import FamilyStats, Memory, Skill
 
-STATUSES = ("active", "folded", "retired")
+STATUSES = ("active", "pending", "folded", "retired")
 KINDS = ("exemplar", "rule", "taught")
 SORT_KEYS = ("family", "kind", "status", "uses", "helpfulness", "tokens", "created", "updated", "title")
 SERVER_ROWS_TTL_S = 2.0
@@ -197,11 +197,12 @@ def counts(rows: list[SkillRow]) -> dict[str, dict[str, int]]:
 def growth(rows: list[SkillRow], points: int = 120) -> tuple[list[datetime], dict[str, list[int]]]:
     """Skills of each status over time: (times, {status: count at each time}), at most `points` times.
 
-    A skill counts as active from its creation, then as each status its history names from then on.
+    A skill counts as active from its creation (pending, if it was stored pending by `run --pending`),
+    then as each status its history names from then on.
     """
     events: list[tuple[datetime, str, int]] = []  # (when, status, +1 or -1)
     for row in rows:
-        status = "active"
+        status = "pending" if row.status_changes[:1] and row.status_changes[0][1] == "pending" else "active"
         events.append((row.created, status, 1))
         for moment, changed in row.status_changes:
             if changed != status:

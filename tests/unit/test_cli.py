@@ -198,7 +198,7 @@ def test_run_stores_episodes_and_does_not_rerun_a_finished_run(model_dir, tmp_pa
 
     stats = last_json(invoke("skills", "stats", "--home", home, "--json"))
     assert stats["trajectories"] == 4
-    assert set(stats["skills"]) == {"active", "folded", "retired"}
+    assert set(stats["skills"]) == {"active", "pending", "folded", "retired"}
     assert stats["skills"] == summary["memory"]
     assert stats["skills"]["active"] == len(last_json(invoke("skills", "list", "--home", home, "--json")))
     assert stats["skills"]["active"] == summary["skills_added"]

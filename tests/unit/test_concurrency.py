@@ -87,7 +87,7 @@ def check_library(memory: Memory) -> None:
     assert baseline.baseline_successes == WRITERS * sum(index % 3 == 0 for index in range(WRITES))
     stats = memory.stats()
     assert stats["trajectories"] == 2 * WRITERS * WRITES
-    assert stats["skills"] == {"active": 2 + WRITERS * WRITES, "folded": 0, "retired": 0}
+    assert stats["skills"] == {"active": 2 + WRITERS * WRITES, "pending": 0, "folded": 0, "retired": 0}
 
 
 def test_four_embedded_writers(tmp_path):

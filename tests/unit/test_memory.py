@@ -302,7 +302,7 @@ def test_stats_and_export(memory):
     memory.add_trajectory(make_trajectory(success=True))
     stats = memory.stats()
     assert stats["trajectories"] == 1
-    assert stats["skills"] == {"active": 1, "folded": 0, "retired": 1}
+    assert stats["skills"] == {"active": 1, "pending": 0, "folded": 0, "retired": 1}
     assert stats["families"][FAMILY]["retired"] == 1
     assert stats["families"][FAMILY]["baseline_episodes"] == 1
     exported = json.loads(memory.export("json"))

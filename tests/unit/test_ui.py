@@ -62,7 +62,7 @@ def test_library_counts_filters_sort_and_pages(client, seeded):
     page = client.get("/").text
     counts = re.search(r'<table class="counts".*?</table>', page, re.S).group(0)
     assert re.search(r"all families</strong></td>\s*<td class=\"num\"><a[^>]*>7</a></td>\s*"
-                     r"<td class=\"num\"><a[^>]*>1</a></td>\s*<td class=\"num\"><a[^>]*>1</a></td>\s*"
+                     r"<td class=\"num\">0</td>\s*<td class=\"num\"><a[^>]*>1</a></td>\s*<td class=\"num\"><a[^>]*>1</a></td>\s*"
                      r"<td class=\"num\">9</td>", counts), counts
     assert "9 skills match; showing 1–5" in page and "page 1 of 2" in page
     legs = client.get("/", params={"family": LEGS, "status": "active"}).text
@@ -86,7 +86,7 @@ def test_status_counts_over_time_end_at_the_current_counts(seeded):
     rows = read_rows(Memory.open(home=seeded.home, embedding=HashingEmbedding(), create=False))
     times, series = growth(rows)
     assert times == sorted(times)
-    assert {status: counts[-1] for status, counts in series.items()} == {"active": 7, "folded": 1, "retired": 1}
+    assert {status: counts[-1] for status, counts in series.items()} == {"active": 7, "pending": 0, "folded": 1, "retired": 1}
     assert max(series["active"]) == 9  # the folded and the retired skill were active first
 
 
