@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -187,6 +188,7 @@ def main() -> None:
     wanted = set(arguments.only.split(","))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores", flush=True)
     url, port = start_server()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench stops its server too (finally)
     rows: list = []
     try:
         hf = HFEngine.load(None)
