@@ -293,13 +293,27 @@ def fold_command(
     memory_url: MemoryUrlOption = None,
     run_id: Annotated[str | None, typer.Option(help="fold run name (its directory under home/folds)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the killed fold of --run-id from its last checkpoint")] = False,
+    protect: Annotated[bool | None, typer.Option(
+        "--protect/--no-protect", help="keep what the fold does not train as it was (default on): the memory's "
+        "other families and the general prompt set replayed as anchors, and a retention check before the "
+        "adapter is promoted")] = None,
+    force: Annotated[bool, typer.Option(help="promote the adapter even if the retention check fails")] = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     overrides: OverridesArgument = None,
 ) -> None:
     """Fold skills into the weights: on-policy self-distillation from a skill-prompted teacher."""
-    from agent.config import FoldRunConfig
-    from agent.folding import adapters_dir, finish_registration, fold_items, register_fold, resolve_adapter
+    from agent.config import FoldRunConfig, write_atomic
+    from agent.folding import (
+        adapters_dir,
+        finish_registration,
+        fold_items,
+        register_adapter,
+        register_fold,
+        resolve_adapter,
+    )
+    from agent.protection import RETENTION, RetentionCheck, check_after, measure_before, protected_families
+    from engines.base import SamplingParams
     from learners.fold import FoldError, fold
 
     quiet_libraries()
@@ -309,6 +323,7 @@ def fold_command(
             "fold.teacher_model": teacher_model, "model.name": model, **cli_common.engine_flags(engine_kind, engine_url),
             "home": str(home) if home else None,
             "memory_url": memory_url, "run_id": run_id,
+            "protection.enabled": protect, "protection.force": True if force else None,
         }
         if method == "opd":
             flags["fold.teacher"] = "external"
@@ -320,7 +335,15 @@ def fold_command(
         registered = adapters_dir(run_config.home) / name
         if registered.exists():  # checked before anything loads or is written
             if resume and run_dir.is_dir():
-                finish_registration(run_config.home, name, run_dir)  # a kill while it was registered
+                saved = run_dir / RETENTION
+                check = RetentionCheck.model_validate_json(saved.read_text()) if saved.is_file() else None
+                if check is not None and check.passed is False and run_config.protection.force and not check.forced:
+                    check = check.model_copy(update={"forced": True})  # promoted now, the evidence kept
+                    write_atomic(saved, check.model_dump_json(indent=2))
+                    register_adapter(run_config.home, name, registered)
+                    console.print(f"adapter {name} promoted despite its retention check (--force): now --adapter latest")
+                # a kill while it was registered
+                finish_registration(run_config.home, name, run_dir, latest=check is None or check.promoted)
                 _finished_fold(name, run_dir, registered, json_output)
                 return
             fail(f"an adapter named {name} is registered already ({registered}): this fold has finished. "
@@ -333,7 +356,9 @@ def fold_command(
         if not names:
             fail(f"no family in {run_config.home} has active skills to fold; run `skillfold run` first")
         skilled = _families_by_name(names)
-        anchors = {name: family for name, family in _families_by_name(run_config.anchors).items() if name not in skilled}
+        _families_by_name(run_config.anchors)  # a bad --anchor fails here, with the fix
+        protection = run_config.protection
+        anchors = protected_families(store, set(skilled), run_config.anchors, protection)
         start_adapter = resolve_adapter(adapter, run_config.home)
         engine = open_engine(run_config.model.model_copy(update={"adapter": start_adapter}))
         if run_config.fold.teacher == "external" and not run_config.fold.teacher_model:
@@ -341,26 +366,51 @@ def fold_command(
         items = fold_items(store, engine, skilled, anchors, run_config.items_per_family, run_config.probes,
                            run_config.token_budget, run_config.retrieve_k, seed=run_config.fold.seed)
         save_config(run_config, run_dir)
+        console.print(f"protected (anchors): {', '.join(anchors) or 'none'}"
+                      + ("" if protection.enabled else " (protection off: --no-protect)"))
+        greedy = SamplingParams(max_new_tokens=64)
+        with console.status("retention check: the protected families before the fold"):
+            check = measure_before(engine, anchors, protection, run_dir, greedy)
         with _fold_progress(run_config.fold.steps) as on_step:
             try:
                 result = fold(engine, {**skilled, **anchors}, items, run_config.fold, run_dir, resume=resume,
                               on_step=on_step)
             except FoldError as error:
                 fail(str(error))
-        result = register_fold(run_config.home, name, run_dir, result)
+        if check is not None:
+            with console.status("retention check: the protected families with the new adapter"):
+                check = check_after(engine, check, anchors, protection, run_dir, result.adapter, greedy)
+        promoted = check is None or check.promoted
+        result = register_fold(run_config.home, name, run_dir, result, latest=promoted)
     console.print(
         f"folded {', '.join(skilled)} in {result.steps} steps ({result.seconds:.0f}s): loss "
-        f"{result.loss_first} -> {result.loss_last}; adapter {result.adapter} (now --adapter latest)"
+        f"{result.loss_first} -> {result.loss_last}; adapter {result.adapter}"
+        + (" (now --adapter latest)" if promoted else "")
     )
+    if check is not None:
+        console.print("\n".join([check.summary(), *check.lines()]), markup=False)
+        if not promoted:
+            console.print(f"latest is still {resolve_adapter('latest', run_config.home) or 'none (the base model)'}; "
+                          f"the evidence is in {run_dir / RETENTION}. Use the adapter anyway with --adapter "
+                          f"{result.adapter}, or promote it: skillfold fold --run-id {name} --resume --force", markup=False)
     if json_output:
-        print(result.model_dump_json())
+        print(json.dumps({**result.model_dump(mode="json"), "promoted": promoted,
+                          "retention": check.model_dump(mode="json") if check else None}))
+    if not promoted:
+        raise typer.Exit(1)
 
 
 def _finished_fold(name: str, run_dir: Path, registered: Path, json_output: bool) -> None:
     """`fold --run-id NAME --resume` on a fold that has finished: its result again, nothing run or written."""
-    saved = run_dir / "result.json"
+    from agent.protection import RETENTION, RetentionCheck
+
+    saved, evidence = run_dir / "result.json", run_dir / RETENTION
     result = json.loads(saved.read_text()) if saved.is_file() else {"adapter": str(registered), "run_dir": str(run_dir)}
+    check = RetentionCheck.model_validate_json(evidence.read_text()) if evidence.is_file() else None
+    result |= {"promoted": check is None or check.promoted, "retention": check.model_dump(mode="json") if check else None}
     console.print(f"fold {name} has finished already: its adapter is {registered}; nothing to resume")
+    if check is not None:
+        console.print(check.summary(), markup=False)
     if json_output:
         print(json.dumps(result))
 

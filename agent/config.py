@@ -104,6 +104,30 @@ class RunConfig(BaseModel):
     run_id: str | None = Field(default=None, description="name of the run; an unfinished run of that name resumes")
 
 
+GENERAL_SET = ("general", "rg:basic_arithmetic", "rg:letter_counting")
+
+
+class ProtectionSettings(BaseModel):
+    """What a fold keeps as it was when nobody names an anchor, and the check before its adapter is promoted
+    (`agent.protection`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(default=True, description="replay prompts of what the fold does not train (the memory's "
+                          "other families and the general set) as anchors: distilled toward the model as it was "
+                          "before the fold, with no skills, at `fold.anchor_fraction` of every batch")
+    memory_families: bool = Field(default=True, description="protect every family in memory that the fold does not train")
+    general: list[str] = Field(default_factory=lambda: list(GENERAL_SET), description="the general prompt set: "
+                               "everyday instructions (`general`, unscored) and families the default model can "
+                               "partly do (scored, so the retention check covers them)")
+    gate: bool = Field(default=True, description="after the fold, check retention on the protected families that "
+                       "have a score; an adapter that fails is kept but not promoted")
+    tolerance: float = Field(default=0.03, ge=0, le=1, description="largest drop allowed (accuracy, memory off)")
+    gate_items: int = Field(default=64, ge=1, description="held-out items per family behind the check: the last "
+                            "ones of its eval split, away from the first ones that evaluations and reports use")
+    force: bool = Field(default=False, description="promote an adapter that fails the check (the evidence is kept)")
+
+
 class FoldRunConfig(BaseModel):
     """`skillfold fold`: distil the active skills of families into an adapter."""
 
@@ -119,6 +143,7 @@ class FoldRunConfig(BaseModel):
     token_budget: int = Field(default=600, ge=0)
     retrieve_k: int = Field(default=3, ge=0)
     fold: FoldConfig = Field(default_factory=FoldConfig)
+    protection: ProtectionSettings = Field(default_factory=ProtectionSettings)
     run_id: str | None = None
 
 

@@ -4,9 +4,11 @@
    on an unrelated family (`rg:letter_counting`);
 2. the fast path: the tool family played for a few train episodes, skills distilled into a fresh
    memory, then held-out accuracy with memory on;
-3. the slow path (`--fold-steps`, 32 by default; 0 skips it): those skills folded into a LoRA adapter
-   (the unrelated family as the anchor), then held-out accuracy with memory off on both families:
-   how much of the memory gain the weights now carry, and what the fold cost elsewhere.
+3. the slow path (`--fold-steps`, 32 by default; 0 skips it): those skills folded into a LoRA adapter,
+   protected by default (`agent.protection`: nothing is named as an anchor; the general prompt set,
+   which holds the unrelated family, is replayed, and a retention check on the last eval items of its
+   scored families decides whether the adapter is promoted), then held-out accuracy with memory off on
+   both families: how much of the memory gain the weights now carry, and what the fold cost elsewhere.
 Every number comes from items that were never trained on; intervals are 95% Wilson.
 Measured on 2 idle CPU cores: see docs/benchmarks.md.
 """
@@ -18,10 +20,11 @@ import shutil
 import time
 from pathlib import Path
 
-from agent.config import LoopSettings
+from agent.config import LoopSettings, ProtectionSettings
 from agent.evaluate import EvalResult, evaluate, memory_contexts
 from agent.folding import fold_items, register_adapter
 from agent.loop import Runtime, run_loop
+from agent.protection import check_after, measure_before, protected_families
 from engines.base import SamplingParams
 from envs import make_family
 from learners.fold import FoldConfig, fold
@@ -62,19 +65,37 @@ def run_demo(engine, home: Path, items: int, episodes: int, fold_steps: int, say
                                  skill_ids=[i for _, i in contexts])[0])
 
     if fold_steps:
-        anchors = {other.name: other}
+        protection = ProtectionSettings()  # the defaults: nothing named as an anchor
+        anchors = protected_families(memory, {family.name}, [], protection)
+        run_dir = home / "folds" / "demo"
         fold_prompts = fold_items(memory, engine, {family.name: family}, anchors, items_per_family=48, probes=8)
         config = FoldConfig(steps=fold_steps)
+        say(f"slow path: protected by default (anchors: {', '.join(anchors)}); retention check before the fold")
         started = time.perf_counter()
-        result = fold(engine, {family.name: family, **anchors}, fold_prompts, config, home / "folds" / "demo")
-        register_adapter(home, "demo", Path(result.adapter))
-        engine.load_adapter(str(home / "adapters" / "demo"))
-        say(f"slow path: {fold_steps} fold steps in {time.perf_counter() - started:.0f}s, loss "
-            f"{result.loss_first:.3f} -> {result.loss_last:.3f}")
+        check = measure_before(engine, anchors, protection, run_dir, greedy)
+        gate_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        result = fold(engine, {family.name: family, **anchors}, fold_prompts, config, run_dir)
+        fold_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        check = check_after(engine, check, anchors, protection, run_dir, result.adapter, greedy)
+        gate_seconds += time.perf_counter() - started
+        register_adapter(home, "demo", Path(result.adapter), latest=check.promoted)
+        say(f"slow path: {fold_steps} fold steps in {fold_seconds:.0f}s, loss {result.loss_first:.3f} -> "
+            f"{result.loss_last:.3f}; retention check {gate_seconds:.0f}s")
+        say(check.summary())
+        for line in check.lines():
+            say(line)
+        (home / "retention.json").write_text(check.model_dump_json(indent=2))
+        engine.load_adapter(str(home / "adapters" / "demo"))  # measured whether promoted or not
         record("folded, memory off", evaluate(engine, family, items, greedy)[0])
         record("folded, memory off", evaluate(engine, other, items, greedy)[0])
     (home / "demo.json").write_text(json.dumps(rows, indent=2))
-    (home / "report.md").write_text(demo_report(rows))
+    retention = ""
+    if fold_steps:
+        retention = "\n## Retention check (protection by default)\n\n" + "\n".join(
+            [check.summary() + ":", "", *[line.strip() for line in check.lines()]]) + "\n"
+    (home / "report.md").write_text(demo_report(rows) + retention)
     return rows
 
 

@@ -59,16 +59,17 @@ def evaluate(
     skill_ids: Sequence[Sequence[str]] | None = None,
     on_finish: Callable[[Trajectory], None] | None = None,
     progress: Callable[[str, int], None] | None = None,
+    offset: int = 0,
 ) -> tuple[EvalResult, list[Trajectory]]:
-    """Accuracy of `engine` on the first `items` eval-split items of `family`."""
+    """Accuracy of `engine` on the first `items` eval-split items of `family` (from eval index `offset`)."""
     available = family.split_size("eval")
-    if items > available:
+    if offset + items > available:
         raise ValueError(
-            f"{family.name} has {available} distinct eval items; ask for at most {available} "
-            "(or raise the family's eval_size option)"
+            f"{family.name} has {available} distinct eval items; ask for at most {available - offset} "
+            + (f"from index {offset} " if offset else "") + "(or raise the family's eval_size option)"
         )
     started = time.perf_counter()
-    environments = [family.make("eval", index) for index in range(items)]
+    environments = [family.make("eval", offset + index) for index in range(items)]
     trajectories = run_episodes(
         engine,
         environments,

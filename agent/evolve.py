@@ -8,7 +8,9 @@ For each phase of the stream (one task family and its train episodes):
   2. when the schedule says so (after every phase, every N episodes, or once a family holds more
      active skills than a budget): `measure` every family with active skills with memory ON, then
      `fold` them (`learners.fold.fold`; anchors: earlier families of the stream with nothing active,
-     plus `anchors`), register the adapter and serve it;
+     `anchors`, and what `protection` keeps: the memory's other families and the general prompt set),
+     register the adapter and serve it if the retention check passes (`agent.protection`; a fold that
+     fails it is registered but not served, and its skills stay active);
   3. `assess`, memory OFF, on the same items: a family whose accuracy meets `FoldRule` has its active
      skills marked `folded` (they leave the prompt: retrieval returns only active skills); folded
      skills whose family fell more than `regression_tolerance` below the level recorded when they
@@ -33,10 +35,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.config import ConfigError, LoopSettings, ModelConfig, default_home, write_atomic
+from agent.config import (
+    ConfigError,
+    LoopSettings,
+    ModelConfig,
+    ProtectionSettings,
+    default_home,
+    write_atomic,
+)
 from agent.evaluate import EvalResult, evaluate, memory_contexts
 from agent.folding import adapters_dir, fold_items, register_adapter
 from agent.loop import Runtime, run_loop
+from agent.protection import RETENTION, RetentionCheck, check_after, measure_before, protected_families
 from engines.base import Engine, SamplingParams
 from envs import make_family
 from envs.base import Message, TaskFamily, Trajectory
@@ -106,7 +116,11 @@ class StreamSettings(BaseModel):
     rule: FoldRule = Field(default_factory=FoldRule)
     fold: FoldConfig = Field(default_factory=FoldConfig)
     anchors: list[str] = Field(default_factory=list, description="families kept as they are in every fold, "
-                               "besides the stream's earlier families with no active skills")
+                               "besides the stream's earlier families with no active skills and what `protection` "
+                               "keeps")
+    protection: ProtectionSettings = Field(default_factory=ProtectionSettings, description="protection by default: "
+                                           "the memory's other families and the general prompt set replayed in every "
+                                           "fold, and the retention check before its adapter is served")
     items_per_family: int = Field(default=48, ge=1, description="fold prompts per family (skilled and anchor)")
     assess_items: int = Field(default=32, ge=1, description="held-out items behind every fold/unfold decision")
     assess_offset: int = Field(default=0, ge=0, description="eval index of the first assess item")
@@ -230,7 +244,7 @@ def check_stream(settings: StreamSettings, families: Sequence[TaskFamily], eval_
         raise ConfigError("the evolve loop runs unattended: set stream.loop.approve = false")
     if settings.fold.full_finetune:
         raise ConfigError("the evolve loop folds into LoRA adapters it can swap: set stream.fold.full_finetune = false")
-    for spec in settings.anchors:
+    for spec in [*settings.anchors, *settings.protection.general]:
         make_family(spec)  # EnvSpecError now rather than at the first fold
     played: dict[str, int] = {}
     for phase, family in enumerate(families):
@@ -346,16 +360,20 @@ def measure(stream: Stream) -> dict[str, float]:
     return {family.name: _assess(stream, family, stream.memory).accuracy for family in skilled}
 
 
-def fold_skills(stream: Stream, state: EvolveState) -> str | None:
-    """Fold the families with active skills into the next adapter and serve it; None if nothing to fold."""
+def fold_skills(stream: Stream, state: EvolveState) -> tuple[str, bool] | None:
+    """Fold the families with active skills into the next adapter and serve it if it passes the retention
+    check: (its path, whether it was promoted); None if nothing to fold. A fold that fails the check is
+    registered but not served: the adapter before it stays, and the skills stay in the prompt."""
     settings, memory = stream.settings, stream.memory
     skilled = {name: f for name, f in stream.by_name().items() if memory.list_skills(family=name, status="active")}
     earlier = {family.name: family for family in stream.families[: state.phase + 1]}
     anchors = {name: family for name, family in earlier.items() if name not in skilled}
-    anchors |= {f.name: f for f in map(make_family, settings.anchors) if f.name not in skilled}
+    anchors |= protected_families(memory, set(skilled), settings.anchors, settings.protection)
     number = state.folds + 1
     name = f"{stream.run_id}-fold-{number}"
     target = adapters_dir(stream.home) / name
+    run_dir = stream.home / "folds" / name
+    sampling, turns = settings.eval_sampling, settings.loop.max_turns
     if not (target / "adapter_config.json").is_file():
         items = fold_items(memory, stream.engine, skilled, anchors, settings.items_per_family, settings.loop.probes,
                            settings.loop.token_budget, settings.loop.retrieve_k, seed=settings.fold.seed + number)
@@ -365,19 +383,36 @@ def fold_skills(stream: Stream, state: EvolveState) -> str | None:
             return None
         config = settings.fold.model_copy(update={"seed": settings.fold.seed + number})
         stream.say(f"fold {number}: {', '.join(skilled)} ({len(items)} prompts, anchors: {', '.join(anchors) or 'none'})")
-        result = stream.fold_fn(stream.engine, {**skilled, **anchors}, items, config, stream.home / "folds" / name,
-                                resume=True, on_step=stream.on_fold_step)
+        check = measure_before(stream.engine, anchors, settings.protection, run_dir, sampling, turns)
+        finished = run_dir / "result.json"  # a kill during the check after the fold does not fold again
+        if finished.is_file():
+            result = FoldResult.model_validate_json(finished.read_text())
+        else:
+            result = stream.fold_fn(stream.engine, {**skilled, **anchors}, items, config, run_dir,
+                                    resume=True, on_step=stream.on_fold_step)
+            write_atomic(finished, result.model_dump_json(indent=2))
+        if check is not None:
+            check = check_after(stream.engine, check, anchors, settings.protection, run_dir, result.adapter,
+                                sampling, turns)
+        promoted = check is None or check.promoted
         evidence = result.model_dump(exclude={"adapter", "run_dir"}) | {
             "adapter": str(target), "families": sorted(skilled), "anchors": sorted(anchors), "prompts": len(items),
-            "generated_tokens": _fold_tokens(Path(result.run_dir)),
+            "generated_tokens": _fold_tokens(Path(result.run_dir)), "promoted": promoted,
+            "retention": None if check is None else check.model_dump(mode="json"),
         }
         # logged before the adapter is registered: once it is, a resumed stage skips the fold
         log_event(stream.run_dir, EvolveEvent(kind="fold", phase=state.phase, chunk=state.chunk, evidence=evidence))
-        register_adapter(stream.home, name, Path(result.adapter))
+        register_adapter(stream.home, name, Path(result.adapter), latest=promoted)
     else:  # registered by this stage before a kill, which may have come before `latest` named it
-        register_adapter(stream.home, name, target)
-    serve(stream.engine, str(target))
-    return str(target)
+        saved = run_dir / RETENTION
+        check = RetentionCheck.model_validate_json(saved.read_text()) if saved.is_file() else None
+        promoted = check is None or check.promoted
+        register_adapter(stream.home, name, target, latest=promoted)
+    if check is not None:
+        stream.say(f"fold {number}: {check.summary()}")
+    if promoted:
+        serve(stream.engine, str(target))
+    return str(target), promoted
 
 
 def _fold_tokens(run_dir: Path) -> int:
@@ -455,9 +490,12 @@ def advance(stream: Stream, state: EvolveState) -> EvolveState:
     if state.stage == "measure":
         return state.model_copy(update={"stage": "fold", "accuracy_on": measure(stream)})
     if state.stage == "fold":
-        adapter = fold_skills(stream, state)
-        if adapter is None:
+        outcome = fold_skills(stream, state)
+        if outcome is None:
             return _next_chunk(state, chunks)
+        adapter, promoted = outcome
+        if not promoted:  # the adapter before stays served; nothing changed for the assess to decide
+            return _next_chunk(state.model_copy(update={"folds": state.folds + 1}), chunks)
         folded = state.model_copy(update={"folds": state.folds + 1, "adapter": adapter})
         return folded.model_copy(update={"stage": "assess"}) if marks else _next_chunk(folded, chunks)
     return _next_chunk(assess(stream, state), chunks)

@@ -62,21 +62,24 @@ def adapters_dir(home: Path) -> Path:
     return home / "adapters"
 
 
-def register_adapter(home: Path, name: str, adapter_dir: Path) -> Path:
-    """Move a finished adapter into `home/adapters/<name>` and point LATEST at it (atomically)."""
+def register_adapter(home: Path, name: str, adapter_dir: Path, *, latest: bool = True) -> Path:
+    """Move a finished adapter into `home/adapters/<name>` and point LATEST at it (atomically); with
+    `latest=False` (a fold that failed its retention check) LATEST stays where it was."""
     target = adapters_dir(home) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     if adapter_dir.resolve() != target.resolve():
         if target.exists():
             raise FileExistsError(f"an adapter named {name} is already registered in {target.parent}")
         os.replace(adapter_dir, target)
+    if not latest:
+        return target
     pointer = target.parent / f".{LATEST}.tmp"
     pointer.write_text(name + "\n")
     os.replace(pointer, target.parent / LATEST)
     return target
 
 
-def register_fold(home: Path, name: str, run_dir: Path, result: FoldResult) -> FoldResult:
+def register_fold(home: Path, name: str, run_dir: Path, result: FoldResult, *, latest: bool = True) -> FoldResult:
     """Register a finished fold's adapter as `name` and write its `result.json`, in an order a kill at any
     point leaves resumable: the result goes to `result.pending.json` first, then the adapter is registered
     (moved, then `latest`), and the rename to `result.json` marks it all done (`finish_registration`)."""
@@ -85,18 +88,18 @@ def register_fold(home: Path, name: str, run_dir: Path, result: FoldResult) -> F
     pending, scratch = run_dir / PENDING_RESULT, run_dir / f".{PENDING_RESULT}.tmp"
     scratch.write_text(result.model_dump_json(indent=2))
     os.replace(scratch, pending)
-    register_adapter(home, name, trained)
+    register_adapter(home, name, trained, latest=latest)
     os.replace(pending, run_dir / "result.json")
     return result
 
 
-def finish_registration(home: Path, name: str, run_dir: Path) -> bool:
+def finish_registration(home: Path, name: str, run_dir: Path, *, latest: bool = True) -> bool:
     """Finish what a kill cut short in `register_fold` after the adapter was moved: `latest` points at it
     and `result.json` is written. True when there was something to finish."""
     pending = run_dir / PENDING_RESULT
     if (run_dir / "result.json").is_file() or not pending.is_file():
         return False
-    register_adapter(home, name, adapters_dir(home) / name)
+    register_adapter(home, name, adapters_dir(home) / name, latest=latest)
     os.replace(pending, run_dir / "result.json")
     return True
 

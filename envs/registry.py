@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from envs.base import EnvSpecError, TaskFamily
+from envs.general import GeneralFamily
 from envs.plugins import (
     entry_point_kinds,
     family_from_entry_point,
@@ -55,6 +56,12 @@ def _make_toy(argument: str | None, options: dict[str, Any], settings: dict[str,
     return ToyFamily(**merged)
 
 
+def _make_general(argument: str | None, options: dict[str, Any], settings: dict[str, Any]) -> TaskFamily:
+    if argument:
+        raise EnvSpecError(f"general takes no argument (got general:{argument})")
+    return GeneralFamily(**{**options, **settings})
+
+
 def _make_facts(argument: str | None, options: dict[str, Any], settings: dict[str, Any]) -> TaskFamily:
     if argument:
         raise EnvSpecError(f"facts takes no argument (got facts:{argument}); set options with -o key=value")
@@ -65,11 +72,13 @@ FAMILY_KINDS: dict[str, FamilyConstructor] = {
     "rg": _make_reasoning_gym,
     "facts": _make_facts,
     "toy": _make_toy,
+    "general": _make_general,
 }
 KIND_HELP = {
     "rg": f"rg:<dataset> (reasoning-gym, e.g. {', '.join('rg:' + name for name in EXAMPLE_DATASETS)})",
     "facts": "facts (questions about a private fact table; use with +lookup)",
     "toy": "toy[:turns] (deterministic word repeating, for tests)",
+    "general": "general (everyday instructions, unscored: what a fold protects besides your families)",
 }
 
 

@@ -119,6 +119,11 @@ def _fold_files(home: Path, adapter: Path, folded: list[str]) -> None:
             sink.write(json.dumps({"step": step, "loss": 1.0 / step, "kl": 0.5 / step, "teacher_token_share": 0.3,
                                    "tokens_per_second": 900 + step, "rollout_success": step / 12}) + "\n")
     (run / "result.json").write_text(json.dumps({"steps": 12, "loss_first": 1.0, "loss_last": 0.083}))
+    (run / "retention.json").write_text(json.dumps({  # agent.protection's evidence, a family name to escape
+        "tolerance": 0.03, "adapter_before": None, "adapter_after": str(run / "adapter"), "passed": True,
+        "forced": False, "seconds_before": 1.0, "seconds_after": 1.0, "families": [
+            {"family": "rg:letter_counting", "first_item": 436, "items": 64, "before": 22, "after": 21},
+            {"family": HOSTILE_FAMILY, "first_item": 0, "items": 16, "before": 3, "after": 3}]}))
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     (home / "adapters" / "LATEST").write_text(FOLD + "\n")

@@ -53,6 +53,7 @@ class FoldRun:
     adapter: Path | None
     latest: bool
     events: list[dict[str, Any]] = field(default_factory=list)
+    retention: dict[str, Any] | None = None  # agent.protection's check: before/after on the protected families
 
     @property
     def steps(self) -> int:
@@ -128,6 +129,7 @@ def fold_run(home: Path, name: str) -> FoldRun | None:
         adapter=adapter if adapter.is_dir() else None,
         latest=latest_adapter(home) == name,
         events=events,
+        retention=_json(path / "retention.json"),
     )
 
 

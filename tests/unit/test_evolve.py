@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, LoopSettings
+from agent.config import ConfigError, LoopSettings, ProtectionSettings
 from agent.evolve import (
     FoldRule,
     FoldSchedule,
@@ -78,6 +78,8 @@ def settings(**overrides) -> StreamSettings:
         phases=[Phase(family="toy:1"), Phase(family="toy:2")], episodes=4, assess_items=ASSESS_ITEMS,
         loop=LoopSettings(batch_size=4, probes=4, reflect_every=0, sampling=SamplingParams(), max_turns=2),
         fold=FoldConfig(steps=1, batch_size=2), items_per_family=4,
+        # these tests are about the stream's own mechanics; protection has tests of its own below
+        protection=ProtectionSettings(enabled=False),
     )
     values.update(overrides)
     return StreamSettings(**values)
@@ -125,6 +127,56 @@ def test_folded_skills_leave_the_prompt_and_come_back_when_the_weights_regress(t
     assert changes == [("folded", "toy:1", 0), ("unfolded", "toy:1", 1)]
     # fold 2 distils toy:2 and keeps toy:1 (nothing active then) as an anchor
     assert fold_fn.calls == [(["toy:1"], []), (["toy:2"], ["toy:1"])]
+
+
+PROTECTED = ProtectionSettings(general=[], gate_items=16)  # the memory's families; all 16 toy eval words
+
+
+def test_a_fold_that_damages_a_protected_family_is_kept_but_not_served(tmp_path):
+    world, fold_fn = World(), scripted_fold([True, False])
+    stream = make_stream(tmp_path / "home", world, fold_fn, protection=PROTECTED)
+    state = run_evolve(stream)
+    # fold 2 forgets toy:1 (folded by fold 1): 16/16 eval words before it, 11/16 (the a-m ones) after
+    assert (state.folds, Path(state.adapter).name) == (2, "evolve-fold-1")
+    assert Path(world.engine.adapter).name == "evolve-fold-1"
+    adapters = tmp_path / "home" / "adapters"
+    assert (adapters / "LATEST").read_text().strip() == "evolve-fold-1" and (adapters / "evolve-fold-2").is_dir()
+    first, second = [e.evidence for e in read_events(stream.run_dir) if e.kind == "fold"]
+    assert first["promoted"] and first["retention"]["families"] == []  # nothing else in memory yet
+    assert second["promoted"] is False
+    assert [(f["family"], f["first_item"], f["items"], f["before"], f["after"])
+            for f in second["retention"]["families"]] == [("toy:1", 0, 16, 16, 11)]
+    # toy:1 was protected in fold 2: an anchor of its replay, and its skills stay folded (the weights kept them)
+    assert fold_fn.calls == [(["toy:1"], []), (["toy:2"], ["toy:1"])]
+    assert stream.memory.list_skills(family="toy:1", status="folded")
+    assert not [e for e in read_events(stream.run_dir) if e.kind == "unfolded"]
+    saved = json.loads((tmp_path / "home" / "folds" / "evolve-fold-2" / "retention.json").read_text())
+    assert saved["passed"] is False and saved["forced"] is False
+
+
+def test_force_serves_a_fold_that_fails_its_retention_check(tmp_path):
+    world = World()
+    stream = make_stream(tmp_path / "home", world, scripted_fold([True, False]),
+                         protection=PROTECTED.model_copy(update={"force": True}))
+    state = run_evolve(stream)
+    assert Path(state.adapter).name == "evolve-fold-2"
+    second = [e.evidence for e in read_events(stream.run_dir) if e.kind == "fold"][1]
+    assert second["promoted"] and second["retention"]["passed"] is False and second["retention"]["forced"]
+    assert [e.kind for e in read_events(stream.run_dir)].count("unfolded") == 1  # the regression is then caught
+
+
+@pytest.mark.parametrize("crash_after", [70, 85, 100, 110])  # phase 2 loop, fold 2: check before, after (x2)
+def test_a_killed_protected_run_resumes_with_the_same_verdicts(tmp_path, crash_after):
+    straight = make_stream(tmp_path / "straight", World(), scripted_fold([True, False]), protection=PROTECTED)
+    run_evolve(straight)
+    expected = _outcome(straight)
+    fold_fn = scripted_fold([True, False])
+    with pytest.raises(Killed):
+        run_evolve(make_stream(tmp_path / "killed", World(crash_after=crash_after), fold_fn, protection=PROTECTED))
+    resumed = make_stream(tmp_path / "killed", World(), fold_fn, protection=PROTECTED)
+    state = run_evolve(resumed)
+    assert _outcome(resumed) == expected and Path(state.adapter).name == "evolve-fold-1"
+    assert len(fold_fn.calls) == 2
 
 
 def test_a_fold_that_never_marks_skills_folded(tmp_path):

@@ -191,7 +191,8 @@ def test_run_killed_at_every_write_resumes_to_the_same_end(tmp_path, monkeypatch
 
 # ------------------------------------------------------------------------------------------ fold
 FOLD = ["fold", "--run-id", "f", "--steps", 2, "--resume", "--json", "items_per_family=2", "probes=0",
-        "fold.batch_size=2", "fold.checkpoint_every=1", "fold.max_turns=1", "fold.sampling.max_new_tokens=4"]
+        "fold.batch_size=2", "fold.checkpoint_every=1", "fold.max_turns=1", "fold.sampling.max_new_tokens=4",
+        "protection.general=[toy:2]", "protection.gate_items=4"]  # protection on: its checks' writes too
 
 
 def test_fold_killed_at_every_write_resumes_to_the_same_end(tmp_path, monkeypatch, model_dir):

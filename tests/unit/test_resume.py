@@ -288,7 +288,7 @@ def test_a_finished_fold_run_again_is_a_no_op_or_a_clear_error(model_dir, tmp_pa
                                              text="Repeat the asked word exactly, and nothing else.")])
     command = ["fold", "--model", model_dir, "--home", home, "--run-id", "f", "--steps", 2, "--json",
                "items_per_family=4", "probes=0", "fold.batch_size=2", "fold.checkpoint_every=1", "fold.max_turns=1",
-               "fold.sampling.max_new_tokens=4"]
+               "fold.sampling.max_new_tokens=4", "protection.general=[toy:2]", "protection.gate_items=4"]
     result = last_json(invoke(*command))
     registered = home / "adapters" / "f"
     assert result["adapter"] == str(registered) and (registered / "adapter_config.json").is_file()

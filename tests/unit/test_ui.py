@@ -165,6 +165,8 @@ def test_folds_page_curves_and_latest(client):
     assert f'id="latest">{FOLD}' in page and "1.0000 → 0.0833" in page
     fold = client.get(f"/folds/{FOLD}").text
     assert fold.count("<polyline") == 5 and "folded" in fold and "accuracy_off" in fold
+    assert "Retention check" in fold and "rg:letter_counting</td><td>436-499</td><td>22/64</td><td>21/64</td>" in fold
+    assert not RAW_HTML.search(fold)  # the hostile family name in the check is escaped
     assert client.get("/folds/..%2F..").status_code == 404
 
 
