@@ -256,10 +256,14 @@ def build_graph(runtime: Runtime, checkpointer=None):
                 if not answer:
                     declined += 1
                     continue
+            probe = verdicts.get(candidate.id) or {}
             if settings.pending:
-                probe = verdicts.get(candidate.id) or {}
                 change = StatusChange(status="pending", reason="awaiting approval", evidence=probe)
                 candidate = candidate.model_copy(update={"status": "pending", "status_history": [change]})
+            elif probe:  # its admission evidence, first in its history (a merge keeps the known record's)
+                change = StatusChange(status="active", reason="admitted: no fewer probe successes with it",
+                                      evidence=probe)
+                candidate = candidate.model_copy(update={"status_history": [change]})
             stored = runtime.memory.add_skill(candidate)
             if stored.status == "pending":  # else merged into a known record, whose status it keeps
                 pending += 1

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from envs.base import Message, Trajectory, Turn
-from memory import HashingEmbedding, Memory, Skill
+from memory import HashingEmbedding, Memory, Skill, StatusChange
 
 LEGS = "rg:leg_counting"
 CALC = "rg:basic_arithmetic+calc"
@@ -73,7 +73,11 @@ def seed_library(home: Path) -> Seeded:
         "exemplar": Skill(kind="exemplar", family=CALC, title="12 * 7 with the calculator",
                           text="### user\nWhat is 12 * 7?\n### assistant\nCALC(12*7)\n### user\nResult: 84\n"
                                "### assistant\nANSWER: 84", provenance=["run-a-1"],
-                          created_at=created + timedelta(hours=1), updated_at=created + timedelta(hours=1)),
+                          created_at=created + timedelta(hours=1), updated_at=created + timedelta(hours=1),
+                          status_history=[StatusChange(  # as the loop admits a skill: its probe evidence
+                              status="active", reason="admitted: no fewer probe successes with it",
+                              evidence={"skill_id": "x", "admitted": True, "successes_with": 7,
+                                        "successes_without": 2, "probes": 8})]),
         "taught": Skill(kind="taught", family=CALC, title="use the calculator for products",
                         text="For any product of two numbers over 10, call CALC first.",
                         created_at=created + timedelta(hours=2), updated_at=created + timedelta(hours=2)),

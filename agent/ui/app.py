@@ -256,13 +256,23 @@ def create_app(settings: UiSettings, embedding: Any = None) -> FastAPI:
                     sources.append({"id": trajectory_id, "trajectory": memory.get_trajectory(trajectory_id)})
                 except TrajectoryNotFound:
                     sources.append({"id": trajectory_id, "trajectory": None})
-            return {"skill": skill, "baseline": baseline, "helpfulness": skill.helpfulness(baseline), "sources": sources}
+            usage = library.usage_over_time(memory, skill)
+            return {"skill": skill, "baseline": baseline, "helpfulness": skill.helpfulness(baseline), "sources": sources,
+                    "usage": usage}
 
         context = state.read(gather)
         skill = context["skill"]
+        series, scanned, cut = context.pop("usage")
+        moments = sorted(moment for points in series.values() for moment, _ in points)
+        usage_chart = line_chart(
+            "success rate over time, cumulative" + (f"; the first {scanned} of the family" if cut else ""),
+            {label: [(moment.timestamp(), 100 * rate) for moment, rate in points] for label, points in series.items()},
+            {moments[0].timestamp(): moments[0].strftime("%m-%d %H:%M"),
+             moments[-1].timestamp(): moments[-1].strftime("%m-%d %H:%M")} if moments else None,
+        ) if series["with it"] else None
         probes = [change for change in skill.status_history if "probes" in change.evidence]
         return render(request, "skill.html", context | {
-            "versions": library.version_diffs(skill), "probes": probes, "message": message,
+            "versions": library.version_diffs(skill), "probes": probes, "message": message, "chart": usage_chart,
             "tokens": library.estimate_tokens(skill.text),
             "fold_names": set(runs.fold_names(settings.home)),
         })

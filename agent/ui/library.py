@@ -322,3 +322,29 @@ def token_counter(model_dir: Path | None) -> tuple[Callable[[str], int], str]:
 
             return count, f"counted by the tokenizer of {model_dir}, as the agent loop counts them"
     return estimate_tokens, "estimated as characters / 4 (no tokenizer: `skillfold ui --tokenizer MODEL_DIR`)"
+
+
+def usage_over_time(memory: Memory, skill: Skill, budget: int = 3000) -> tuple[dict[str, list[tuple[datetime, float]]], int, bool]:
+    """The skill's success rate over time, cumulative, beside the family's baseline (episodes with no
+    skill in the prompt), from its family's episodes in the order they were stored, counted as the skill's
+    uses and the family's baseline are (every split): ({label: [(time,
+    rate)]}, episodes scanned, whether the scan stopped at `budget` before the end)."""
+    series: dict[str, list[tuple[datetime, float]]] = {"with it": [], "family baseline (no skills)": []}
+    counts = {label: [0, 0] for label in series}
+    offset = 0
+    while True:
+        want = min(500, budget - offset)
+        if want <= 0:
+            return series, offset, True
+        batch = memory.list_trajectories(env=skill.family, limit=want, offset=offset)
+        for trajectory in batch:
+            label = ("with it" if skill.id in trajectory.skill_ids
+                     else "family baseline (no skills)" if not trajectory.skill_ids else None)
+            if label is None:
+                continue
+            counts[label][0] += int(trajectory.success)
+            counts[label][1] += 1
+            series[label].append((trajectory.started_at, counts[label][0] / counts[label][1]))
+        offset += len(batch)
+        if len(batch) < want:
+            return series, offset, False

@@ -119,7 +119,10 @@ def test_folded_skills_leave_the_prompt_and_come_back_when_the_weights_regress(t
     assert (state.phase, state.folds) == (2, 2)
     back = memory.list_skills(family="toy:1", status="active")
     assert {skill.id for skill in back} == {skill.id for skill in folded}
-    assert [change.status for change in back[0].status_history] == ["folded", "active"]
+    assert [change.status for change in back[0].status_history] == ["active", "folded", "active"]
+    admitted = back[0].status_history[0]  # its admission evidence: the probe items with and without it
+    assert admitted.reason.startswith("admitted") and set(admitted.evidence) == {
+        "skill_id", "admitted", "successes_with", "successes_without", "probes"}
     evidence = back[0].status_history[-1].evidence
     assert (evidence["accuracy_off"], evidence["folded_accuracy_off"], evidence["phase"]) == (3 / 8, 1.0, 1)
     assert not memory.list_skills(family="toy:2", status="folded")  # 3/8 off vs 8/8 on: not folded

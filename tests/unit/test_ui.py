@@ -110,6 +110,10 @@ def test_skill_page_shows_versions_history_provenance_and_usage(client, seeded):
     assert "meets the fold rule" in folded and f'href="/folds/{FOLD}"' in folded and "62.0%" in folded
     exemplar = client.get(f"/skills/{seeded.skill_ids['exemplar']}").text
     assert "tool call CALC(12*7)" in exemplar and 'class="message tool-result"' in exemplar
+    assert re.search(r'id="admission".*<td>8</td><td>7</td><td>2</td><td>admitted', exemplar, re.S)
+    usage = page[page.index('id="usage-over-time"'):]
+    assert "success rate over time, cumulative" in usage and "with it: 75" in usage  # 6 of 8 uses succeeded
+    assert "family baseline (no skills): 50" in usage  # 4 of 8
 
 
 def test_trajectories_filter_and_page(client, seeded):
