@@ -46,7 +46,7 @@ from agent.config import (
 from agent.evaluate import EvalResult, evaluate, memory_contexts
 from agent.folding import adapters_dir, fold_items, register_adapter
 from agent.loop import Runtime, run_loop
-from agent.protection import RETENTION, RetentionCheck, check_after, measure_before, protected_families
+from agent.protection import RETENTION, RetentionCheck, check_after, measure_before, protected_families, serve
 from engines.base import Engine, SamplingParams
 from envs import make_family
 from envs.base import Message, TaskFamily, Trajectory
@@ -265,15 +265,6 @@ def check_run(run_dir: Path, settings: StreamSettings) -> None:
     if saved.is_file() and json.loads(saved.read_text()).get("stream") != settings.model_dump(mode="json"):
         raise ConfigError(f"{run_dir} was started with another stream; resume it with the same stream "
                           "(see its config.json) or pass a new --run-id")
-
-
-def serve(engine: Engine, adapter: str | None) -> None:
-    """Make the engine serve `adapter` (None: the base weights)."""
-    if engine.adapter == adapter:
-        return
-    engine.unload_adapter()
-    if adapter:
-        engine.load_adapter(adapter)
 
 
 class _Shifted:

@@ -166,12 +166,12 @@ def check_after(engine: Engine, check: RetentionCheck, families: dict[str, TaskF
             write_atomic(run_dir / RETENTION, check.model_dump_json(indent=2))
         return check
     started = time.perf_counter()
-    _serve(engine, adapter)
+    serve(engine, adapter)
     try:
         rows = [row.model_copy(update={"after": _successes(engine, families[row.family], row.first_item, row.items,
                                                            sampling, max_turns)}) for row in check.families]
     finally:
-        _serve(engine, check.adapter_before)
+        serve(engine, check.adapter_before)
     done = check.model_copy(update={"families": rows, "adapter_after": adapter,
                                     "seconds_after": time.perf_counter() - started})
     passed = not done.failures()
@@ -180,7 +180,8 @@ def check_after(engine: Engine, check: RetentionCheck, families: dict[str, TaskF
     return done
 
 
-def _serve(engine: Engine, adapter: str | None) -> None:
+def serve(engine: Engine, adapter: str | None) -> None:
+    """Make the engine serve `adapter` (None: the base weights)."""
     if engine.adapter == adapter:
         return
     engine.unload_adapter()
