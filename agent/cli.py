@@ -431,6 +431,114 @@ def _fold_progress(total: int):
         yield on_step
 
 
+# ------------------------------------------------------------------- train
+@app.command("train")
+def train_command(
+    method: Annotated[str | None, typer.Option(help="the RL method: grpo (the default); the fold's methods run "
+                                               "with `skillfold fold --method`")] = None,
+    env: Annotated[str | None, typer.Option("--env", "-e", help="task family whose reward is learned, e.g. "
+                                            "rg:basic_arithmetic+calc")] = None,
+    tools: ToolsOption = None,
+    mcp: McpOption = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="family option key=value")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    model: ModelOption = None,
+    engine_kind: EngineOption = None,
+    engine_url: EngineUrlOption = None,
+    adapter: Annotated[str | None, typer.Option(help="adapter to continue from: latest, none or a path")] = "latest",
+    home: Annotated[Path | None, typer.Option(help="skillfold home (adapters, train runs)")] = None,
+    run_id: Annotated[str | None, typer.Option(help="run name (its directory under home/train)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the killed run of --run-id from its last checkpoint")] = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    overrides: OverridesArgument = None,
+) -> None:
+    """Reinforcement learning on a family's reward (GRPO), outside an experiment; the adapter becomes latest."""
+    from agent.config import TrainRunConfig
+    from agent.folding import adapters_dir, finish_registration, register_fold, resolve_adapter
+    from envs import make_family
+    from learners.grpo import GrpoError, grpo, train_items
+    from learners.policies import RL_METHODS, method_names
+
+    quiet_libraries()
+    with user_errors():
+        methods = method_names()
+        if method is not None and method not in RL_METHODS:
+            known = ", ".join(f"{name} (skillfold {command})" for name, command in methods.items())
+            if methods.get(method) == "fold":
+                fail(f"{method} distils skills from memory: run it with `skillfold fold --method {method}`; "
+                     f"`skillfold train --method` takes {', '.join(RL_METHODS)}")
+            fail(f"unknown method {method!r}; the methods are {known}")
+        flags = {
+            "method": method, "grpo.steps": steps, "model.name": model,
+            **cli_common.engine_flags(engine_kind, engine_url),
+            "home": str(home) if home else None, "run_id": run_id,
+        }
+        if env:
+            flags["env"] = {"name": _with_tools(env, tools), "options": _parse_options(option or []), "mcp": mcp or []}
+        run_config = build_config(TrainRunConfig, config, flags, overrides or [])
+        if run_config.env is None:
+            fail("name the task family to train on with --env (see `skillfold envs`), e.g. --env rg:basic_arithmetic+calc")
+        if resume and not run_config.run_id:
+            fail("--resume needs the --run-id of the run to continue")
+        check_home(run_config.home)
+        name = run_config.run_id or f"{run_config.method}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+        run_dir = run_config.home / "train" / name
+        registered = adapters_dir(run_config.home) / name
+        if registered.exists():  # checked before anything loads or is written
+            if resume and run_dir.is_dir():
+                finish_registration(run_config.home, name, run_dir)  # a kill while it was registered
+                saved = run_dir / "result.json"
+                console.print(f"{name} has finished already: its adapter is {registered}; nothing to resume")
+                if json_output:
+                    print(json.dumps(json.loads(saved.read_text()) if saved.is_file() else {"adapter": str(registered)}))
+                return
+            fail(f"an adapter named {name} is registered already ({registered}): pass another --run-id"
+                 + ("" if resume else f", or --run-id {name} --resume to see its result"))
+        family = make_family(run_config.env.name, dict(run_config.env.options), mcp=run_config.env.mcp)
+        families = {family.name: family}
+        try:
+            items = train_items(families, run_config.items_per_family, run_config.probes, seed=run_config.grpo.seed)
+        except GrpoError as error:
+            fail(str(error))
+        engine = open_engine(run_config.model.model_copy(update={"adapter": resolve_adapter(adapter, run_config.home)}))
+        save_config(run_config, run_dir)  # once every input is known good
+        grpo_config = run_config.grpo
+        console.print(f"{run_config.method} on {family.name}: {grpo_config.steps} steps of "
+                      f"{grpo_config.prompts_per_step} prompts x {grpo_config.group_size} samples "
+                      f"= {grpo_config.steps * grpo_config.rollouts_per_step} rollouts")
+        with _train_progress(grpo_config.steps) as on_step:
+            try:
+                result = grpo(engine, families, items, grpo_config, run_dir, resume=resume, on_step=on_step)
+            except GrpoError as error:
+                fail(str(error))
+        result = register_fold(run_config.home, name, run_dir, result)
+    console.print(
+        f"trained {family.name} with {run_config.method}: {result.optimizer_steps} optimizer steps, {result.rollouts} "
+        f"rollouts ({result.seconds:.0f}s); reward {result.reward_first} -> {result.reward_last}; adapter "
+        f"{result.adapter} (now --adapter latest)"
+    )
+    if json_output:
+        print(result.model_dump_json())
+
+
+@contextmanager
+def _train_progress(total: int):
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=total, info="")
+
+        def on_step(record: dict) -> None:
+            kl = "n/a" if record["kl"] is None else f"{record['kl']:.4f}"
+            bar.update(task, completed=record["step"], info=(
+                f"reward {record['reward_mean']:.3f} ok {record['success_rate']:.0%} loss {record['loss']:.4f} "
+                f"kl {kl} clip {record['clip_fraction']:.0%} flat-groups {record['zero_variance_groups']}"
+            ))
+
+        yield on_step
+
+
 # ------------------------------------------------------------------ evolve
 @app.command("evolve")
 def evolve_command(

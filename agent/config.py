@@ -12,7 +12,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from engines.base import SamplingParams
 from engines.config import EngineConfig
 from learners.fold import FoldConfig
+from learners.grpo import GrpoConfig
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -144,6 +145,21 @@ class FoldRunConfig(BaseModel):
     retrieve_k: int = Field(default=3, ge=0)
     fold: FoldConfig = Field(default_factory=FoldConfig)
     protection: ProtectionSettings = Field(default_factory=ProtectionSettings)
+    run_id: str | None = None
+
+
+class TrainRunConfig(BaseModel):
+    """`skillfold train --method grpo`: reinforcement learning on a family's reward, outside an experiment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    home: Path = Field(default_factory=lambda: default_home())
+    method: Literal["grpo"] = Field(default="grpo", description="the RL method (learners.policies.RL_METHODS)")
+    env: EnvConfig | None = Field(default=None, description="the task family whose reward is learned")
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    items_per_family: int = Field(default=64, ge=1, description="train items the prompts are drawn from")
+    probes: int = Field(default=8, ge=0, description="last train items left out (kept for skill verification)")
     run_id: str | None = None
 
 

@@ -7,10 +7,14 @@ Every arm plays the same phases with the same seeds and is measured on the same 
   fold's steps and batch size; evaluated with memory off (what the weights learned);
 - `fold`: the fast path and folds on the stream's schedule, skills never marked folded; evaluated with
   memory on and the adapter;
-- `skillfold`: the full evolve loop; evaluated with memory on, where folded skills have left the prompt.
+- `skillfold`: the full evolve loop; evaluated with memory on, where folded skills have left the prompt;
+- `grpo` (not among the default arms; name it in `arms`): no memory, no fast path; GRPO on the phase's
+  family (`learners.grpo`) with the fold's steps, rollouts per step (`batch_size`) and trainer settings,
+  continuing the earlier phases' adapter; evaluated with memory off. Its report counts its optimizer
+  steps and rollouts beside the folds' (`agent.report`, "Training compute").
 After every phase, every family of the stream is evaluated on eval items [0, eval_items) (the arms that
 fold also with memory off, for retention); the evolve loop's fold decisions use the eval items after
-those. A seed sets the loop's sampling seed, the fold's and the SFT's.
+those. A seed sets the loop's sampling seed, the fold's, the SFT's and GRPO's.
 
 Layout of DIR: `config.json`; `homes/<arm>-seed<s>/` (each arm's memory, adapters, evolve state);
 `units/<arm>/seed-<s>/phase-<p>.json`, one per (arm, seed, phase), written atomically when the unit is
@@ -58,12 +62,15 @@ from agent.evolve import (
 from agent.folding import adapters_dir, register_adapter, resolve_adapter
 from envs.base import Message, TaskFamily, Trajectory
 from learners.fold import FoldResult, fold
+from learners.grpo import GrpoConfig, GrpoResult, GrpoSettings, grpo, train_items
 from learners.sft import SftConfig, SftResult, sft
 from memory import Memory
 
-Arm = Literal["base", "memory", "sft", "fold", "skillfold"]
-ARMS: tuple[Arm, ...] = ("base", "memory", "sft", "fold", "skillfold")
-MEMORY_ON: dict[str, bool] = {"base": False, "memory": True, "sft": False, "fold": True, "skillfold": True}
+Arm = Literal["base", "memory", "sft", "fold", "skillfold", "grpo"]
+ARMS: tuple[Arm, ...] = ("base", "memory", "sft", "fold", "skillfold")  # the default arms
+ALL_ARMS: tuple[Arm, ...] = (*ARMS, "grpo")
+MEMORY_ON: dict[str, bool] = {"base": False, "memory": True, "sft": False, "fold": True, "skillfold": True,
+                              "grpo": False}
 FOLDING = ("fold", "skillfold")
 HOW_NOT_WHAT = ("threads", "batch_size", "device")  # model settings a resumed run may change
 # fold settings that change time and memory, not the update (gradient checkpointing: the same
@@ -77,9 +84,12 @@ class ExperimentConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     stream: StreamSettings
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1, description="subset of " + ", ".join(ARMS))
+    arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1,
+                            description="subset of " + ", ".join(ALL_ARMS) + " (default: all but grpo)")
     eval_items: int = Field(default=100, ge=1, description="held-out items per family behind every number")
     sft: SftConfig = Field(default_factory=SftConfig)
+    grpo: GrpoSettings = Field(default_factory=GrpoSettings, description="the grpo arm's own settings (steps, "
+                               "rollouts per step and trainer settings are the stream's fold's)")
 
     @field_validator("seeds", "arms")
     @classmethod
@@ -119,6 +129,10 @@ class TrainStats(BaseModel):
     fold_generated_tokens: int = 0
     sft_episodes: int = 0
     sft_steps: int = 0
+    optimizer_steps: int = Field(default=0, description="weight updates of the phase: its folds', SFT's or GRPO's")
+    rollouts: int = Field(default=0, description="episodes played by the trainer (folds, GRPO); the fast path's "
+                          "train episodes are `episodes`")
+    rl_generated_tokens: int = Field(default=0, description="tokens GRPO's rollouts generated")
 
 
 class UnitResult(BaseModel):
@@ -164,6 +178,7 @@ class Lab:
     say: Callable[[str], None] = lambda text: None
     fold_fn: Callable = fold
     sft_fn: Callable[..., SftResult] = sft
+    grpo_fn: Callable[..., GrpoResult] = grpo
     memories: dict[str, Memory] = field(default_factory=dict)
 
     def home(self, arm: str, seed: int) -> Path:
@@ -279,11 +294,17 @@ def check_experiment(config: ExperimentConfig) -> list[TaskFamily]:
     families = stream_families(config.stream)
     needed = config.eval_items + config.stream.assess_offset + config.stream.assess_items
     check_stream(config.stream, families, needed)
+    if "grpo" in config.arms:
+        try:
+            GrpoConfig.like_fold(config.stream.fold, config.grpo)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return families
 
 
 def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=None, say=lambda text: None,
                    fold_fn: Callable = fold, sft_fn: Callable[..., SftResult] = sft,
+                   grpo_fn: Callable[..., GrpoResult] = grpo,
                    seeds: list[int] | None = None, arms: list[str] | None = None) -> Metrics | None:
     """Run (or resume) every unit, then write metrics.json; returns the metrics.
 
@@ -298,7 +319,7 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
     check_arms(config, arms)
     prepare_out(out, config)
     lab = Lab(engine=engine, config=config, out=out, families=families, embedding=embedding, say=say,
-              fold_fn=fold_fn, sft_fn=sft_fn)
+              fold_fn=fold_fn, sft_fn=sft_fn, grpo_fn=grpo_fn)
     for seed in [seed for seed in config.seeds if seeds is None or seed in seeds]:
         for arm in [arm for arm in config.arms if arms is None or arm in arms]:
             if all(unit_path(out, arm, seed, phase).is_file() for phase in range(len(families))):
@@ -429,24 +450,27 @@ def run_unit(lab: Lab, arm: str, seed: int, phase: int) -> UnitResult:
         return UnitResult(arm=arm, seed=seed, phase=phase, family=family, evals=evals,
                           seconds=time.perf_counter() - started, generated_tokens=tokens)
     stream = lab.stream(arm, seed)
-    stats, transitions = (sft_phase if arm == "sft" else evolve_unit)(lab, stream, seed, phase)
+    stats, transitions = PHASE_TRAINING.get(arm, evolve_unit)(lab, stream, seed, phase)
     memory = lab.memory(arm, seed)
     evals, evals_off, tokens = evaluate_unit(lab, arm, seed, phase, memory)
     return UnitResult(
         arm=arm, seed=seed, phase=phase, family=family, evals=evals, evals_off=evals_off,
         skills=memory.stats()["skills"], transitions=transitions, train=stats, seconds=time.perf_counter() - started,
-        generated_tokens=tokens + stats.generated_tokens + stats.fold_generated_tokens,
+        generated_tokens=tokens + stats.generated_tokens + stats.fold_generated_tokens + stats.rl_generated_tokens,
     )
 
 
-def _train_stats(events: list[EvolveEvent]) -> TrainStats:
-    """Totals of a phase's trained and fold events (a repeated line, from a resumed stage, counts once)."""
+def _train_stats(events: list[EvolveEvent], batch_size: int = 0) -> TrainStats:
+    """Totals of a phase's trained and fold events (a repeated line, from a resumed stage, counts once);
+    `batch_size`: the folds' episodes per step (their rollouts = steps x batch_size)."""
     trained = {event.chunk: event.evidence for event in events if event.kind == "trained"}
     folds = {event.evidence["adapter"]: event.evidence for event in events if event.kind == "fold"}
+    fold_steps = sum(e.get("steps", 0) for e in folds.values())
     return TrainStats(
         episodes=sum(e["episodes"] for e in trained.values()), successes=sum(e["successes"] for e in trained.values()),
         generated_tokens=sum(e["generated_tokens"] for e in trained.values()), folds=len(folds),
         fold_generated_tokens=sum(e.get("generated_tokens", 0) for e in folds.values()),
+        optimizer_steps=fold_steps, rollouts=fold_steps * batch_size,
     )
 
 
@@ -456,7 +480,7 @@ def evolve_unit(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainS
     evolve_phase(stream, phase)
     events = [event for event in read_events(stream.run_dir) if event.phase == phase]
     transitions = [event.model_dump(mode="json") for event in events if event.kind in ("folded", "unfolded")]
-    return _train_stats(events), transitions
+    return _train_stats(events, stream.settings.fold.batch_size), transitions
 
 
 def sft_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainStats, list[dict[str, Any]]]:
@@ -480,7 +504,41 @@ def sft_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainSta
     if result.adapter:  # registered again if it is: a kill may have come before `latest` named it
         register_adapter(stream.home, name, target if target.is_dir() else Path(result.adapter))
         serve(lab.engine, str(target))
-    return stats.model_copy(update={"sft_episodes": result.episodes, "sft_steps": result.steps}), []
+    return stats.model_copy(update={"sft_episodes": result.episodes, "sft_steps": result.steps,
+                                    "optimizer_steps": result.steps if result.adapter else 0}), []
+
+
+def grpo_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainStats, list[dict[str, Any]]]:
+    """GRPO on the phase's family, memory off and no fast path, with the fold's compute: `fold.steps`
+    optimizer steps of `fold.batch_size` rollouts (`GrpoConfig.like_fold`), from the adapter of the earlier
+    phases; prompts are train items of the family (the loop's probe items left out). A registered phase
+    adapter is not redone; a killed phase's run continues from its last checkpoint."""
+    serve(lab.engine, resolve_adapter("latest", stream.home))
+    family = lab.families[phase]
+    name = f"grpo-p{phase}"
+    run_dir, target = stream.home / "grpo" / name, adapters_dir(stream.home) / name
+    if not (run_dir / "result.json").is_file():
+        try:
+            config = GrpoConfig.like_fold(stream.settings.fold, lab.config.grpo)  # the fold's seed: the arm's
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        items = train_items({family.name: family}, stream.settings.items_per_family, stream.settings.loop.probes,
+                            seed=config.seed + phase)
+        result = lab.grpo_fn(lab.engine, {family.name: family}, items, config, run_dir, resume=True)
+        write_atomic(run_dir / "result.json", result.model_dump_json(indent=2))
+    result = GrpoResult.model_validate_json((run_dir / "result.json").read_text())
+    # registered again if it is: a kill may have come before `latest` named it
+    register_adapter(stream.home, name, target if target.is_dir() else Path(result.adapter))
+    serve(lab.engine, str(target))
+    return TrainStats(optimizer_steps=result.optimizer_steps, rollouts=result.rollouts,
+                      rl_generated_tokens=result.generated_tokens), []
+
+
+# how an arm trains in a phase (the others: the evolve loop, with the arm's settings)
+PHASE_TRAINING: dict[str, Callable[[Lab, Stream, int, int], tuple[TrainStats, list[dict[str, Any]]]]] = {
+    "sft": sft_phase,
+    "grpo": grpo_phase,
+}
 
 
 def evaluate_unit(lab: Lab, arm: str, seed: int, phase: int,

@@ -15,14 +15,17 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import TypeVar
 
 from agent.skills import render_context, retrieve_for
 from engines.base import Engine
 from envs.base import TaskFamily, item_prompt
 from learners.fold import FoldItem, FoldResult
+from learners.grpo import GrpoResult
 from memory import Memory
 
 LATEST = "LATEST"
+ResultT = TypeVar("ResultT", FoldResult, GrpoResult)
 PENDING_RESULT = "result.pending.json"
 
 
@@ -79,10 +82,11 @@ def register_adapter(home: Path, name: str, adapter_dir: Path, *, latest: bool =
     return target
 
 
-def register_fold(home: Path, name: str, run_dir: Path, result: FoldResult, *, latest: bool = True) -> FoldResult:
+def register_fold(home: Path, name: str, run_dir: Path, result: ResultT, *, latest: bool = True) -> ResultT:
     """Register a finished fold's adapter as `name` and write its `result.json`, in an order a kill at any
     point leaves resumable: the result goes to `result.pending.json` first, then the adapter is registered
-    (moved, then `latest`), and the rename to `result.json` marks it all done (`finish_registration`)."""
+    (moved, then `latest`), and the rename to `result.json` marks it all done (`finish_registration`).
+    `result`: a `FoldResult`, or any trainer's result with an `adapter` (`GrpoResult`)."""
     trained = Path(result.adapter)
     result = result.model_copy(update={"adapter": str(adapters_dir(home) / name)})
     pending, scratch = run_dir / PENDING_RESULT, run_dir / f".{PENDING_RESULT}.tmp"

@@ -387,7 +387,10 @@ def render(metrics: Metrics, summary: Summary, plots: list[str]) -> str:
         lines += [f"### {arm} (memory {'on' if MEMORY_ON[arm] else 'off'})", "", *_matrix_table(metrics, arm, False), ""]
         if arm in FOLDING:
             lines += [f"### {arm}, memory off", "", *_matrix_table(metrics, arm, True), ""]
-    lines += _phase_table(metrics) + _transitions(metrics)
+    lines += _phase_table(metrics)
+    if "grpo" in config.arms:  # RL beside the folds: at equal optimizer steps and rollouts
+        lines += _compute_table(metrics)
+    lines += _transitions(metrics)
     lines += ["## Plots", "", *[f"![{Path(name).stem}]({name})" for name in plots], "", "## Definitions", "",
               (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
     return "\n".join(lines)
@@ -401,6 +404,28 @@ def _drops_table(metrics: Metrics, summary: Summary) -> list[str]:
             by_family = getattr(numbers, f"{kind}_by_family")
             lines.append(f"| {arm} | {kind} | " + " | ".join(points(by_family.get(f)) for f in metrics.families) + " |")
     return lines
+
+
+def _compute_table(metrics: Metrics) -> list[str]:
+    """What each arm spent on its weights per phase: optimizer steps and the trainer's rollouts (fold or
+    GRPO episodes; the fast path's train episodes are in the table above). Shown when a grpo arm ran, so
+    that RL and the folds are compared at equal steps and rollouts."""
+    lines = ["## Training compute (mean over seeds)", "",
+             "| arm | phase | trained | optimizer steps | trainer rollouts | rollout tokens |", "|---|" + "---|" * 5]
+    units = units_by_key(metrics)
+    for arm in metrics.config.arms:
+        for phase, name in enumerate(metrics.phases):
+            ran = [units[(arm, seed, phase)] for seed in metrics.config.seeds]
+
+            def mean(get: Callable[[UnitResult], float], ran: list[UnitResult] = ran) -> float:
+                return sum(get(unit) for unit in ran) / len(ran)
+
+            lines.append(
+                f"| {arm} | {phase + 1} | {name} | {mean(lambda unit: unit.train.optimizer_steps):.0f} | "
+                f"{mean(lambda unit: unit.train.rollouts):.0f} | "
+                f"{mean(lambda unit: unit.train.fold_generated_tokens + unit.train.rl_generated_tokens):.0f} |"
+            )
+    return lines + [""]
 
 
 def _phase_table(metrics: Metrics) -> list[str]:

@@ -1,4 +1,4 @@
-"""Distillation losses: pure torch functions, each with its formula in its docstring.
+"""Distillation and policy-gradient losses: pure torch functions, each with its formula in its docstring.
 
 Notation (research/algorithms.md): S = π_θ the student, T the teacher, μ the behaviour policy that
 sampled the rollout, y_t the token at position t, m_t the token mask (bool, or float weights),
@@ -6,9 +6,11 @@ sg stop-gradient. Per-position inputs are (B, T); distributions are over the las
 buckets). Every loss is a mean over unmasked tokens, Σ_t m_t·ℓ_t / Σ_t m_t (0 when nothing is
 unmasked: a batch with no trained token gives a zero loss with a valid graph, not NaN).
 
-Two families:
+Three families:
 - sampled-token reverse KL, an RL loss on the log-probs of the sampled tokens only (B, T);
-- the generalized JSD(β) over the full vocabulary or over the teacher's top-k plus a tail bucket.
+- the generalized JSD(β) over the full vocabulary or over the teacher's top-k plus a tail bucket;
+- GRPO's group-relative advantages and clipped policy-gradient surrogate, with an optional k3 KL to a
+  reference policy (the environment's reward, not a teacher, makes the signal).
 
 The (B, T, V) logits are the memory and time hog of a training step (8 x 256 x 49,152 fp32 is
 0.4 GB per copy, NOTES.md section 3). `chunked_head_loss` computes a loss from the final hidden
@@ -473,3 +475,136 @@ def chunked_sampled_token_reverse_kl(
             clip,
         )
     return loss, _sampled_token_metrics(student_logprobs, teacher_logprobs.float(), ratio, clipped, mask)
+
+
+# --- group-relative policy gradient (GRPO) ---------------------------------------------------------
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, scale: bool = True,
+                     eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath, outcome supervision):
+
+        rewards r (G·n,), consecutive groups of n samples of one prompt
+        Â_i = (r_i − mean(r_group)) / (std(r_group) + eps)      std: the sample (n − 1) standard deviation
+        Â_i = r_i − mean(r_group)                                 with `scale` False (Dr. GRPO's choice)
+
+    A group whose rewards are all equal (max − min ≤ 1e-9·max(1, |r|)) carries no signal: its
+    advantages are exactly 0 (not a rounding residue divided by eps). Returns (advantages (G·n,),
+    informative (G,) bool: the groups whose rewards differ).
+    """
+    if group_size < 2:
+        raise ValueError(f"a group needs at least 2 samples to compare, got group_size={group_size}")
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be a flat tensor of whole groups of {group_size}, got shape "
+                         f"{tuple(rewards.shape)}")
+    grouped = rewards.double().view(-1, group_size)  # (G, n)
+    spread = grouped.max(-1).values - grouped.min(-1).values  # (G,)
+    informative = spread > 1e-9 * grouped.abs().max(-1).values.clamp(min=1.0)
+    advantages = grouped - grouped.mean(-1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(-1, keepdim=True) + eps)
+    advantages = torch.where(informative[:, None], advantages, torch.zeros_like(advantages))
+    return advantages.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32), informative
+
+
+def _policy_gradient_terms(
+    logprobs: Tensor, advantages: Tensor, behaviour_logprobs: Tensor | None, reference_logprobs: Tensor | None,
+    kl_coef: float, clip_low: float, clip_high: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token loss, ratio, clipped flag and k3 KL of `policy_gradient_loss` (all the input's shape)."""
+    advantages = advantages.detach().to(logprobs.dtype)
+    old = logprobs.detach()
+    if behaviour_logprobs is not None:  # NaN: the token's behaviour log-prob is unknown, taken as on-policy
+        behaviour = behaviour_logprobs.detach().to(logprobs.dtype)
+        old = torch.where(torch.isnan(behaviour), old, behaviour)
+    ratio = torch.exp(logprobs - old)  # 1 on-policy, with gradient ∇log π_θ
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    if reference_logprobs is not None:
+        delta = reference_logprobs.detach().to(logprobs.dtype) - logprobs  # log π_ref − log π_θ
+        k3 = torch.exp(delta) - delta - 1.0
+        if kl_coef:
+            loss = loss + kl_coef * k3
+    else:
+        k3 = torch.zeros_like(logprobs)
+    return loss, ratio, clipped < unclipped, k3
+
+
+def _policy_gradient_metrics(ratio: Tensor, clipped: Tensor, k3: Tensor, mask: Tensor,
+                             reference_known: bool) -> dict[str, float | None]:
+    with torch.no_grad():
+        return {
+            "clip_fraction": masked_mean(clipped.to(ratio.dtype), mask).item(),
+            "ratio": masked_mean(ratio, mask).item(),
+            "kl": masked_mean(k3, mask).item() if reference_known else None,
+        }
+
+
+def policy_gradient_loss(
+    logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    behaviour_logprobs: Tensor | None = None,
+    reference_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> tuple[Tensor, dict[str, float | None]]:
+    """GRPO's clipped surrogate on the sampled tokens, with an optional k3 KL to a reference policy:
+
+        r_t  = exp(log π_θ(y_t) − sg(log μ(y_t)))             (μ: behaviour; None, or NaN at t: r_t = 1, ∇r_t = ∇log π_θ)
+        ℓ_t  = −min(r_t·Â_t, clip(r_t, 1−ε_low, 1+ε_high)·Â_t) + β·k3_t
+        k3_t = exp(δ_t) − δ_t − 1,  δ_t = sg(log π_ref(y_t)) − log π_θ(y_t)     (Schulman's k3 ≥ 0, of KL(π_θ‖π_ref))
+        L    = Σ_t m_t·ℓ_t / Σ_t m_t
+
+    Â_t is the advantage of the episode the token belongs to (`group_advantages`), the same for every
+    token of every assistant turn of it; β = `kl_coef`. ε_high > ε_low is DAPO's clip-higher. On-policy
+    the gradient is −Σ_t m_t·Â_t·∇log π_θ(y_t) / Σ m (+ β·Σ m_t·(1 − exp δ_t)·∇log π_θ / Σ m): descent
+    raises the log-prob of the tokens of episodes better than their group. A clipped token (the clipped
+    term the strict minimum) gets no policy-gradient gradient. Inputs (B, T); advantages, behaviour and
+    reference are constants. Metrics: `clip_fraction` (share of unmasked tokens clipped), `ratio` (mean
+    r_t), `kl` (mean k3_t; None without a reference).
+    """
+    loss_t, ratio, clipped, k3 = _policy_gradient_terms(
+        logprobs, advantages, behaviour_logprobs, reference_logprobs, kl_coef, clip_low, clip_high)
+    return masked_mean(loss_t, mask), _policy_gradient_metrics(ratio, clipped, k3, mask, reference_logprobs is not None)
+
+
+def chunked_policy_gradient(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    token_ids: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    behaviour_logprobs: Tensor | None = None,
+    reference_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    chunk_size: int = 512,
+    project: Projection = linear_head,
+) -> tuple[Tensor, dict[str, float | None]]:
+    """`policy_gradient_loss` from hidden states, chunked (`chunked_head_loss`): log π_θ(y_t) =
+    log_softmax(h_t Wᵀ)[y_t] (temperature 1, as the engine's behaviour log-probs are), never the
+    (B, T, V) logits whole. `token_ids` the sampled y_t (B, T); advantages, behaviour and reference
+    log-probs (B, T). Same loss, gradients and metrics as the unchunked function."""
+    optional = [("behaviour", behaviour_logprobs), ("reference", reference_logprobs)]
+    present = [name for name, tensor in optional if tensor is not None]
+
+    def token_loss(logits: Tensor, ids: Tensor, advantage: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
+        given = dict(zip(present, rest, strict=True))
+        logprobs = logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,)
+        loss, _, _, _ = _policy_gradient_terms(logprobs, advantage, given.get("behaviour"), given.get("reference"),
+                                               kl_coef, clip_low, clip_high)
+        return loss, logprobs
+
+    extras = [token_ids, advantages.float()] + [tensor.float() for _, tensor in optional if tensor is not None]
+    loss, logprobs = chunked_head_loss(hidden_states, lm_head_weight, mask, token_loss, extras, chunk_size, project)
+    with torch.no_grad():
+        _, ratio, clipped, k3 = _policy_gradient_terms(
+            logprobs, advantages.float(), None if behaviour_logprobs is None else behaviour_logprobs.float(),
+            None if reference_logprobs is None else reference_logprobs.float(), kl_coef, clip_low, clip_high)
+    return loss, _policy_gradient_metrics(ratio, clipped, k3, mask, reference_logprobs is not None)

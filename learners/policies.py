@@ -10,6 +10,11 @@
   KL), from `learners.losses`.
 `FoldConfig.method` names a preset of these parts (`METHODS`); `rollout` and `mask` override it. The
 fold step asks the parts, never the method's name.
+
+RL methods compose the same way, with the environment's reward in place of a teacher (`RL_METHODS`):
+`grpo` is the student's own samples (n per prompt) x the completion mask x `policy_gradient` (GRPO's
+group-relative advantages and clipped surrogate, `learners.losses.chunked_policy_gradient`), trained by
+`learners.grpo`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,12 @@ from typing import Any, Literal
 import torch
 
 from engines.base import Engine, GuidedEngine
-from learners.losses import Projection, chunked_generalized_jsd, chunked_sampled_token_reverse_kl
+from learners.losses import (
+    Projection,
+    chunked_generalized_jsd,
+    chunked_policy_gradient,
+    chunked_sampled_token_reverse_kl,
+)
 from learners.masks import top_positions
 from learners.passes import sampled_log_probs
 
@@ -47,6 +57,17 @@ class Parts:
     rollout: Rollout
     mask: Mask
     loss: str
+
+
+# RL method -> its parts: the reward-driven loss is the method's own (no teacher to choose)
+RL_METHODS: dict[str, Parts] = {
+    "grpo": Parts(rollout="student", mask="completion", loss="policy_gradient"),
+}
+
+
+def method_names() -> dict[str, str]:
+    """Every method and the command that trains it (for error messages naming the choices)."""
+    return {**{name: "fold" for name in METHODS}, **{name: "train" for name in RL_METHODS}}
 
 
 def parts_of(config) -> Parts:
@@ -162,3 +183,21 @@ def loss_is_kl(parts: Parts, config) -> bool:
     """Whether the loss is itself the full-vocabulary KL over every trained token at weight 1 (the fold
     then logs it as the KL instead of computing the KL again)."""
     return parts.loss == "reverse_kl" and parts.mask == "completion" and config.normalize == "token"
+
+
+def reward_loss(parts: Parts, config, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                advantages: torch.Tensor, mask: torch.Tensor, project: Projection,
+                behaviour: torch.Tensor | None = None, reference: torch.Tensor | None = None):
+    """An RL method's loss over one pass's N tokens ((N, H) hidden states in): the masked mean of the
+    per-token loss, and its metrics. `advantages` (N,) per token (its episode's); `behaviour` (N,) the
+    sampled tokens' behaviour log-probs (NaN where unknown); `reference` (N,) the reference policy's, for
+    the KL term and metric. `config` is a `learners.grpo.GrpoConfig`."""
+    if parts.loss != "policy_gradient":
+        raise MethodError(f"{parts.loss} is not a reward-driven loss")
+    return chunked_policy_gradient(
+        hidden[None], weight, targets[None], advantages[None], mask,
+        behaviour_logprobs=None if behaviour is None else behaviour[None],
+        reference_logprobs=None if reference is None else reference[None],
+        kl_coef=config.kl_coef, clip_low=config.clip_low, clip_high=config.clip_high,
+        chunk_size=config.chunk_size, project=project,
+    )
