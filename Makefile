@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev,plots]"
 	$(BIN)/python -c "from engines import small_linear as k; print('small-batch decode kernel:', 'built' if k.available() else 'not here (decoding uses oneDNN/MKL)')"
+	@# the twx:<game> families run TextWorldExpress in a Java 17 VM: a warning with the fix where there is none
+	$(BIN)/python -c "from envs.textworld_express import java_status; print(java_status())"
 	touch $@
 
 model: install

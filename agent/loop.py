@@ -219,10 +219,11 @@ def build_graph(runtime: Runtime, checkpointer=None):
         failures = [t for t in trajectories if not t.success and t.error is None]
         # Exemplars from successes that had no exemplar in their prompt carry something new.
         fresh_successes = sorted(successes, key=lambda t: len(t.skill_ids))
-        candidates = [exemplar_from(t) for t in fresh_successes[: settings.max_candidates_per_batch]]
+        candidates = [exemplar_from(t, family) for t in fresh_successes[: settings.max_candidates_per_batch]]
         since = state.get("since_reflection", 0)
         if settings.reflect_every and since >= settings.reflect_every and (successes or failures):
-            rule = write_rule(runtime.engine, family.name, successes, failures, seed=state.get("next_index", 0))
+            rule = write_rule(runtime.engine, family.name, successes, failures, seed=state.get("next_index", 0),
+                              task_family=family)
             if rule is not None:
                 candidates.append(rule)
             since = 0

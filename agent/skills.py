@@ -45,8 +45,19 @@ def dialogue_text(messages: Sequence[Message]) -> str:
     )
 
 
-def exemplar_text(trajectory: Trajectory) -> str:
-    """A successful episode as a worked dialogue."""
+def exemplar_text(trajectory: Trajectory, family: TaskFamily | None = None) -> str:
+    """An episode as a worked dialogue: the family's own brief form of it (an optional member
+    `exemplar(trajectory) -> list[Message]`, e.g. a won text game as its moves) or the whole transcript."""
+    brief = getattr(family, "exemplar", None)
+    if callable(brief):
+        try:
+            messages = list(brief(trajectory))
+            if messages and all(isinstance(message, Message) for message in messages):
+                return dialogue_text(messages)
+            log.warning("%s: exemplar() gave no list of messages; the whole transcript is used", trajectory.env)
+        except Exception as error:  # a family's own code: the transcript is always a valid exemplar
+            log.warning("%s: exemplar() raised %s: %s; the whole transcript is used", trajectory.env,
+                        type(error).__name__, error)
     return dialogue_text(trajectory.messages())
 
 
@@ -122,22 +133,24 @@ def retrieve_for(
     )
 
 
-def exemplar_from(trajectory: Trajectory) -> Skill:
+def exemplar_from(trajectory: Trajectory, family: TaskFamily | None = None) -> Skill:
+    """An exemplar skill from a verified success, in the family's brief form where it has one."""
     question = next((message.content for message in trajectory.prompt if message.role == "user"), "")
     return Skill(
         kind="exemplar",
         family=trajectory.env,
         title=question.strip().splitlines()[0][:120] if question.strip() else trajectory.item_id,
-        text=exemplar_text(trajectory),
+        text=exemplar_text(trajectory, family),
         provenance=[trajectory.id],
     )
 
 
-def reflection_prompt(family: str, successes: Sequence[Trajectory], failures: Sequence[Trajectory]) -> list[dict]:
+def reflection_prompt(family: str, successes: Sequence[Trajectory], failures: Sequence[Trajectory],
+                      task_family: TaskFamily | None = None) -> list[dict]:
     template = resources.files("agent").joinpath("prompts/reflect.txt").read_text(encoding="utf-8")
 
     def show(trajectories: Sequence[Trajectory]) -> str:
-        return "\n\n".join(exemplar_text(trajectory) for trajectory in trajectories) or "(none)"
+        return "\n\n".join(exemplar_text(trajectory, task_family) for trajectory in trajectories) or "(none)"
 
     text = template.format(family=family, successes=show(successes), failures=show(failures))
     return [{"role": "user", "content": text}]
@@ -154,9 +167,11 @@ def rule_from_reflection(raw: str, max_chars: int = 300) -> str | None:
 
 
 def write_rule(
-    engine: Engine, family: str, successes: Sequence[Trajectory], failures: Sequence[Trajectory], seed: int
+    engine: Engine, family: str, successes: Sequence[Trajectory], failures: Sequence[Trajectory], seed: int,
+    task_family: TaskFamily | None = None,
 ) -> Skill | None:
-    prompt = reflection_prompt(family, successes[:3], failures[:3])
+    """A rule the model writes from up to 3 successes and 3 failures (each in the family's brief form)."""
+    prompt = reflection_prompt(family, successes[:3], failures[:3], task_family)
     output = engine.generate([prompt], SamplingParams(temperature=0.7, max_new_tokens=80, seed=seed))[0]
     rule = rule_from_reflection(output.text)
     if rule is None:

@@ -8,7 +8,9 @@ Everything that crosses a package boundary about an episode is a pydantic record
 the bottom of the import graph: `Message`, `StepResult`, `ToolUse`, `Turn`, `Trajectory`.
 
 The protocol, in full (docs/environments.md has a worked example):
-- `TaskFamily`: `name`, `success_threshold`, `split_size(split)`, `make(split, index)`.
+- `TaskFamily`: `name`, `success_threshold`, `split_size(split)`, `make(split, index)`, and optionally
+  `exemplar(trajectory) -> list[Message]`: the brief form a won episode is remembered in as an exemplar
+  skill (default: its whole transcript; a text game keeps its moves and what they showed, `envs.textworld_express`).
 - `Environment`: `family`, `item_id`, `initial_observation()`, `step(action)`, and optionally
   `close()`, which the rollout loop calls once at the end of every episode (a failed one included).
 """

@@ -1,4 +1,4 @@
-"""From a spec string to a task family: `rg:<dataset>`, `facts`, `toy`, `toy:<turns>`, each
+"""From a spec string to a task family: `rg:<dataset>`, `twx:<game>`, `facts`, `toy`, `toy:<turns>`, each
 optionally with tools: `rg:basic_arithmetic+calc`, `facts+lookup`.
 
 `FAMILY_KINDS` maps a spec prefix to a constructor `(argument, options, settings) -> TaskFamily`,
@@ -33,6 +33,7 @@ from envs.toy import ToyFamily
 
 FamilyConstructor = Callable[[str | None, dict[str, Any], dict[str, Any]], TaskFamily]
 EXAMPLE_DATASETS = ("leg_counting", "basic_arithmetic", "letter_counting")
+TWX_GAMES = ("coin", "cooking", "twc", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
 
 
 def _make_reasoning_gym(
@@ -41,6 +42,16 @@ def _make_reasoning_gym(
     if not argument:
         raise EnvSpecError(f"rg needs a dataset name, e.g. rg:{EXAMPLE_DATASETS[0]}")
     return ReasoningGymFamily(argument, options, **settings)
+
+
+def _make_textworld_express(
+    argument: str | None, options: dict[str, Any], settings: dict[str, Any]
+) -> TaskFamily:
+    from envs.textworld_express import TextWorldExpressFamily  # py4j and the JVM only when named
+
+    if not argument:
+        raise EnvSpecError(f"twx needs a game name, e.g. {', '.join('twx:' + name for name in TWX_GAMES)}")
+    return TextWorldExpressFamily(argument, options, **settings)
 
 
 def _make_toy(argument: str | None, options: dict[str, Any], settings: dict[str, Any]) -> TaskFamily:
@@ -70,12 +81,15 @@ def _make_facts(argument: str | None, options: dict[str, Any], settings: dict[st
 
 FAMILY_KINDS: dict[str, FamilyConstructor] = {
     "rg": _make_reasoning_gym,
+    "twx": _make_textworld_express,
     "facts": _make_facts,
     "toy": _make_toy,
     "general": _make_general,
 }
 KIND_HELP = {
     "rg": f"rg:<dataset> (reasoning-gym, e.g. {', '.join('rg:' + name for name in EXAMPLE_DATASETS)})",
+    "twx": "twx:<game> (TextWorldExpress text games, multi-turn, needs Java 17: "
+           + ", ".join("twx:" + name for name in TWX_GAMES) + ")",
     "facts": "facts (questions about a private fact table; use with +lookup)",
     "toy": "toy[:turns] (deterministic word repeating, for tests)",
     "general": "general (everyday instructions, unscored: what a fold protects besides your families)",
@@ -138,6 +152,8 @@ def available_families() -> list[str]:
     for kind in FAMILY_KINDS:
         if kind == "rg":
             families.extend(f"rg:{name}" for name in dataset_names())
+        elif kind == "twx":
+            families.extend(f"twx:{name}" for name in TWX_GAMES)
         else:
             families.append(kind)
     families.extend(f"facts+{name}" for name in TOOL_NAMES if name == "lookup")
