@@ -406,12 +406,9 @@ def _drops_table(metrics: Metrics, summary: Summary) -> list[str]:
     return lines
 
 
-def _compute_table(metrics: Metrics) -> list[str]:
-    """What each arm spent on its weights per phase: optimizer steps and the trainer's rollouts (fold or
-    GRPO episodes; the fast path's train episodes are in the table above). Shown when a grpo arm ran, so
-    that RL and the folds are compared at equal steps and rollouts."""
-    lines = ["## Training compute (mean over seeds)", "",
-             "| arm | phase | trained | optimizer steps | trainer rollouts | rollout tokens |", "|---|" + "---|" * 5]
+def _phase_means(metrics: Metrics):
+    """(arm, phase index, phase name, mean) for every arm and phase, in table order; `mean(get)` is
+    `get(unit)` averaged over the seeds' units of that arm and phase."""
     units = units_by_key(metrics)
     for arm in metrics.config.arms:
         for phase, name in enumerate(metrics.phases):
@@ -420,11 +417,21 @@ def _compute_table(metrics: Metrics) -> list[str]:
             def mean(get: Callable[[UnitResult], float], ran: list[UnitResult] = ran) -> float:
                 return sum(get(unit) for unit in ran) / len(ran)
 
-            lines.append(
-                f"| {arm} | {phase + 1} | {name} | {mean(lambda unit: unit.train.optimizer_steps):.0f} | "
-                f"{mean(lambda unit: unit.train.rollouts):.0f} | "
-                f"{mean(lambda unit: unit.train.fold_generated_tokens + unit.train.rl_generated_tokens):.0f} |"
-            )
+            yield arm, phase, name, mean
+
+
+def _compute_table(metrics: Metrics) -> list[str]:
+    """What each arm spent on its weights per phase: optimizer steps and the trainer's rollouts (fold or
+    GRPO episodes; the fast path's train episodes are in the table above). Shown when a grpo arm ran, so
+    that RL and the folds are compared at equal steps and rollouts."""
+    lines = ["## Training compute (mean over seeds)", "",
+             "| arm | phase | trained | optimizer steps | trainer rollouts | rollout tokens |", "|---|" + "---|" * 5]
+    for arm, phase, name, mean in _phase_means(metrics):
+        lines.append(
+            f"| {arm} | {phase + 1} | {name} | {mean(lambda unit: unit.train.optimizer_steps):.0f} | "
+            f"{mean(lambda unit: unit.train.rollouts):.0f} | "
+            f"{mean(lambda unit: unit.train.fold_generated_tokens + unit.train.rl_generated_tokens):.0f} |"
+        )
     return lines + [""]
 
 
@@ -432,22 +439,15 @@ def _phase_table(metrics: Metrics) -> list[str]:
     lines = ["## Per phase (mean over seeds)", "",
              "| arm | phase | trained | train episodes (successes) | skills active/folded/retired | skill tokens "
              "| tokens generated | wall time |", "|---|" + "---|" * 7]
-    units = units_by_key(metrics)
-    for arm in metrics.config.arms:
-        for phase, name in enumerate(metrics.phases):
-            ran = [units[(arm, seed, phase)] for seed in metrics.config.seeds]
-
-            def mean(get: Callable[[UnitResult], float], ran: list[UnitResult] = ran) -> float:
-                return sum(get(unit) for unit in ran) / len(ran)
-
-            skills = "/".join(f"{mean(lambda unit, key=key: unit.skills.get(key, 0)):.1f}"
-                              for key in ("active", "folded", "retired"))
-            lines.append(
-                f"| {arm} | {phase + 1} | {name} | {mean(lambda unit: unit.train.episodes):.0f} "
-                f"({mean(lambda unit: unit.train.successes):.1f}) | {skills} | "
-                f"{mean(lambda unit: sum(e.skill_tokens for e in unit.evals)):.0f} | "
-                f"{mean(lambda unit: unit.generated_tokens):.0f} | {mean(lambda unit: unit.seconds):.0f} s |"
-            )
+    for arm, phase, name, mean in _phase_means(metrics):
+        skills = "/".join(f"{mean(lambda unit, key=key: unit.skills.get(key, 0)):.1f}"
+                          for key in ("active", "folded", "retired"))
+        lines.append(
+            f"| {arm} | {phase + 1} | {name} | {mean(lambda unit: unit.train.episodes):.0f} "
+            f"({mean(lambda unit: unit.train.successes):.1f}) | {skills} | "
+            f"{mean(lambda unit: sum(e.skill_tokens for e in unit.evals)):.0f} | "
+            f"{mean(lambda unit: unit.generated_tokens):.0f} | {mean(lambda unit: unit.seconds):.0f} s |"
+        )
     return lines + [""]
 
 
