@@ -282,7 +282,7 @@ def run_command(
 def fold_command(
     families: Annotated[list[str] | None, typer.Option("--families", "-f", help="families to fold (repeatable); default: all with active skills")] = None,
     anchor: Annotated[list[str] | None, typer.Option("--anchor", help="family to keep as it is (repeatable)")] = None,
-    method: Annotated[str | None, typer.Option(help="opsd, opd, rmsd, speculative or trb")] = None,
+    method: Annotated[str | None, typer.Option(help="opsd, opd, rmsd, speculative, trb or pedagogical")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
     model: ModelOption = None,
     engine_kind: EngineOption = None,
@@ -424,7 +424,7 @@ def _fold_progress(total: int):
 
         def on_step(record: dict) -> None:
             bar.update(task, completed=record["step"], info=(
-                f"loss {record['loss']:.4f} kl {record['kl']:.4f} teacher-tokens {record['teacher_token_share']:.0%} "
+                f"loss {record['loss']:.4f} kl {_kl(record)} teacher-tokens {record['teacher_token_share']:.0%} "
                 f"rollout-ok {record['rollout_success']:.0%} {record['tokens_per_second']:.0f} tok/s"
             ))
 
@@ -606,10 +606,15 @@ def _evolve_config(path: Path, flags: dict, overrides: list[str]):
     return build_config(EvolveConfig, None, {**taken, **flags}, overrides)
 
 
+def _kl(record: dict) -> str:
+    """A step's KL to the teacher as printed: n/a where the method runs no teacher pass (imitation)."""
+    return "n/a" if record.get("kl") is None else f"{record['kl']:.4f}"
+
+
 def _fold_step_line(total: int):
     def on_step(record: dict) -> None:
         if record["step"] % 5 == 0 or record["step"] == total:
-            console.print(f"  fold step {record['step']}/{total}: loss {record['loss']:.4f} kl {record['kl']:.4f} "
+            console.print(f"  fold step {record['step']}/{total}: loss {record['loss']:.4f} kl {_kl(record)} "
                           f"rollout-ok {record['rollout_success']:.0%}")
 
     return on_step

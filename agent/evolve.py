@@ -388,7 +388,7 @@ def fold_skills(stream: Stream, state: EvolveState) -> tuple[str, bool] | None:
         promoted = check is None or check.promoted
         evidence = result.model_dump(exclude={"adapter", "run_dir"}) | {
             "adapter": str(target), "families": sorted(skilled), "anchors": sorted(anchors), "prompts": len(items),
-            "generated_tokens": _fold_tokens(Path(result.run_dir)), "promoted": promoted,
+            **_fold_spent(Path(result.run_dir)), "promoted": promoted,
             "retention": None if check is None else check.model_dump(mode="json"),
         }
         # logged before the adapter is registered: once it is, a resumed stage skips the fold
@@ -406,13 +406,17 @@ def fold_skills(stream: Stream, state: EvolveState) -> tuple[str, bool] | None:
     return str(target), promoted
 
 
-def _fold_tokens(run_dir: Path) -> int:
+def _fold_spent(run_dir: Path) -> dict[str, int]:
+    """A fold's rollout tokens and rollouts (episodes played, a pedagogical fold's replays included)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return 0
+        return {"generated_tokens": 0}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    by_step = {record["step"]: record.get("generated_tokens", 0) for record in records}  # a redone step counts once
-    return sum(by_step.values())
+    by_step = {record["step"]: record for record in records}  # a redone step counts once
+    spent = {"generated_tokens": sum(record.get("generated_tokens", 0) for record in by_step.values())}
+    if all("rollouts" in record for record in by_step.values()):
+        spent["rollouts"] = sum(record["rollouts"] for record in by_step.values())
+    return spent
 
 
 def assess(stream: Stream, state: EvolveState) -> EvolveState:

@@ -462,7 +462,8 @@ def run_unit(lab: Lab, arm: str, seed: int, phase: int) -> UnitResult:
 
 def _train_stats(events: list[EvolveEvent], batch_size: int = 0) -> TrainStats:
     """Totals of a phase's trained and fold events (a repeated line, from a resumed stage, counts once);
-    `batch_size`: the folds' episodes per step (their rollouts = steps x batch_size)."""
+    `batch_size`: the folds' episodes per step (their rollouts = steps x batch_size where a fold's evidence
+    does not count them: a pedagogical fold replays failed episodes)."""
     trained = {event.chunk: event.evidence for event in events if event.kind == "trained"}
     folds = {event.evidence["adapter"]: event.evidence for event in events if event.kind == "fold"}
     fold_steps = sum(e.get("steps", 0) for e in folds.values())
@@ -470,7 +471,8 @@ def _train_stats(events: list[EvolveEvent], batch_size: int = 0) -> TrainStats:
         episodes=sum(e["episodes"] for e in trained.values()), successes=sum(e["successes"] for e in trained.values()),
         generated_tokens=sum(e["generated_tokens"] for e in trained.values()), folds=len(folds),
         fold_generated_tokens=sum(e.get("generated_tokens", 0) for e in folds.values()),
-        optimizer_steps=fold_steps, rollouts=fold_steps * batch_size,
+        optimizer_steps=fold_steps,
+        rollouts=sum(e.get("rollouts", e.get("steps", 0) * batch_size) for e in folds.values()),
     )
 
 

@@ -19,6 +19,7 @@ temperature or top-p warping), so they can serve as importance ratios and KL ter
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -129,9 +130,10 @@ class GuidedEngine(Engine, Protocol):
         teacher_prompts: Sequence[Chat],
         params: SamplingParams,
         *,
-        policy: Literal["speculative", "mixture"],
+        policy: Literal["speculative", "mixture", "pedagogical"],
         top_k: int = 20,
         mix: float = 0.0,
+        surprisal: float = math.inf,
         teacher_scope: Callable[[], contextlib.AbstractContextManager] | None = None,
         teacher_model: Any = None,
         progress: Callable[[int], None] | None = None,

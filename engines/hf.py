@@ -17,6 +17,7 @@ import ctypes
 import functools
 import inspect
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -261,9 +262,10 @@ class HFEngine:
         teacher_prompts: Sequence[Chat],
         params: SamplingParams,
         *,
-        policy: Literal["speculative", "mixture"],
+        policy: Literal["speculative", "mixture", "pedagogical"],
         top_k: int = 20,
         mix: float = 0.0,
+        surprisal: float = math.inf,
         teacher_scope: Callable[[], contextlib.AbstractContextManager] | None = None,
         teacher_model=None,
         progress: Callable[[int], None] | None = None,
@@ -283,6 +285,10 @@ class HFEngine:
         - `mixture` (TRB): y ~ μ ∝ S^(1−mix)·T^mix (renormalised in log space). A token counts as a
           teacher token (source 1) when mix > 0 and T(y) > S(y): the teacher made it likelier than
           the student alone would have.
+        - `pedagogical`: the teacher proposes y ~ T; a proposal the student finds too surprising,
+          −log S(y) > `surprisal` (nats, at temperature 1), is replaced by y ~ S (source 0; an accepted
+          proposal is source 1). μ(y) = T(y)·[y ∈ A] + T(V ∖ A)·S(y), A = {y : −log S(y) ≤ surprisal};
+          `surprisal` = inf is the teacher alone.
 
         `logprobs` are the student's model log-probs; `behaviour_logprobs` are log μ and
         `teacher_logprobs` log T, all at temperature 1. With temperature 0 and `mixture` at mix 0
@@ -290,8 +296,10 @@ class HFEngine:
         Stops, EOS and dropping finished rows (from both caches) are as in `generate`.
         """
         self.pack_weights()
-        if policy not in ("speculative", "mixture"):
-            raise ValueError(f"unknown guided policy {policy!r}: speculative or mixture")
+        if policy not in ("speculative", "mixture", "pedagogical"):
+            raise ValueError(f"unknown guided policy {policy!r}: speculative, mixture or pedagogical")
+        if not surprisal >= 0.0:
+            raise ValueError(f"surprisal must be >= 0 (nats; inf for no limit), got {surprisal}")
         if len(student_prompts) != len(teacher_prompts):
             raise ValueError(f"{len(student_prompts)} student prompts but {len(teacher_prompts)} teacher prompts")
         if top_k < 1:
@@ -306,7 +314,8 @@ class HFEngine:
             chunk = order[start:start + self.batch_size]
             outputs = self._guided_batch(
                 [student_rows[index] for index in chunk], [teacher_rows[index] for index in chunk], chunk, params,
-                policy=policy, top_k=top_k, mix=mix, teacher_scope=teacher_scope, teacher_model=teacher_model,
+                policy=policy, top_k=top_k, mix=mix, surprisal=surprisal, teacher_scope=teacher_scope,
+                teacher_model=teacher_model,
             )
             for index, output in zip(chunk, outputs, strict=True):
                 results[index] = output
@@ -324,6 +333,7 @@ class HFEngine:
         policy: str,
         top_k: int,
         mix: float,
+        surprisal: float,
         teacher_scope,
         teacher_model,
     ) -> list[GuidedGeneration]:
@@ -355,10 +365,10 @@ class HFEngine:
                     f"({student_logits.shape[-1]})"
                 )
             row_generators = [generators[row] for row in active] if generators else None
-            choose = _speculative_choice if policy == "speculative" else _mixture_choice
+            choose = _CHOICES[policy]
             chosen, chosen_sources, chosen_behaviour, student_chosen, teacher_chosen = choose(
                 self._no_stop_yet(student_logits, params, step), self._no_stop_yet(teacher_logits, params, step),
-                params, row_generators, top_k=top_k, mix=mix,
+                params, row_generators, top_k=top_k, mix=mix, surprisal=surprisal,
             )
             if step < params.min_tokens:  # log-probs of the unconstrained models (behaviour: what chose)
                 student_chosen = _gather(torch.log_softmax(student_logits, dim=-1), chosen)
@@ -672,7 +682,8 @@ def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.gather(-1, index[:, None]).squeeze(-1)
 
 
-def _speculative_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float):
+def _speculative_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float,
+                        surprisal: float):
     """SKD: the student proposes; a proposal outside the teacher's top-k is replaced by a teacher sample.
 
     Returns (tokens, sources, log μ, log S, log T), each (B,), where
@@ -699,7 +710,8 @@ def _speculative_choice(student_logits, teacher_logits, params, generators, *, t
     return chosen, (~accepted).long(), behaviour, student_chosen, teacher_chosen
 
 
-def _mixture_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float):
+def _mixture_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float,
+                    surprisal: float):
     """TRB: y ~ μ ∝ S^(1−mix)·T^mix; a teacher token is one with mix > 0 and T(y) > S(y).
 
     Returns (tokens, sources, log μ, log S, log T), each (B,). At mix 0 (1) the student's (teacher's)
@@ -720,6 +732,36 @@ def _mixture_choice(student_logits, teacher_logits, params, generators, *, top_k
     sources = ((teacher_chosen > student_chosen) & (mix > 0.0)).long()
     return chosen, sources, behaviour, student_chosen, teacher_chosen
 
+
+def _pedagogical_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float,
+                        surprisal: float):
+    """The teacher proposes; a proposal the student finds too surprising (−log S(y) > `surprisal`) is
+    replaced by a student sample. Returns (tokens, sources, log μ, log S, log T), each (B,), where
+    μ(y) = T(y)·[y ∈ A] + T(V ∖ A)·S(y), A = {y : log S(y) ≥ −surprisal}; source 1 = the teacher's
+    proposal kept. With `surprisal` = inf every proposal is kept: the draws are the teacher view's own."""
+    student_log_probs = torch.log_softmax(student_logits, dim=-1)
+    teacher_log_probs = torch.log_softmax(teacher_logits, dim=-1)
+    proposal = HFEngine._choose(teacher_logits, params, generators)
+    chosen = proposal.clone()
+    if math.isinf(surprisal):
+        accepted = torch.ones_like(proposal, dtype=torch.bool)
+        behaviour = _gather(teacher_log_probs, chosen)
+    else:
+        plausible = student_log_probs >= -surprisal  # (B, V): A
+        accepted = _gather(plausible, proposal)
+        rejected = torch.nonzero(~accepted).flatten().tolist()
+        if rejected:
+            index = torch.tensor(rejected, device=chosen.device)
+            chosen[index] = HFEngine._choose(
+                student_logits[index], params, [generators[row] for row in rejected] if generators else None
+            )
+        refused_mass = torch.logsumexp(teacher_log_probs.masked_fill(plausible, float("-inf")), dim=-1)  # log T(V∖A)
+        proposed = _gather(teacher_log_probs, chosen).masked_fill(~_gather(plausible, chosen), float("-inf"))
+        behaviour = torch.logaddexp(proposed, refused_mass + _gather(student_log_probs, chosen))
+    return chosen, accepted.long(), behaviour, _gather(student_log_probs, chosen), _gather(teacher_log_probs, chosen)
+
+
+_CHOICES = {"speculative": _speculative_choice, "mixture": _mixture_choice, "pedagogical": _pedagogical_choice}
 
 _BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF
 

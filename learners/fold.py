@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engines.base import Engine, LentBase, SamplingParams, SharesWeights
 from envs.base import Message, TaskFamily, Trajectory
@@ -50,13 +50,16 @@ from learners.passes import (
     shared_prefix_hidden_at,
 )
 from learners.policies import (
+    METHODS,
     MethodError,
     Parts,
     check_engine,
-    guided_rollout,
+    imitated,
     loss_is_kl,
     mixture_weight,
+    needs_teacher_pass,
     parts_of,
+    play,
     token_loss,
     token_mask,
 )
@@ -86,11 +89,13 @@ class FoldError(RuntimeError):
 class FoldConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["opsd", "opd", "rmsd", "speculative", "trb"] = Field(
+    method: Literal["opsd", "opd", "rmsd", "speculative", "trb", "pedagogical"] = Field(
         default="opsd",
         description="opsd: self teacher with skills; opd: external teacher; rmsd: opsd on the top disagreement "
         "tokens; speculative: opsd on SKD rollouts (teacher replaces tokens outside its top-k); trb: opsd on "
-        "rollouts from a student-teacher mixture annealed to pure student",
+        "rollouts from a student-teacher mixture annealed to pure student; pedagogical: the teacher writes the "
+        "rollouts within a surprisal budget to the student that widens only as far as success needs, and the "
+        "student imitates them weighted by its own surprisal (docs/methods.md)",
     )
     steps: int = Field(default=32, ge=1, description="measured: the calculator skill clicks at step ~25 of 32 (docs/benchmarks.md)")
     batch_size: int = Field(default=8, ge=1, description="episodes per optimizer step")
@@ -102,7 +107,9 @@ class FoldConfig(BaseModel):
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
-    loss: Literal["reverse_kl", "jsd", "sampled"] = Field(default="reverse_kl", description="per-token objective")
+    loss: Literal["reverse_kl", "jsd", "sampled", "imitation"] = Field(
+        default="reverse_kl", description="per-token objective; left out, the method's (imitation for pedagogical, "
+        "reverse_kl for the others)")
     beta: float = Field(default=1.0, ge=0, le=1, description="JSD beta: 1 = reverse KL, 0 = forward KL")
     teacher: Literal["self-frozen", "self-ema", "external"] = "self-frozen"
     teacher_model: str | None = Field(default=None, description="model id/dir of the external teacher")
@@ -112,7 +119,7 @@ class FoldConfig(BaseModel):
         default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=16),
         description="per assistant turn; short turns keep the decisive first tokens a large share of the loss",
     )
-    rollout: Literal["student", "speculative", "mixture"] | None = Field(
+    rollout: Literal["student", "speculative", "mixture", "pedagogical"] | None = Field(
         default=None, description="the rollout policy; None = the method's (learners.policies.METHODS)")
     mask: Literal["completion", "relevance"] | None = Field(
         default=None, description="the token mask; None = the method's (relevance for rmsd)")
@@ -129,6 +136,14 @@ class FoldConfig(BaseModel):
     speculative_top_k: int = Field(default=20, ge=1, description="speculative: the teacher's top-k that accepts a student token")
     trb_mix: float = Field(default=0.5, ge=0, le=1, description="trb: the teacher's weight in the rollout mixture at step 1")
     trb_warmup_steps: int = Field(default=10, ge=0, description="trb: steps over which the mixture anneals linearly to pure student")
+    pedagogical_surprisal: list[float] = Field(
+        default_factory=lambda: [2.0, 4.0], min_length=1,
+        description="pedagogical: the surprisal budgets (nats, widening) within which a teacher token is kept; a "
+        "teacher token the student finds more surprising is replaced by a student sample. An episode that fails "
+        "at one budget is played again at the next, and last by the teacher alone")
+    imitation_surprisal: float = Field(
+        default=2.0, gt=0, description="imitation loss: tokens up to this surprisal to the student (nats) are "
+        "learned fully, harder ones with weight (this / their surprisal)")
     anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items")
     checkpoint_every: int = Field(default=5, ge=1)
     chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
@@ -158,6 +173,24 @@ class FoldConfig(BaseModel):
         "keeps the output head unpacked for the fold (engines.onednn packs a 113 MiB copy of a tied head)",
     )
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_loss(cls, data: Any) -> Any:
+        """A config that names no loss takes its method's (`learners.policies.METHODS`)."""
+        if isinstance(data, dict) and data.get("loss") is None:
+            preset = METHODS.get(data.get("method", "opsd"))
+            if preset is not None:
+                data = {**data, "loss": preset[2]}
+        return data
+
+    @field_validator("pedagogical_surprisal")
+    @classmethod
+    def _budgets(cls, budgets: list[float]) -> list[float]:
+        if any(not 0 <= budget < math.inf for budget in budgets):
+            raise ValueError("each surprisal budget must be a finite number of nats >= 0 (the teacher alone comes "
+                             "after the last)")
+        return budgets
 
 
 class FoldItem(BaseModel):
@@ -305,7 +338,8 @@ def fold(
                     sink.write(json.dumps(record) + "\n")
                 if writer is not None:
                     for key in ("loss", "kl", "rollout_success", "tokens_per_second", "teacher_token_share"):
-                        writer.add_scalar(f"fold/{key}", record[key], step + 1)
+                        if record[key] is not None:
+                            writer.add_scalar(f"fold/{key}", record[key], step + 1)
                 first = first or record
                 last = record
                 if on_step:
@@ -341,16 +375,20 @@ def fold(
 def collect(engine: Engine, teacher: Teacher, families, batch: Sequence[FoldItem], config: FoldConfig, step: int,
             parts: Parts) -> list[Trajectory]:
     """Step `step`'s rollouts: the batch's train items played to the end under the rollout policy."""
-    environments = [families[item.family].make("train", item.index) for item in batch]
     sampling = config.sampling.model_copy(update={"seed": config.seed + step * 1000})
-    trajectories = run_episodes(
-        engine, environments, sampling, split="train", max_turns=config.max_turns,
-        teacher_contexts=[[] if item.anchor else list(item.context) for item in batch],
-        guided=guided_rollout(parts, engine, teacher, config, step),
-    )
-    for item, trajectory in zip(batch, trajectories, strict=True):  # a batch mixes families: each its own bar
-        score_trajectory(trajectory, families[item.family].success_threshold)
-    return trajectories
+
+    def episodes(rows: Sequence[int], guided) -> list[Trajectory]:
+        chosen = [batch[row] for row in rows]
+        environments = [families[item.family].make("train", item.index) for item in chosen]
+        trajectories = run_episodes(
+            engine, environments, sampling, split="train", max_turns=config.max_turns,
+            teacher_contexts=[[] if item.anchor else list(item.context) for item in chosen], guided=guided,
+        )
+        for item, trajectory in zip(chosen, trajectories, strict=True):  # a batch mixes families: each its own bar
+            score_trajectory(trajectory, families[item.family].success_threshold)
+        return trajectories
+
+    return play(parts, engine, teacher, config, step, [item.anchor for item in batch], episodes)
 
 
 def _lag(trajectories: Sequence[Trajectory], trained_at: dict[Any, int], step: int) -> int:
@@ -371,27 +409,37 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
     if trajectories is None:
         student.eval()  # no dropout while sampling
         trajectories = collect(engine, teacher, families, batch, config, step, parts)
-    views, kept_items = _views(tokenizer, stop_ids, batch, trajectories, config)
-    generated = sum(t.completion_tokens for t in trajectories)
+    learned = [(item, trajectory) for item, trajectory in zip(batch, trajectories, strict=True)
+               if imitated(parts, trajectory, item.anchor)]
+    views, kept_items = _views(tokenizer, stop_ids, [item for item, _ in learned], [t for _, t in learned], config)
+    final_tokens = sum(t.completion_tokens for t in trajectories)
+    generated = final_tokens + sum(t.info.get("discarded_tokens", 0) for t in trajectories)
     teacher_tokens = sum(turn.info.get("teacher_tokens", 0) for t in trajectories for turn in t.turns)
     record: dict[str, Any] = {
         "step": step + 1,
         "episodes": len(batch),
+        "rollouts": sum(t.info.get("attempts", 1) for t in trajectories),
         "rollout_success": sum(t.success for t in trajectories) / len(trajectories),
         "generated_tokens": generated,
-        "teacher_token_share": teacher_tokens / generated if generated else 0.0,
+        "teacher_token_share": teacher_tokens / final_tokens if final_tokens else 0.0,
     }
     if parts.rollout == "mixture":
         record["trb_mix"] = mixture_weight(config, step)
+    if parts.rollout == "pedagogical":  # how wide the budgets had to go, and what no budget solved
+        record["surprisal_budget"] = sum(t.info["surprisal_budget"] for t in trajectories) / len(trajectories)
+        record["unsolved"] = len(batch) - len(learned)
+    teacher_pass = needs_teacher_pass(parts)
     if not views:
-        record.update(loss=0.0, kl=0.0, trained_tokens=0)
+        record.update(loss=0.0, kl=0.0 if teacher_pass else None, trained_tokens=0)
         return record
     student.train()
-    with attention(student):  # CPU: attention reads grouped key/value heads (no repeat_kv copies)
-        teacher_hidden, teacher_weight = teacher.hidden(views)  # (N, H'), (V, H')
     weight = causal_lm(student).get_output_embeddings().weight  # (V, H)
+    teacher_hidden = teacher_weight = None
+    if teacher_pass:
+        with attention(student):  # CPU: attention reads grouped key/value heads (no repeat_kv copies)
+            teacher_hidden, teacher_weight = teacher.hidden(views)  # (N, H'), (V, H')
     targets = torch.tensor(
-        [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=teacher_hidden.device
+        [v.student.input_ids[p] for v in views for p in v.student.trained_positions], device=weight.device
     )  # (N,)
     behaviour = None  # (N,) the sampled tokens' behaviour log-probs, for the sampled loss's ratios
     if parts.loss == "sampled" and any(v.student.behaviour for v in views):
@@ -407,7 +455,8 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
     def loss_of(rows: list[int], student_hidden: torch.Tensor) -> torch.Tensor:
         """One pass's share of the batch loss, Σ_t m_t·ℓ_t over its rows' tokens (normalised below)."""
         index = torch.cat([torch.arange(offsets[row], offsets[row + 1]) for row in rows]).to(targets.device)
-        row_targets, row_teacher = targets[index], teacher_hidden[index]
+        row_targets = targets[index]
+        row_teacher = None if teacher_hidden is None else teacher_hidden[index]
         mask = token_mask(parts, config, row_targets, [lengths[row] for row in rows], row_teacher, teacher_weight,
                           student_hidden, weight, project)
         loss = token_loss(parts, config, student_hidden, weight, row_targets, row_teacher, teacher_weight, mask,
@@ -415,6 +464,8 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
         mass = float(mask.float().sum())
         if loss_is_the_kl:
             kl = float(loss.detach())  # the loss is this very KL: every trained token, weight 1
+        elif row_teacher is None:
+            kl = 0.0  # no teacher pass (imitation): the step reports no KL
         else:
             kl = float(reverse_kl(student_hidden, weight, row_teacher, teacher_weight, config.chunk_size, project))
         totals["loss"] += float(loss.detach()) * mass
@@ -437,7 +488,8 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
     optimizer.zero_grad(set_to_none=True)
     teacher.after_step()
     student.eval()
-    record.update(loss=loss_value, kl=totals["kl"] / targets.numel(), trained_tokens=int(targets.numel()),
+    record.update(loss=loss_value, kl=totals["kl"] / targets.numel() if teacher_pass else None,
+                  trained_tokens=int(targets.numel()),
                   distilled_tokens=totals["distilled"], anchors=sum(item.anchor for item in kept_items))
     return record
 

@@ -6,11 +6,12 @@ sg stop-gradient. Per-position inputs are (B, T); distributions are over the las
 buckets). Every loss is a mean over unmasked tokens, Σ_t m_t·ℓ_t / Σ_t m_t (0 when nothing is
 unmasked: a batch with no trained token gives a zero loss with a valid graph, not NaN).
 
-Three families:
+Four families:
 - sampled-token reverse KL, an RL loss on the log-probs of the sampled tokens only (B, T);
 - the generalized JSD(β) over the full vocabulary or over the teacher's top-k plus a tail bucket;
 - GRPO's group-relative advantages and clipped policy-gradient surrogate, with an optional k3 KL to a
-  reference policy (the environment's reward, not a teacher, makes the signal).
+  reference policy (the environment's reward, not a teacher, makes the signal);
+- surprisal-weighted imitation of a rollout's tokens (the pedagogical method: the teacher wrote them).
 
 The (B, T, V) logits are the memory and time hog of a training step (8 x 256 x 49,152 fp32 is
 0.4 GB per copy, NOTES.md section 3). `chunked_head_loss` computes a loss from the final hidden
@@ -608,3 +609,58 @@ def chunked_policy_gradient(
             logprobs, advantages.float(), None if behaviour_logprobs is None else behaviour_logprobs.float(),
             None if reference_logprobs is None else reference_logprobs.float(), kl_coef, clip_low, clip_high)
     return loss, _policy_gradient_metrics(ratio, clipped, k3, mask, reference_logprobs is not None)
+
+
+# --- surprisal-weighted imitation (the pedagogical method) -----------------------------------------
+
+
+def _imitation_terms(logprobs: Tensor, surprisal: float) -> tuple[Tensor, Tensor]:
+    """Per-token loss and weight of `surprisal_weighted_imitation` (the input's shape)."""
+    nll = -logprobs  # s_t, with gradient
+    weight = (surprisal / nll.detach().clamp(min=1e-12)).clamp(max=1.0)  # w_t = min(1, τ / s_t), a constant
+    return weight * nll, weight
+
+
+def surprisal_weighted_imitation(logprobs: Tensor, mask: Tensor, *, surprisal: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Imitation of the rollout's tokens, weighted by how surprising each is to the student:
+
+        s_t = −log S(y_t)                       (the student's surprisal of the token it imitates)
+        w_t = min(1, τ / sg(s_t))               (τ = `surprisal`, nats)
+        ℓ_t = w_t · s_t,   L = Σ_t m_t·ℓ_t / Σ_t m_t
+
+    A token the student already finds plausible (s_t ≤ τ) is learned fully, as in SFT; a harder one
+    with weight τ/s_t, so that its gradient w_t·∇s_t is at most τ/s_t of the plain cross-entropy's
+    and its loss contribution is capped at τ: easy tokens fully, hard ones gently. Inputs (B, T);
+    returns (L, w (B, T)) with w detached."""
+    if not surprisal > 0:
+        raise ValueError(f"the imitation's surprisal scale must be > 0 nats, got {surprisal}")
+    loss_t, weight = _imitation_terms(logprobs, surprisal)
+    return masked_mean(loss_t, mask), weight
+
+
+def chunked_surprisal_weighted_imitation(
+    hidden_states: Tensor,
+    lm_head_weight: Tensor,
+    token_ids: Tensor,
+    mask: Tensor,
+    *,
+    surprisal: float = 2.0,
+    chunk_size: int = 512,
+    project: Projection = linear_head,
+) -> tuple[Tensor, dict[str, float]]:
+    """`surprisal_weighted_imitation` from hidden states, chunked (`chunked_head_loss`), with
+    log S(y_t) = log_softmax(h_t Wᵀ)[y_t] (temperature 1). `token_ids` the imitated y_t (B, T). Same
+    loss and gradients as the unchunked function. Metrics: `surprisal` (mean s_t) and `imitation_weight`
+    (mean w_t) over the unmasked tokens."""
+    if not surprisal > 0:
+        raise ValueError(f"the imitation's surprisal scale must be > 0 nats, got {surprisal}")
+
+    def token_loss(logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        logprobs = logits.gather(-1, ids[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,)
+        loss, _ = _imitation_terms(logprobs, surprisal)
+        return loss, -logprobs
+
+    loss, nll = chunked_head_loss(hidden_states, lm_head_weight, mask, token_loss, [token_ids], chunk_size, project)
+    with torch.no_grad():
+        _, weight = _imitation_terms(-nll, surprisal)
+        return loss, {"surprisal": masked_mean(nll, mask).item(), "imitation_weight": masked_mean(weight, mask).item()}

@@ -2,14 +2,18 @@
 
 - rollout policy: who chooses the tokens of the episodes the student learns from: `student` (its own
   samples, on-policy), `speculative` (SKD: a student token outside the teacher's top-k is replaced by
-  a teacher sample) or `mixture` (TRB: samples from S^(1-α)·T^α, α annealed to 0). The last two need
-  an engine that declares guided generation (`engines.base.GuidedEngine`).
+  a teacher sample), `mixture` (TRB: samples from S^(1-α)·T^α, α annealed to 0) or `pedagogical`
+  (the teacher writes the rollout; a teacher token too surprising to the student is replaced by a
+  student sample, under a surprisal budget that widens, episode by episode, only as far as success
+  needs: `play`). The last three need an engine that declares guided generation
+  (`engines.base.GuidedEngine`).
 - token mask: which trained tokens carry the loss: `completion` (every token the model wrote) or
   `relevance` (RMSD: each episode's tokens where student and teacher disagree most).
-- loss: `reverse_kl` (full vocabulary), `jsd` (generalized JSD(β)) or `sampled` (sampled-token reverse
-  KL), from `learners.losses`.
-`FoldConfig.method` names a preset of these parts (`METHODS`); `rollout` and `mask` override it. The
-fold step asks the parts, never the method's name.
+- loss: `reverse_kl` (full vocabulary), `jsd` (generalized JSD(β)), `sampled` (sampled-token reverse
+  KL) or `imitation` (surprisal-weighted imitation of the rollout's tokens, no teacher pass), from
+  `learners.losses`.
+`FoldConfig.method` names a preset of these parts (`METHODS`); `rollout`, `mask` and `loss` override it.
+The fold step asks the parts, never the method's name.
 
 RL methods compose the same way, with the environment's reward in place of a teacher (`RL_METHODS`):
 `grpo` is the student's own samples (n per prompt) x the completion mask x `policy_gradient` (GRPO's
@@ -19,7 +23,8 @@ group-relative advantages and clipped surrogate, `learners.losses.chunked_policy
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,20 +36,23 @@ from learners.losses import (
     chunked_generalized_jsd,
     chunked_policy_gradient,
     chunked_sampled_token_reverse_kl,
+    chunked_surprisal_weighted_imitation,
 )
 from learners.masks import top_positions
 from learners.passes import sampled_log_probs
 
-Rollout = Literal["student", "speculative", "mixture"]
+Rollout = Literal["student", "speculative", "mixture", "pedagogical"]
 Mask = Literal["completion", "relevance"]
+Loss = Literal["reverse_kl", "jsd", "sampled", "imitation"]
 
-# method -> (rollout policy, token mask); the teacher (self or external) and the loss are their own settings
-METHODS: dict[str, tuple[Rollout, Mask]] = {
-    "opsd": ("student", "completion"),
-    "opd": ("student", "completion"),
-    "rmsd": ("student", "relevance"),
-    "speculative": ("speculative", "completion"),
-    "trb": ("mixture", "completion"),
+# method -> (rollout policy, token mask, loss); the teacher (self or external) is its own setting
+METHODS: dict[str, tuple[Rollout, Mask, Loss]] = {
+    "opsd": ("student", "completion", "reverse_kl"),
+    "opd": ("student", "completion", "reverse_kl"),
+    "rmsd": ("student", "relevance", "reverse_kl"),
+    "speculative": ("speculative", "completion", "reverse_kl"),
+    "trb": ("mixture", "completion", "reverse_kl"),
+    "pedagogical": ("pedagogical", "completion", "imitation"),
 }
 
 
@@ -71,9 +79,15 @@ def method_names() -> dict[str, str]:
 
 
 def parts_of(config) -> Parts:
-    """The parts a `FoldConfig` composes: its method's preset, with `rollout` / `mask` overriding it."""
-    rollout, mask = METHODS[config.method]
-    return Parts(rollout=config.rollout or rollout, mask=config.mask or mask, loss=config.loss)
+    """The parts a `FoldConfig` composes: its method's preset, with `rollout` / `mask` / `loss` overriding it."""
+    rollout, mask, loss = METHODS[config.method]
+    return Parts(rollout=config.rollout or rollout, mask=config.mask or mask, loss=config.loss or loss)
+
+
+def needs_teacher_pass(parts: Parts) -> bool:
+    """Whether a step scores its trained tokens with the teacher (the distillation losses, and the
+    relevance mask, read the teacher's distribution; imitation learns the rollout's tokens alone)."""
+    return parts.loss != "imitation" or parts.mask == "relevance"
 
 
 def check_engine(parts: Parts, engine: Engine) -> None:
@@ -93,9 +107,54 @@ def mixture_weight(config, step: int) -> float:
     return config.trb_mix * max(0.0, 1.0 - step / config.trb_warmup_steps)
 
 
-def guided_rollout(parts: Parts, engine: Engine, teacher, config, step: int):
+def surprisal_budgets(parts: Parts, config) -> list[float | None]:
+    """The rungs a rollout policy plays an item at, in order: one (None: the policy's only setting) for
+    every policy but `pedagogical`, whose rungs are its surprisal limits, widening, then the teacher
+    alone (inf)."""
+    if parts.rollout != "pedagogical":
+        return [None]
+    return [*sorted(config.pedagogical_surprisal), math.inf]
+
+
+def play(parts: Parts, engine: Engine, teacher, config, step: int, anchors: Sequence[bool],
+         episodes: Callable[[Sequence[int], Any], list]) -> list:
+    """Step `step`'s rollouts under the rollout policy: `episodes(rows, guided)` plays the batch rows
+    `rows` (fresh environments of their items) and returns their scored trajectories.
+
+    The pedagogical policy plays every row at its narrowest surprisal budget, then each row whose
+    episode failed (anchors excepted: they only keep the student where it is) again, from a fresh
+    environment, at the next wider budget, and last with the teacher alone: the teacher's surprising
+    tokens stay only where success needed them. A row's final trajectory records in `info` the
+    `attempts` it took, the `surprisal_budget` it succeeded (or last failed) at, and the tokens of its
+    discarded attempts (`discarded_tokens`), which the step counts as spent."""
+    budgets = surprisal_budgets(parts, config)
+    final: list = [None] * len(anchors)
+    discarded = [0] * len(anchors)
+    rows = list(range(len(anchors)))
+    for attempt, budget in enumerate(budgets, start=1):
+        played = episodes(rows, guided_rollout(parts, engine, teacher, config, step, surprisal=budget))
+        for row, trajectory in zip(rows, played, strict=True):
+            if final[row] is not None:
+                discarded[row] += final[row].completion_tokens
+            final[row] = trajectory
+            if budget is not None:
+                trajectory.info.update(attempts=attempt, surprisal_budget=budget, discarded_tokens=discarded[row])
+        rows = [row for row in rows if not final[row].success and not anchors[row]]
+        if not rows:
+            break
+    return final
+
+
+def imitated(parts: Parts, trajectory, anchor: bool) -> bool:
+    """Whether a step learns from this episode: a pedagogical rollout that failed at every budget (the
+    teacher alone included) is not imitated; every other episode is trained on as the loss says."""
+    return parts.rollout != "pedagogical" or anchor or trajectory.success
+
+
+def guided_rollout(parts: Parts, engine: Engine, teacher, config, step: int, surprisal: float | None = None):
     """The rollout policy as a `run_episodes(guided=...)` callable, or None for the student's own
-    samples (the `student` policy, and `mixture` once its warm-up is over).
+    samples (the `student` policy, and `mixture` once its warm-up is over). `surprisal`: the
+    pedagogical policy's budget for this attempt (nats; inf = the teacher alone).
 
     The teacher view runs the student's model under the teacher's weights (`Teacher._teacher_weights`:
     the frozen or EMA adapter state), or the external teacher model, with the skills in its prompt.
@@ -107,6 +166,8 @@ def guided_rollout(parts: Parts, engine: Engine, teacher, config, step: int):
         if mix == 0.0:
             return None
         policy = {"policy": "mixture", "mix": mix}
+    elif parts.rollout == "pedagogical":
+        policy = {"policy": "pedagogical", "surprisal": math.inf if surprisal is None else surprisal}
     else:
         return None
     if not isinstance(engine, GuidedEngine):
@@ -163,7 +224,14 @@ def token_loss(parts: Parts, config, student_hidden: torch.Tensor, weight: torch
                project: Projection, behaviour: torch.Tensor | None = None) -> torch.Tensor:
     """The masked mean of the per-token loss over one pass's N tokens: (N, H) hidden states in.
     `behaviour` (N,): the log-probs the tokens were sampled with (NaN where unknown), for the sampled
-    loss's importance ratios when the rollouts came from another adapter version than the student's."""
+    loss's importance ratios when the rollouts came from another adapter version than the student's.
+    The imitation loss reads no teacher (its hidden states may be None)."""
+    if parts.loss == "imitation":
+        loss, _ = chunked_surprisal_weighted_imitation(
+            student_hidden[None], weight, targets[None], mask, surprisal=config.imitation_surprisal,
+            chunk_size=config.chunk_size, project=project,
+        )
+        return loss
     if parts.loss == "sampled":
         teacher_log_probs = sampled_log_probs(teacher_hidden, teacher_weight, targets, config.chunk_size, project)
         loss, _ = chunked_sampled_token_reverse_kl(

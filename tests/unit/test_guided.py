@@ -1,6 +1,7 @@
 """Guided rollouts (HFEngine.generate_guided) on tiny random-weight Llamas: speculative (SKD) and
 mixture (TRB) policies against plain generation and plain forward passes."""
 
+import math
 from contextlib import contextmanager
 
 import pytest
@@ -287,3 +288,62 @@ def test_shared_prefixes_run_in_each_views_own_weights(tiny_engine, other_model)
         reference = plain_log_probs(tiny_engine, other_model, teacher, output.token_ids)
         assert output.logprobs == pytest.approx(chosen(student, output.token_ids), abs=1e-4)
         assert output.teacher_logprobs == pytest.approx(chosen(reference, output.token_ids), abs=1e-4)
+
+
+def test_pedagogical_without_a_limit_samples_from_the_teacher(tiny_engine, tiny_tokenizer, other_model):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=9)
+    teachers = teacher_prompts()
+    guided = tiny_engine.generate_guided(PROMPTS, teachers, params, policy="pedagogical",
+                                         teacher_scope=lambda: swapped(tiny_engine.model, other_model))
+    teacher_alone = HFEngine(other_model, tiny_tokenizer, batch_size=4).generate(teachers, params)
+    for prompt, output, expected in zip(PROMPTS, guided, teacher_alone, strict=True):
+        assert output.token_ids == expected.token_ids
+        assert output.sources == [1] * len(output.token_ids)  # every proposal kept
+        assert output.behaviour_logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+        student = chosen(plain_log_probs(tiny_engine, tiny_engine.model, prompt, output.token_ids), output.token_ids)
+        assert output.logprobs == pytest.approx(student, abs=1e-4)
+
+
+def test_pedagogical_at_zero_surprisal_is_the_student_alone(tiny_engine, other_model):
+    """No teacher token is plausible enough at 0 nats (the student's log-prob of any token is < 0)."""
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    guided = tiny_engine.generate_guided(PROMPTS, teacher_prompts(), params, policy="pedagogical", surprisal=0.0,
+                                         teacher_scope=lambda: swapped(tiny_engine.model, other_model))
+    for prompt, output in zip(PROMPTS, guided, strict=True):
+        assert sum(output.sources) == 0
+        assert output.behaviour_logprobs == pytest.approx(output.logprobs, abs=1e-5)  # μ = S when A is empty
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_pedagogical_keeps_a_teacher_token_only_within_the_students_surprisal(tiny_engine, other_model, temperature):
+    surprisal = 6.0
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, seed=5)
+    teachers = teacher_prompts()
+    guided = tiny_engine.generate_guided(PROMPTS, teachers, params, policy="pedagogical", surprisal=surprisal,
+                                         teacher_scope=lambda: swapped(tiny_engine.model, other_model))
+    sources = [source for output in guided for source in output.sources]
+    assert 0 in sources and 1 in sources  # both branches happen
+    for prompt, teacher_prompt, output in zip(PROMPTS, teachers, guided, strict=True):
+        student = plain_log_probs(tiny_engine, tiny_engine.model, prompt, output.token_ids)
+        teacher = plain_log_probs(tiny_engine, other_model, teacher_prompt, output.token_ids)
+        assert output.teacher_logprobs == pytest.approx(chosen(teacher, output.token_ids), abs=1e-4)
+        for position, (token, source) in enumerate(zip(output.token_ids, output.sources, strict=True)):
+            plausible = student[position] >= -surprisal  # A
+            if source == 1:  # a kept proposal: plausible to the student
+                assert bool(plausible[token])
+                if temperature == 0:
+                    assert token == int(teacher[position].argmax())
+            elif temperature == 0:  # the greedy teacher's choice was refused: the greedy student's
+                assert not bool(plausible[int(teacher[position].argmax())])
+                assert token == int(student[position].argmax())
+            # μ(y) = T(y)·[y ∈ A] + T(V ∖ A)·S(y)
+            teacher_probs, student_probs = teacher[position].exp(), student[position].exp()
+            expected = (float(teacher_probs[token]) if bool(plausible[token]) else 0.0) + float(
+                teacher_probs[~plausible].sum()) * float(student_probs[token])
+            assert output.behaviour_logprobs[position] == pytest.approx(math.log(expected), abs=1e-4)
+
+
+def test_pedagogical_rejects_a_negative_surprisal(tiny_engine):
+    with pytest.raises(ValueError, match="surprisal"):
+        tiny_engine.generate_guided(PROMPTS[:1], PROMPTS[:1], SamplingParams(max_new_tokens=2),
+                                    policy="pedagogical", surprisal=-1.0)
