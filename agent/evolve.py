@@ -388,7 +388,7 @@ def fold_skills(stream: Stream, state: EvolveState) -> tuple[str, bool] | None:
         promoted = check is None or check.promoted
         evidence = result.model_dump(exclude={"adapter", "run_dir"}) | {
             "adapter": str(target), "families": sorted(skilled), "anchors": sorted(anchors), "prompts": len(items),
-            **_fold_spent(Path(result.run_dir)), "promoted": promoted,
+            **fold_spent(Path(result.run_dir)), "promoted": promoted,
             "retention": None if check is None else check.model_dump(mode="json"),
         }
         # logged before the adapter is registered: once it is, a resumed stage skips the fold
@@ -406,7 +406,7 @@ def fold_skills(stream: Stream, state: EvolveState) -> tuple[str, bool] | None:
     return str(target), promoted
 
 
-def _fold_spent(run_dir: Path) -> dict[str, int]:
+def fold_spent(run_dir: Path) -> dict[str, int]:
     """A fold's rollout tokens and rollouts (episodes played, a pedagogical fold's replays included)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

@@ -11,7 +11,12 @@ Every arm plays the same phases with the same seeds and is measured on the same 
 - `grpo` (not among the default arms; name it in `arms`): no memory, no fast path; GRPO on the phase's
   family (`learners.grpo`) with the fold's steps, rollouts per step (`batch_size`) and trainer settings,
   continuing the earlier phases' adapter; evaluated with memory off. Its report counts its optimizer
-  steps and rollouts beside the folds' (`agent.report`, "Training compute").
+  steps and rollouts beside the folds' (`agent.report`, "Training compute");
+- `routed` (not among the default arms): the fast path, then the phase's family folded alone, from the
+  base model, into an adapter of its own (`agent.routing`); evaluated with no skills in the prompt, each
+  held-out prompt served the adapter of the family the memory's retrieval picks for it (the base model
+  where it picks none), per group of prompts on the HF engine and per request on vLLM
+  (`engines.routed`). Its cells record where each prompt was routed and what the adapter switches cost.
 After every phase, every family of the stream is evaluated on eval items [0, eval_items) (the arms that
 fold also with memory off, for retention); the evolve loop's fold decisions use the eval items after
 those. A seed sets the loop's sampling seed, the fold's, the SFT's and GRPO's.
@@ -49,6 +54,7 @@ from agent.evolve import (
     StreamSettings,
     check_stream,
     evolve_phase,
+    fold_spent,
     heldout,
     heldout_contexts,
     load_state,
@@ -59,23 +65,34 @@ from agent.evolve import (
     train,
     write_atomic,
 )
-from agent.folding import adapters_dir, register_adapter, resolve_adapter
-from envs.base import Message, TaskFamily, Trajectory
+from agent.folding import adapters_dir, fold_items, register_adapter, resolve_adapter
+from agent.routing import MemoryRouter, Routes, task_query
+from engines.routed import RoutedEngine
+from envs.base import Message, TaskFamily, Trajectory, item_prompt
 from learners.fold import FoldResult, fold
 from learners.grpo import GrpoConfig, GrpoResult, GrpoSettings, grpo, train_items
 from learners.sft import SftConfig, SftResult, sft
 from memory import Memory
 
-Arm = Literal["base", "memory", "sft", "fold", "skillfold", "grpo"]
+Arm = Literal["base", "memory", "sft", "fold", "skillfold", "grpo", "routed"]
 ARMS: tuple[Arm, ...] = ("base", "memory", "sft", "fold", "skillfold")  # the default arms
-ALL_ARMS: tuple[Arm, ...] = (*ARMS, "grpo")
+ALL_ARMS: tuple[Arm, ...] = (*ARMS, "grpo", "routed")
+# skills in the prompt when the arm is measured (routed: the memory picks the adapter, no skills in the prompt)
 MEMORY_ON: dict[str, bool] = {"base": False, "memory": True, "sft": False, "fold": True, "skillfold": True,
-                              "grpo": False}
+                              "grpo": False, "routed": False}
 FOLDING = ("fold", "skillfold")
 HOW_NOT_WHAT = ("threads", "batch_size", "device")  # model settings a resumed run may change
 # fold settings that change time and memory, not the update (gradient checkpointing: the same
 # gradients, tested; the heap threshold: the allocator)
 FOLD_HOW_NOT_WHAT = ("gradient_checkpointing", "heap_threshold_kib")
+
+
+class RoutingSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    k: int = Field(default=5, ge=1, description="nearest skills that vote for a prompt's family")
+    max_distance: float = Field(default=0.6, gt=0, le=2, description="cosine distance past which a skill does not "
+                                "vote (a prompt no skill is this near gets the base model)")
 
 
 class ExperimentConfig(BaseModel):
@@ -85,11 +102,13 @@ class ExperimentConfig(BaseModel):
     stream: StreamSettings
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     arms: list[Arm] = Field(default_factory=lambda: list(ARMS), min_length=1,
-                            description="subset of " + ", ".join(ALL_ARMS) + " (default: all but grpo)")
+                            description="subset of " + ", ".join(ALL_ARMS) + " (default: all but grpo and routed)")
     eval_items: int = Field(default=100, ge=1, description="held-out items per family behind every number")
     sft: SftConfig = Field(default_factory=SftConfig)
     grpo: GrpoSettings = Field(default_factory=GrpoSettings, description="the grpo arm's own settings (steps, "
                                "rollouts per step and trainer settings are the stream's fold's)")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings, description="how the routed arm picks a "
+                                     "prompt's adapter from memory")
 
     @field_validator("seeds", "arms")
     @classmethod
@@ -117,6 +136,9 @@ class FamilyEval(BaseModel):
     trajectories: str = Field(description="the episodes, relative to the experiment directory")
     reused_from: str | None = Field(default=None, description="the identical earlier evaluation whose episodes "
                                     "these are (same weights, items and skills; greedy), relative to the directory")
+    routing: dict[str, Any] | None = Field(default=None, description="the routed arm: prompts served their own "
+                                           "family's adapter (own), another family's (other) or the base model "
+                                           "(base); adapter switches and their seconds")
 
 
 class TrainStats(BaseModel):
@@ -536,10 +558,46 @@ def grpo_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainSt
                       rl_generated_tokens=result.generated_tokens), []
 
 
+def routed_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainStats, list[dict[str, Any]]]:
+    """The fast path for the phase (skills into memory; the arm never folds in the loop), then the phase's
+    family folded alone, from the base model, into an adapter of its own that the routes table names for
+    the family (a later phase of the same family replaces it). A registered phase adapter is not redone; a
+    killed fold continues from its last checkpoint."""
+    serve(lab.engine, None)  # the fast path and the fold start from the base model
+    evolve_phase(stream, phase)
+    events = [event for event in read_events(stream.run_dir) if event.phase == phase]
+    stats = _train_stats(events)
+    settings, family = stream.settings, lab.families[phase]
+    name = f"routed-p{phase}"
+    run_dir, target = stream.home / "folds" / name, adapters_dir(stream.home) / name
+    if not (run_dir / "result.json").is_file():
+        serve(lab.engine, None)
+        items = fold_items(stream.memory, lab.engine, {family.name: family}, {}, settings.items_per_family,
+                           settings.loop.probes, settings.loop.token_budget, settings.loop.retrieve_k,
+                           seed=settings.fold.seed + phase + 1)
+        if not items:  # no skill of the family to fold: its prompts stay with the base model
+            stream.say(f"phase {phase + 1} {family.name}: no skills to fold, no adapter")
+            return stats, []
+        config = settings.fold.model_copy(update={"seed": settings.fold.seed + phase + 1})
+        stream.say(f"fold of {family.name} alone into {name} ({len(items)} prompts)")
+        result = lab.reusing_fold(lab.engine, {family.name: family}, items, config, run_dir, resume=True)
+        write_atomic(run_dir / "result.json", result.model_dump_json(indent=2))
+    result = FoldResult.model_validate_json((run_dir / "result.json").read_text())
+    # registered again if it is (a kill may have come between the two), never as `latest`: routes serve it
+    register_adapter(stream.home, name, target if target.is_dir() else Path(result.adapter), latest=False)
+    Routes(stream.home).set(family.name, str(target))
+    serve(lab.engine, None)
+    spent = fold_spent(run_dir)
+    return stats.model_copy(update={
+        "folds": 1, "optimizer_steps": result.steps, "fold_generated_tokens": spent["generated_tokens"],
+        "rollouts": spent.get("rollouts", result.steps * settings.fold.batch_size)}), []
+
+
 # how an arm trains in a phase (the others: the evolve loop, with the arm's settings)
 PHASE_TRAINING: dict[str, Callable[[Lab, Stream, int, int], tuple[TrainStats, list[dict[str, Any]]]]] = {
     "sft": sft_phase,
     "grpo": grpo_phase,
+    "routed": routed_phase,
 }
 
 
@@ -550,7 +608,10 @@ def evaluate_unit(lab: Lab, arm: str, seed: int, phase: int,
     unit_dir = unit_path(lab.out, arm, seed, phase).with_suffix("")
     evals, evals_off, tokens = [], [], 0
     for family in {family.name: family for family in lab.families}.values():
-        run = [evaluate_family(lab, family, memory if MEMORY_ON[arm] else None, unit_dir)]
+        if arm == "routed":
+            run = [evaluate_routed(lab, family, memory, lab.home(arm, seed), unit_dir)]
+        else:
+            run = [evaluate_family(lab, family, memory if MEMORY_ON[arm] else None, unit_dir)]
         evals.append(run[0])
         if arm in FOLDING:  # memory off too; without skills in the prompt that is the same evaluation
             if run[0].memory:
@@ -560,7 +621,31 @@ def evaluate_unit(lab: Lab, arm: str, seed: int, phase: int,
     return evals, evals_off, tokens
 
 
-def evaluate_family(lab: Lab, family: TaskFamily, memory: Memory | None, unit_dir: Path) -> FamilyEval:
+def evaluate_routed(lab: Lab, family: TaskFamily, memory: Memory, home: Path, unit_dir: Path) -> FamilyEval:
+    """The routed arm's held-out evaluation of `family`: no skills in the prompt; each item served the adapter
+    of the family the memory picks for its prompt (`agent.routing.MemoryRouter`), the base model where it
+    picks none or that family has no adapter. Its cell records the routing and the switches' cost."""
+    routes = Routes(home).read()
+    router = MemoryRouter(memory, routes, k=lab.config.routing.k, max_distance=lab.config.routing.max_distance)
+    engine = RoutedEngine(lab.engine, router)
+    served = []
+    for index in range(lab.config.eval_items):
+        prompt = item_prompt(family, "eval", index)
+        name = None if prompt is None else router.family_for(task_query([message.as_dict() for message in prompt]))
+        served.append(name if name in routes else None)
+    routing = {"own": sum(name == family.name for name in served), "base": sum(name is None for name in served),
+               "other": sum(name not in (None, family.name) for name in served)}
+    return evaluate_family(
+        lab, family, None, unit_dir, engine=engine,
+        key_extra={"routes": [adapter_digest(routes[name]) if name else None for name in served]},
+        adapters=[routes[name] if name else None for name in served],
+        measured=lambda: {"routing": routing | engine.stats.as_dict()},
+    )
+
+
+def evaluate_family(lab: Lab, family: TaskFamily, memory: Memory | None, unit_dir: Path, *, engine=None,
+                    key_extra: dict[str, Any] | None = None, adapters: list[str | None] | None = None,
+                    measured: Callable[[], dict[str, Any]] | None = None) -> FamilyEval:
     """One held-out evaluation, or an earlier identical one reused.
 
     Decoding is greedy, so an evaluation is fixed by the weights (model and adapter contents), the
@@ -568,37 +653,49 @@ def evaluate_family(lab: Lab, family: TaskFamily, memory: Memory | None, unit_di
     this experiment (another arm's, or an earlier phase's with the same skills), its episodes are copied
     (recorded as served here: this engine's adapter path, whose contents are the same) and `reused_from`
     names where they came from. The unit's files hold the episodes either way.
+    `engine`: another engine than the lab's (the routed arm's), with `key_extra` what else fixes its
+    evaluation, `adapters` the adapter each item's episode is recorded as served by, and `measured()` more
+    fields of the cell, read after a fresh evaluation.
     """
+    engine = engine or lab.engine
     settings = lab.config.stream
     contexts = heldout_contexts(lab.engine, family, lab.config.eval_items, settings, memory=memory)
-    key = eval_key(lab.engine, family.name, lab.config.eval_items, settings, contexts)
+    key = eval_key(engine, family.name, lab.config.eval_items, settings, contexts, key_extra)
     path = unit_dir / f"{re.sub(r'[^A-Za-z0-9]+', '_', family.name)}-{'on' if contexts else 'off'}.jsonl"
     earlier = lab.out / "evals" / f"{key}.json"
+
+    def served(episodes: list[Trajectory]) -> list[Trajectory]:
+        by = adapters or [engine.adapter] * len(episodes)
+        return [episode.model_copy(update={"model": engine.model_name, "adapter": adapter})
+                for episode, adapter in zip(episodes, by, strict=True)]
+
     if earlier.is_file():
         original = FamilyEval.model_validate_json(earlier.read_text())
         if original.trajectories == str(path.relative_to(lab.out)):  # this unit's own, before a kill
             return original
         source = lab.out / original.trajectories
         if source.is_file():  # the episodes, as served here (the same weights under this arm's adapter path)
-            episodes = [episode.model_copy(update={"model": lab.engine.model_name, "adapter": lab.engine.adapter})
-                        for episode in read_episodes(source)]
-            write_atomic(path, "".join(episode.model_dump_json() + "\n" for episode in episodes))
+            write_atomic(path, "".join(episode.model_dump_json() + "\n" for episode in served(read_episodes(source))))
             return original.model_copy(update={"trajectories": str(path.relative_to(lab.out)),
                                                "reused_from": original.trajectories})
-    result, trajectories = heldout(lab.engine, family, lab.config.eval_items, settings, contexts=contexts)
-    recorded = record_eval(lab, result, trajectories, path)
+    result, trajectories = heldout(engine, family, lab.config.eval_items, settings, contexts=contexts)
+    recorded = record_eval(lab, result, served(trajectories) if adapters else trajectories, path)
+    if measured is not None:
+        recorded = recorded.model_copy(update=measured())
     write_atomic(earlier, recorded.model_dump_json(indent=2))
     return recorded
 
 
-def eval_key(engine, family: str, items: int, settings: StreamSettings, contexts: list) -> str:
+def eval_key(engine, family: str, items: int, settings: StreamSettings, contexts: list,
+             extra: dict[str, Any] | None = None) -> str:
     """What fixes a greedy held-out evaluation, hashed: model, adapter contents, family, items, decoding,
-    turns and every item's skills."""
-    return content_key({
+    turns and every item's skills (and `extra`: the routed arm's adapter per item)."""
+    payload = {
         "model": engine.model_name, "adapter": adapter_digest(engine.adapter), "family": family, "items": items,
         "sampling": settings.eval_sampling.model_dump(mode="json"), "max_turns": settings.loop.max_turns,
         "contexts": [[message.model_dump(mode="json") for message in context] for context, _ in contexts],
-    })
+    }
+    return content_key(payload | extra if extra else payload)
 
 
 def content_key(payload: dict[str, Any]) -> str:

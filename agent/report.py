@@ -388,8 +388,10 @@ def render(metrics: Metrics, summary: Summary, plots: list[str]) -> str:
         if arm in FOLDING:
             lines += [f"### {arm}, memory off", "", *_matrix_table(metrics, arm, True), ""]
     lines += _phase_table(metrics)
-    if "grpo" in config.arms:  # RL beside the folds: at equal optimizer steps and rollouts
+    if "grpo" in config.arms or "routed" in config.arms:  # at equal optimizer steps and rollouts
         lines += _compute_table(metrics)
+    if "routed" in config.arms:
+        lines += _routing_table(metrics)
     lines += _transitions(metrics)
     lines += ["## Plots", "", *[f"![{Path(name).stem}]({name})" for name in plots], "", "## Definitions", "",
               (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
@@ -432,6 +434,32 @@ def _compute_table(metrics: Metrics) -> list[str]:
             f"{mean(lambda unit: unit.train.rollouts):.0f} | "
             f"{mean(lambda unit: unit.train.fold_generated_tokens + unit.train.rl_generated_tokens):.0f} |"
         )
+    return lines + [""]
+
+
+def _routing_table(metrics: Metrics) -> list[str]:
+    """Where the routed arm's held-out prompts went, per phase and family (pooled over seeds), and what
+    switching adapters cost (evaluations reused from an identical earlier one switched nothing)."""
+    units = units_by_key(metrics)
+    lines = ["## Routing (the routed arm, pooled over seeds)", "",
+             "Each held-out prompt is served the adapter of the family the memory's retrieval picks for it: its "
+             "own family's (own), another family's (other), or the base model (no family near enough, or one "
+             "without an adapter).", "",
+             "| phase | family | own | other | base | adapter switches | switch seconds | per request |",
+             "|---|" + "---|" * 7]
+    for phase in range(len(metrics.phases)):
+        for family in metrics.families:
+            cells = [_eval_of(units[("routed", seed, phase)], family, False) for seed in metrics.config.seeds]
+            routed = [cell.routing for cell in cells if cell.routing]
+            if not routed:
+                continue
+            items = sum(cell.items for cell in cells if cell.routing)
+            share = {key: sum(r[key] for r in routed) / items for key in ("own", "other", "base")}
+            fresh = [cell.routing for cell in cells if cell.routing and cell.reused_from is None]
+            lines.append(
+                f"| {phase + 1} | {family} | {percent(share['own'])} | {percent(share['other'])} | "
+                f"{percent(share['base'])} | {sum(r['switches'] for r in fresh)} | "
+                f"{sum(r['switch_seconds'] for r in fresh):.2f} | {'yes' if routed[0]['per_request'] else 'no'} |")
     return lines + [""]
 
 

@@ -5,7 +5,10 @@ generation and scoring. Two capabilities an engine may declare on top, by implem
 - `GuidedEngine`: rollouts from a policy that blends the student with a teacher, token by token
   (the fold's speculative and mixture rollout policies need it);
 - `SharesWeights`: an in-process engine that lends its base weights to a trainer in the same process
-  (one copy of the weights for serving and training) and serves the trainer's live module.
+  (one copy of the weights for serving and training) and serves the trainer's live module;
+- `AdapterPerRequest`: an engine that serves a different LoRA adapter to each prompt of one call
+  (vLLM's per-request adapters); `engines.routed.RoutedEngine` routes prompts to adapters on any engine
+  (on one without it, by switching the adapter between groups of prompts).
 The adapter hand-off is `load_adapter(path)` for any engine (a directory the trainer wrote) and
 `serve_trained(module)` for one that shares its weights (the tensors themselves, no copy).
 
@@ -138,6 +141,22 @@ class GuidedEngine(Engine, Protocol):
         teacher_model: Any = None,
         progress: Callable[[int], None] | None = None,
     ) -> list[GuidedGeneration]: ...
+
+
+@runtime_checkable
+class AdapterPerRequest(Protocol):
+    """An engine that serves each prompt of one call with its own adapter, without switching what the
+    engine serves (`VLLMEngine`: the adapter is named per request)."""
+
+    def generate_routed(
+        self,
+        prompts: Sequence[Chat],
+        adapters: Sequence[str | None],
+        params: SamplingParams,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """`generate`, prompt i served by adapter directory `adapters[i]` (None: the base model)."""
+        ...
 
 
 @dataclass

@@ -83,6 +83,7 @@ class VLLMEngine:
         self._adapter: str | None = None
         self._served = self.base_name  # the model name requests name: the base, or the adapter version
         self._loaded: list[str] = []  # our adapter names on the servers, oldest first
+        self._routes: dict[str, str] = {}  # adapter directory -> its name, for per-request adapters
         self.adapter_version = 0  # counts hand-offs, as the HF engine's does
         self._token_cache: dict[str, list[int]] = {}
         self._lora: bool | None = None  # whether the servers run with LoRA (asked once, from /metrics)
@@ -208,10 +209,53 @@ class VLLMEngine:
         progress: Callable[[int], None] | None = None,
     ) -> list[Generation]:
         name, version = self._served, self.adapter_version  # one adapter version for the whole call
+        return self._generate(prompts, [name] * len(prompts), params, progress, version)
 
+    def generate_routed(
+        self,
+        prompts: Sequence[Chat],
+        adapters: Sequence[str | None],
+        params: SamplingParams,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """`generate` with adapter directory `adapters[i]` (None: the base model) for prompt i, named per
+        request: each directory is loaded on the servers once, under a name of its own, and stays there
+        (vLLM keeps the adapters it is asked for in its LoRA cache, swapping them in as requests need);
+        what the engine serves to plain `generate` calls does not change. Generations carry no adapter
+        version (they are not a trainer's rollouts)."""
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        names = [self.base_name if adapter is None else self._route_name(adapter) for adapter in adapters]
+        return self._generate(prompts, names, params, progress, None)
+
+    def _route_name(self, path: str) -> str:
+        adapter_dir = Path(path).expanduser().resolve()
+        key = str(adapter_dir)
+        if key not in self._routes:
+            if not (adapter_dir / "adapter_config.json").is_file():
+                raise AdapterError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json); route "
+                                   "to a fold's adapter (a directory under <home>/adapters)")
+            if not self.lora_enabled():
+                raise AdapterError(f"the vLLM server at {self.urls[0]} runs without LoRA, so it cannot serve adapter "
+                                   f"{adapter_dir}; start it with `skillfold serve` (LoRA is on unless --no-lora)")
+            name = f"{self._tag}-route{len(self._routes) + 1}"
+            for server in self._live():
+                try:
+                    self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": key}, server=server)
+                except EngineUnavailable:
+                    continue
+                except ServerError as error:
+                    raise AdapterError(f"the vLLM server at {server.url} cannot load adapter {adapter_dir}: "
+                                       f"{error}") from None
+            self._live()
+            self._routes[key] = name
+        return self._routes[key]
+
+    def _generate(self, prompts: Sequence[Chat], names: Sequence[str], params: SamplingParams,
+                  progress: Callable[[int], None] | None, version: int | None) -> list[Generation]:
         def complete(index: int) -> Generation:
             body = {
-                "model": name,
+                "model": names[index],
                 "messages": list(prompts[index]),
                 "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature,
@@ -329,6 +373,9 @@ class VLLMEngine:
                 log.debug("unloading %s from %s: %s", name, server.url, error)
 
     def close(self) -> None:
+        for name in self._routes.values():  # the per-request adapters this client loaded
+            self._unload(name)
+        self._routes.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 

@@ -228,3 +228,30 @@ def test_in_flight_requests_are_bounded_per_server(fakes):
     engine = VLLMEngine([fake.url], concurrency=3)
     engine.generate([chat(f"p {i}") for i in range(12)], SamplingParams(max_new_tokens=1))
     assert 1 < fake.peak <= 3
+
+
+def test_routed_requests_name_each_prompts_adapter_loaded_once(fakes, tmp_path):
+    first, second = fakes(), fakes()
+    engine = VLLMEngine([first.url, second.url])
+    one, two = adapter_dir(tmp_path, "one"), adapter_dir(tmp_path, "two")
+    prompts = [chat(f"w{index}") for index in range(6)]
+    routes = [str(one), None, str(two), str(one), None, str(two)]
+    out = engine.generate_routed(prompts, routes, SamplingParams(max_new_tokens=2))
+    assert [generation.text for generation in out] == [f"w{index}" for index in range(6)]  # the callers' order
+    assert all(generation.adapter_version is None for generation in out)
+    by_prompt = {body["messages"][0]["content"]: body["model"] for fake in (first, second)
+                 for path, body in fake.requests if path == "/v1/chat/completions"}
+    names = {str(one): f"{engine._tag}-route1", str(two): f"{engine._tag}-route2", None: MODEL}
+    assert by_prompt == {f"w{index}": names[route] for index, route in enumerate(routes)}
+    for fake in (first, second):  # each adapter loaded once on every server, under its own name
+        assert sorted(fake.adapters) == [f"{engine._tag}-route1", f"{engine._tag}-route2"]
+    engine.generate_routed(prompts[:2], routes[:2], SamplingParams(max_new_tokens=2))
+    loads = [body for path, body in first.requests if path == "/v1/load_lora_adapter"]
+    assert len(loads) == 2  # not loaded again
+    assert engine.adapter is None and engine.adapter_version == 0  # what plain generate serves is unchanged
+    with pytest.raises(ValueError, match="2 prompts but 1 adapters"):
+        engine.generate_routed(prompts[:2], routes[:1], SamplingParams(max_new_tokens=2))
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        engine.generate_routed(prompts[:1], [str(tmp_path)], SamplingParams(max_new_tokens=2))
+    engine.close()
+    assert not first.adapters and not second.adapters  # a closed client leaves no adapter behind
