@@ -446,7 +446,7 @@ BAD_INPUT = {
     "unknown family": (lambda tmp: ["experiment", _config(tmp, family="nope:1"), "--out", tmp / "o"],
                        "unknown environment 'nope:1'"),
     "unknown arm": (lambda tmp: ["experiment", _config(tmp, arms='["base", "magic"]'), "--out", tmp / "o"],
-                    "arms.1: Input should be 'base', 'memory', 'sft', 'fold', 'skillfold' or 'grpo'"),
+                    "arms.1: Input should be 'base', 'memory', 'sft', 'fold', 'skillfold', 'grpo' or 'routed'"),
     "too many items": (lambda tmp: ["experiment", _config(tmp), "--out", tmp / "o", "eval_items=15"],
                        "toy:1 has 16 eval items but 17 are needed"),
     "out is a file": (lambda tmp: ["experiment", _config(tmp), "--out", _config(tmp)], "is a file"),
