@@ -18,7 +18,6 @@ distilled toward the plain base model with no context: "stay as you are" where n
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -33,14 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engines.base import Engine, LentBase, SamplingParams, SharesWeights
 from envs.base import Message, TaskFamily, Trajectory
-from learners.checkpoint import (
-    CheckpointError,
-    clean_scratch,
-    keep_metrics,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
 from learners.passes import (
     attention,
     backward_in_passes,
@@ -64,16 +55,8 @@ from learners.policies import (
     token_mask,
 )
 from learners.rollout import run_episodes, score_trajectory
-from learners.student import (
-    ALL_LINEAR,
-    abandon,
-    adapter_parameters,
-    attach_student,
-    borrow,
-    finish_training,
-    hand_off,
-    load_base,
-)
+from learners.run import TrainerRun, trainer_run
+from learners.student import ALL_LINEAR, adapter_parameters, hand_off, load_base
 from learners.teacher import Teacher
 from learners.views import TemplateError, episode_views, sampled_ids
 
@@ -255,45 +238,32 @@ def fold(
                         f"behind the adapter, past fold.max_staleness={config.max_staleness}; raise "
                         "fold.max_staleness or lower fold.sync_every")
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_scratch(run_dir)  # what a killed write left: checkpoint and adapter scratch, a metrics rewrite
-    (run_dir / "fold_config.json").write_text(config.model_dump_json(indent=2))
-    previous_adapter = engine.adapter
-    loan = borrow(engine, base, heap_threshold_kib=config.heap_threshold_kib, scratch=run_dir)
-    student = None
-    pipeline: ThreadPoolExecutor | None = None
-    try:
-        if config.full_finetune and not loan.shared:
-            raise FoldError("a full fine-tune is served only by an engine that shares its weights (the HF engine); "
-                            "use a LoRA adapter (fold.full_finetune=false)")
-        student = attach_student(loan.base.model, config, previous_adapter)
-        optimizer = torch.optim.AdamW([parameter for _, parameter in adapter_parameters(student)],
-                                      lr=config.learning_rate, weight_decay=config.weight_decay)
-        if config.teacher == "external" and external_teacher is None:
+    state: dict[str, Any] = {}
+
+    def prepare(run: TrainerRun) -> None:  # the teacher takes the student's starting state, before a resume
+        teacher_model = external_teacher
+        if config.teacher == "external" and teacher_model is None:
             if not config.teacher_model:
                 raise FoldError("an external teacher needs fold.teacher_model (a model id or directory)")
-            external_teacher = load_base(config.teacher_model).model  # the trainer's own: it scores, never serves
-        if external_teacher is not None and (external_teacher.get_input_embeddings().weight.shape[0]
-                                             != causal_lm(student).get_input_embeddings().weight.shape[0]):
+            teacher_model = load_base(config.teacher_model).model  # the trainer's own: it scores, never serves
+        if teacher_model is not None and (teacher_model.get_input_embeddings().weight.shape[0]
+                                          != causal_lm(run.student).get_input_embeddings().weight.shape[0]):
             raise FoldError("the external teacher's vocabulary differs from the student's; pick a teacher of the "
                             "same family")
-        teacher = Teacher(student, config, external_teacher)
-        start_step = resumed_from = 0
-        checkpoint_path = latest_checkpoint(run_dir) if resume else None
-        if checkpoint_path is not None:
-            try:
-                saved = load_checkpoint(checkpoint_path, student, optimizer)
-            except CheckpointError as error:
-                raise FoldError(f"cannot resume the fold in {run_dir}: {error}") from None
-            start_step = resumed_from = saved["step"]
+        state["teacher"] = Teacher(run.student, config, teacher_model)
+
+    pipeline: ThreadPoolExecutor | None = None
+    with trainer_run(engine, config, run_dir, seed=config.seed, base=base, resume=resume, what="fold",
+                     fail=FoldError, config_file="fold_config.json", config_json=config.model_dump_json(indent=2),
+                     prepare=prepare) as run:
+        loan, student, optimizer, teacher = run.loan, run.student, run.optimizer, state["teacher"]
+        start_step = resumed_from = run.start_step
+        if run.saved:
             if config.teacher == "self-ema":
-                teacher.snapshot = saved["tensors"]["ema"]
+                teacher.snapshot = run.saved["tensors"]["ema"]
                 teacher.silent = teacher._adds_nothing()  # an EMA that has moved is no longer the base model
-            log.info("resumed fold from %s (step %d)", checkpoint_path, start_step)
-        metrics_path = run_dir / "metrics.jsonl"
-        kept = keep_metrics(metrics_path, start_step)  # the lines of the checkpoint's steps; none on a new start
+            log.info("resumed fold from %s (step %d)", run_dir, start_step)
+        kept = run.kept  # the lines of the checkpoint's steps; none on a new start
         writer = _tensorboard(run_dir, purge_step=start_step + 1 if resume else None)
         order = _item_order(items, config)
         handoff_seconds = hand_off(loan, student)
@@ -334,8 +304,7 @@ def fold(
                         f"the loss became {record['loss']} at step {step + 1}; stopped. The last good checkpoint is "
                         f"in {run_dir}; lower fold.learning_rate and resume with --resume"
                     )
-                with open(metrics_path, "a") as sink:
-                    sink.write(json.dumps(record) + "\n")
+                run.log(record)
                 if writer is not None:
                     for key in ("loss", "kl", "rollout_success", "tokens_per_second", "teacher_token_share"):
                         if record[key] is not None:
@@ -346,17 +315,13 @@ def fold(
                     on_step(record)
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                     ema = {"ema": teacher.snapshot} if config.teacher == "self-ema" and teacher.snapshot else None
-                    save_checkpoint(run_dir, step + 1, student, optimizer, {"config": config.model_dump(mode="json")},
-                                    tensors=ema)
+                    run.checkpoint(step + 1, {"config": config.model_dump(mode="json")}, tensors=ema)
         finally:
             if writer is not None:
                 writer.close()
             if pipeline is not None:  # rollouts in flight finish (or are cancelled) before the engine changes hands
                 pipeline.shutdown(wait=True, cancel_futures=True)
-    except BaseException:
-        abandon(loan, student, config, previous_adapter)  # the engine serves what it served before
-        raise
-    adapter_dir = finish_training(loan, student, config, run_dir)
+        adapter_dir = run.finish()
     if kept:  # resumed: the first steps (and, with none left to run, the last) are the checkpoint's
         first, last = kept[0], last or kept[-1]
     return FoldResult(

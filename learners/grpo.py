@@ -28,7 +28,6 @@ step (`prompts_per_step x group_size = batch_size`): the same rollouts and optim
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -42,28 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.base import Engine, LentBase, SamplingParams
 from envs.base import TaskFamily, Trajectory
-from learners.checkpoint import (
-    CheckpointError,
-    clean_scratch,
-    keep_metrics,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
 from learners.fold import FoldConfig, FoldItem
 from learners.losses import group_advantages
 from learners.passes import attention, backward_in_passes, causal_lm, projection, sampled_log_probs
 from learners.policies import RL_METHODS, Parts, episode_weights, reward_loss
 from learners.rollout import run_episodes, score_trajectory
-from learners.student import (
-    ALL_LINEAR,
-    abandon,
-    adapter_parameters,
-    attach_student,
-    borrow,
-    finish_training,
-    hand_off,
-)
+from learners.run import TrainerRun, trainer_run
+from learners.student import ALL_LINEAR, adapter_parameters, hand_off
 from learners.teacher import Teacher
 from learners.views import EpisodeViews, TemplateError, TokenView, sampled_ids, token_view
 
@@ -216,34 +200,19 @@ def grpo(
         raise GrpoError(f"prompts of {', '.join(unknown)} but no such family was given")
     parts = RL_METHODS["grpo"]
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_scratch(run_dir)  # what a killed write left: checkpoint and adapter scratch, a metrics rewrite
-    (run_dir / "grpo_config.json").write_text(config.model_dump_json(indent=2))
-    previous_adapter = engine.adapter
-    loan = borrow(engine, base, heap_threshold_kib=config.heap_threshold_kib, scratch=run_dir)
-    student = None
-    try:
-        if config.full_finetune and not loan.shared:
-            raise GrpoError("a full fine-tune is served only by an engine that shares its weights (the HF engine); "
-                            "use a LoRA adapter (full_finetune=false)")
-        student = attach_student(loan.base.model, config, previous_adapter)
-        optimizer = torch.optim.AdamW([parameter for _, parameter in adapter_parameters(student)],
-                                      lr=config.learning_rate, weight_decay=config.weight_decay)
-        # the policy at the run's start, frozen (taken before a checkpoint is loaded over the adapter)
-        reference = (Teacher(student, FoldConfig(teacher="self-frozen", full_finetune=config.full_finetune))
-                     if config.kl_coef > 0 or config.log_kl else None)
-        start_step = 0
-        checkpoint_path = latest_checkpoint(run_dir) if resume else None
-        if checkpoint_path is not None:
-            try:
-                start_step = load_checkpoint(checkpoint_path, student, optimizer)["step"]
-            except CheckpointError as error:
-                raise GrpoError(f"cannot resume the GRPO run in {run_dir}: {error}") from None
-            log.info("resumed GRPO from %s (step %d)", checkpoint_path, start_step)
-        metrics_path = run_dir / "metrics.jsonl"
-        kept = keep_metrics(metrics_path, start_step)  # the lines of the checkpoint's steps; none on a new start
+    state: dict[str, Any] = {}
+
+    def prepare(run: TrainerRun) -> None:  # the policy at the run's start, frozen, before a resume loads over it
+        state["reference"] = (Teacher(run.student, FoldConfig(teacher="self-frozen", full_finetune=config.full_finetune))
+                              if config.kl_coef > 0 or config.log_kl else None)
+
+    with trainer_run(engine, config, run_dir, seed=config.seed, base=base, resume=resume, what="GRPO run",
+                     fail=GrpoError, config_file="grpo_config.json", config_json=config.model_dump_json(indent=2),
+                     prepare=prepare) as run:
+        loan, student, optimizer, reference = run.loan, run.student, run.optimizer, state["reference"]
+        start_step, kept = run.start_step, run.kept  # kept: the lines of the checkpoint's steps
+        if run.saved:
+            log.info("resumed GRPO from %s (step %d)", run_dir, start_step)
         rollouts = kept[-1]["rollouts"] if kept else 0
         zero_variance = sum(record["zero_variance_groups"] for record in kept)
         generated = sum(record["generated_tokens"] for record in kept)
@@ -268,18 +237,14 @@ def grpo(
             if not math.isfinite(record["loss"]):
                 raise GrpoError(f"the loss became {record['loss']} at step {step + 1}; stopped. The last good "
                                 f"checkpoint is in {run_dir}; lower learning_rate and resume with --resume")
-            with open(metrics_path, "a") as sink:
-                sink.write(json.dumps(record) + "\n")
+            run.log(record)
             first = first or record
             last = record
             if on_step:
                 on_step(record)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-                save_checkpoint(run_dir, step + 1, student, optimizer, {"config": config.model_dump(mode="json")})
-    except BaseException:
-        abandon(loan, student, config, previous_adapter)  # the engine serves what it served before
-        raise
-    adapter_dir = finish_training(loan, student, config, run_dir)
+                run.checkpoint(step + 1, {"config": config.model_dump(mode="json")})
+        adapter_dir = run.finish()
     return GrpoResult(
         steps=config.steps, optimizer_steps=last.get("optimizer_steps", 0), rollouts=rollouts,
         group_size=config.group_size, prompts_per_step=config.prompts_per_step,

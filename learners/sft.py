@@ -17,7 +17,6 @@ the adapter of the earlier ones further. Checkpoints and resume as the fold's (`
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -30,20 +29,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import Engine, LentBase
 from envs.base import Trajectory
-from learners.checkpoint import (
-    clean_scratch,
-    keep_metrics,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
 from learners.fold import FoldConfig
 from learners.losses import Projection, chunked_head_loss, linear_head
 from learners.passes import causal_lm, projection, shared_prefix_hidden_at
-from learners.student import attach_student, borrow, finish_training
+from learners.run import trainer_run
+from learners.student import adapter_parameters
 from learners.views import TemplateError, TokenView, sampled_ids, token_view
 
 log = logging.getLogger(__name__)
+
+
+class SftError(RuntimeError):
+    """An SFT run that cannot go on (a checkpoint that cannot be restored)."""
 
 
 class SftConfig(BaseModel):
@@ -111,57 +108,47 @@ def sft(engine: Engine, trajectories: Sequence[Trajectory], fold_config: FoldCon
     Every `fold_config.checkpoint_every` steps (and after the last) an atomic checkpoint goes to
     `run_dir` (`learners.checkpoint`); `resume` continues from the newest one, to the same adapter
     bit for bit as a run never stopped, and `run_dir/metrics.jsonl` continues after its step.
-    Raises `CheckpointError` on a checkpoint that cannot be restored."""
+    Raises `SftError` on a checkpoint that cannot be restored (the engine serves what it served before)."""
     started = time.perf_counter()
     if not any(trajectory.success and trajectory.turns for trajectory in trajectories):
         return SftResult(episodes=0, steps=0, trained_tokens=0, loss_first=None, loss_last=None, adapter=None,
                          seconds=time.perf_counter() - started)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_scratch(run_dir)  # what a killed write left: checkpoint and adapter scratch, a metrics rewrite
-    previous = engine.adapter
-    loan = borrow(engine, base, heap_threshold_kib=fold_config.heap_threshold_kib, scratch=run_dir)
-    views = training_views(loan.base.tokenizer, loan.base.stop_ids, trajectories, config.max_tokens)
-    if not views:
-        if loan.shared:
-            engine.reclaim(loan.base.model, previous)  # type: ignore[attr-defined]
-        return SftResult(episodes=0, steps=0, trained_tokens=0, loss_first=None, loss_last=None, adapter=None,
-                         seconds=time.perf_counter() - started)
-    torch.manual_seed(seed)
-    order = list(range(len(views)))
-    random.Random(seed).shuffle(order)
-    student = attach_student(loan.base.model, fold_config, previous)
-    project = projection(student)
-    parameters = [parameter for parameter in student.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=fold_config.weight_decay)
-    start_step = 0
-    checkpoint_path = latest_checkpoint(run_dir) if resume else None
-    if checkpoint_path is not None:
-        start_step = load_checkpoint(checkpoint_path, student, optimizer)["step"]
-        log.info("resumed SFT from %s (step %d)", checkpoint_path, start_step)
-    metrics_path = run_dir / "metrics.jsonl"
-    kept = keep_metrics(metrics_path, start_step)  # the lines of the checkpoint's steps; none on a new start
-    losses = [record["loss"] for record in kept]
-    trained = sum(record["trained_tokens"] for record in kept)
-    student.train()
-    for step in range(start_step, fold_config.steps):
-        batch = [views[order[(step * fold_config.batch_size + i) % len(order)]] for i in range(fold_config.batch_size)]
-        loss, tokens = sft_loss(student, batch, fold_config.chunk_size, project)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, fold_config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        trained += tokens
-        record = {"step": step + 1, "loss": losses[-1], "trained_tokens": tokens}
-        with open(metrics_path, "a") as sink:
-            sink.write(json.dumps(record) + "\n")
-        if on_step:
-            on_step(record)
-        if (step + 1) % fold_config.checkpoint_every == 0 or step + 1 == fold_config.steps:
-            save_checkpoint(run_dir, step + 1, student, optimizer,
-                            {"config": config.model_dump(mode="json"), "fold": fold_config.model_dump(mode="json")})
-    student.eval()
-    adapter_dir = finish_training(loan, student, fold_config, run_dir)
+    with trainer_run(engine, fold_config, run_dir, seed=seed, base=base, resume=resume, what="SFT", fail=SftError,
+                     learning_rate=config.learning_rate) as run:
+        views = training_views(run.loan.base.tokenizer, run.loan.base.stop_ids, trajectories, config.max_tokens)
+        if not views:
+            run.abandon()  # the engine serves what it served before
+            return SftResult(episodes=0, steps=0, trained_tokens=0, loss_first=None, loss_last=None, adapter=None,
+                             seconds=time.perf_counter() - started)
+        order = list(range(len(views)))
+        random.Random(seed).shuffle(order)
+        student, optimizer, start_step = run.student, run.optimizer, run.start_step
+        if run.saved:
+            log.info("resumed SFT from %s (step %d)", run_dir, start_step)
+        project = projection(student)
+        parameters = [parameter for _, parameter in adapter_parameters(student)]
+        losses = [record["loss"] for record in run.kept]  # the checkpoint's steps; none on a new start
+        trained = sum(record["trained_tokens"] for record in run.kept)
+        student.train()
+        for step in range(start_step, fold_config.steps):
+            batch = [views[order[(step * fold_config.batch_size + i) % len(order)]]
+                     for i in range(fold_config.batch_size)]
+            loss, tokens = sft_loss(student, batch, fold_config.chunk_size, project)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, fold_config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            trained += tokens
+            record = {"step": step + 1, "loss": losses[-1], "trained_tokens": tokens}
+            run.log(record)
+            if on_step:
+                on_step(record)
+            if (step + 1) % fold_config.checkpoint_every == 0 or step + 1 == fold_config.steps:
+                run.checkpoint(step + 1, {"config": config.model_dump(mode="json"),
+                                          "fold": fold_config.model_dump(mode="json")})
+        student.eval()
+        adapter_dir = run.finish()
     return SftResult(episodes=len(views), steps=fold_config.steps, trained_tokens=trained,
                      loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                      adapter=str(adapter_dir), seconds=time.perf_counter() - started)

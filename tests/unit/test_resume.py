@@ -227,13 +227,14 @@ def test_a_new_start_cleans_what_killed_writes_left(tiny_tokenizer, tmp_path, mo
     for path in stale:
         path.mkdir()
     seen = []
-    real = fold_module.borrow
+    run_module = importlib.import_module("learners.run")  # the trainer-run harness borrows the weights
+    real = run_module.borrow
 
     def borrow(*args, **kwargs):  # the fold's start: no scratch left by now
         seen.append(sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fold_module, "borrow", borrow)
+    monkeypatch.setattr(run_module, "borrow", borrow)
     run_fold(tiny_tokenizer, run_dir, config(steps=1))
     assert seen == [[]]
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
