@@ -68,7 +68,7 @@ def bench_route(items: int, episodes: int, rows: list) -> None:
             picked = [router.family_for(text) for text in texts]
             own = sum(name == env for name in picked) / len(picked)
             base = sum(name is None for name in picked) / len(picked)
-            other = 1 - own - base
+            other = sum(name not in (None, env) for name in picked) / len(picked)
             rows.append({"bench": "route", "max_distance": cutoff, "family": env, "own": own, "other": other,
                          "base": base, "items": len(picked)})
             print(f"| {cutoff} | {env}{' (no skills)' if env == UNSKILLED else ''} | {own:.0%} | {other:.0%} | "
