@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 Role = Literal["system", "user", "assistant"]
 Split = Literal["train", "eval"]
@@ -66,6 +66,31 @@ class StepResult(BaseModel):
 
 class EnvSpecError(ValueError):
     """A bad environment name or option: bad input from a user, reported with the fix."""
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def family_settings(model: type[SettingsT], settings: dict[str, Any], options: dict[str, Any],
+                    label: str) -> tuple[SettingsT, dict[str, Any]]:
+    """A family's settings (`model`, pydantic) from `settings`, where any of them may also come among the
+    spec's `options` (`-o key=value`): taken out of the options, refused when given twice with two values.
+    Returns (the settings, the options left for the family itself); a bad value is an `EnvSpecError`
+    naming `label` (e.g. `rg:leg_counting`) and the field."""
+    options = dict(options or {})
+    settings = dict(settings)
+    for key in set(options) & set(model.model_fields):  # a setting given as an option
+        value = options.pop(key)
+        if settings.get(key, value) != value:
+            raise EnvSpecError(f"{label}: {key} given twice: {value!r} and {settings[key]!r}")
+        settings[key] = value
+    try:
+        return model(**settings), options
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors()
+        )
+        raise EnvSpecError(f"{label}: bad setting: {problems}") from error
 
 
 @runtime_checkable

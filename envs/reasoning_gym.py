@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from envs.base import EnvSpecError, Message, Split, StepResult
+from envs.base import EnvSpecError, Message, Split, StepResult, family_settings
 from envs.extract import extract_answer
 
 DEFAULT_INSTRUCTION = "\n\nRespond with only the final answer."
@@ -221,19 +221,7 @@ class ReasoningGymFamily:
         names = dataset_names()
         if dataset not in names:
             raise EnvSpecError(f"unknown reasoning-gym dataset {dataset!r}; available: {', '.join(names)}")
-        options = dict(options or {})
-        for key in set(options) & set(ReasoningGymSettings.model_fields):  # a setting given as an option
-            value = options.pop(key)
-            if settings.get(key, value) != value:
-                raise EnvSpecError(f"rg:{dataset}: {key} given twice: {value!r} and {settings[key]!r}")
-            settings[key] = value
-        try:
-            self.settings = ReasoningGymSettings(**settings)
-        except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors()
-            )
-            raise EnvSpecError(f"rg:{dataset}: bad setting: {problems}") from error
+        self.settings, options = family_settings(ReasoningGymSettings, settings, options, f"rg:{dataset}")
         self.name = f"rg:{dataset}"
         self.dataset = dataset
         fields = config_fields(dataset)

@@ -37,9 +37,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from envs.base import EnvSpecError, Message, Split, StepResult, Trajectory
+from envs.base import EnvSpecError, Message, Split, StepResult, Trajectory, family_settings
 
 JAVA_FIX = ("TextWorldExpress runs on Java 17 or newer: install a runtime (Debian/Ubuntu: "
             "apt-get install openjdk-17-jre-headless) or point JAVA_HOME at one")
@@ -451,17 +451,7 @@ class TextWorldExpressFamily:
         if game not in GAMES:
             raise EnvSpecError(f"unknown TextWorldExpress game {game!r}; available: "
                                f"{', '.join('twx:' + name for name in GAMES)}")
-        options = dict(options or {})
-        for key in set(options) & set(TextWorldExpressSettings.model_fields):
-            value = options.pop(key)
-            if settings.get(key, value) != value:
-                raise EnvSpecError(f"twx:{game}: {key} given twice: {value!r} and {settings[key]!r}")
-            settings[key] = value
-        try:
-            self.settings = TextWorldExpressSettings(**settings)
-        except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in error.errors())
-            raise EnvSpecError(f"twx:{game}: bad setting: {problems}") from error
+        self.settings, options = family_settings(TextWorldExpressSettings, settings, options, f"twx:{game}")
         known = GAME_OPTIONS[game]
         unknown = sorted(set(options) - set(known))
         if unknown:
