@@ -230,26 +230,11 @@ class VLLMEngine:
 
     def _route_name(self, path: str) -> str:
         adapter_dir = Path(path).expanduser().resolve()
-        key = str(adapter_dir)
-        if key not in self._routes:
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise AdapterError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json); route "
-                                   "to a fold's adapter (a directory under <home>/adapters)")
-            if not self.lora_enabled():
-                raise AdapterError(f"the vLLM server at {self.urls[0]} runs without LoRA, so it cannot serve adapter "
-                                   f"{adapter_dir}; start it with `skillfold serve` (LoRA is on unless --no-lora)")
+        if str(adapter_dir) not in self._routes:
             name = f"{self._tag}-route{len(self._routes) + 1}"
-            for server in self._live():
-                try:
-                    self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": key}, server=server)
-                except EngineUnavailable:
-                    continue
-                except ServerError as error:
-                    raise AdapterError(f"the vLLM server at {server.url} cannot load adapter {adapter_dir}: "
-                                       f"{error}") from None
-            self._live()
-            self._routes[key] = name
-        return self._routes[key]
+            self._load_on_servers(adapter_dir, name)
+            self._routes[str(adapter_dir)] = name
+        return self._routes[str(adapter_dir)]
 
     def _generate(self, prompts: Sequence[Chat], names: Sequence[str], params: SamplingParams,
                   progress: Callable[[int], None] | None, version: int | None) -> list[Generation]:
@@ -330,6 +315,16 @@ class VLLMEngine:
     def load_adapter(self, path: str) -> None:
         """Serve a PEFT LoRA adapter directory from the next request on, on every live server."""
         adapter_dir = Path(path).expanduser().resolve()
+        version = self.adapter_version + 1
+        name = f"{self._tag}-v{version}"
+        self._load_on_servers(adapter_dir, name)
+        self._served, self._adapter, self.adapter_version = name, str(adapter_dir), version
+        self._loaded.append(name)
+        while len(self._loaded) > 2:  # the one before stays for requests still in flight on it
+            self._unload(self._loaded.pop(0))
+
+    def _load_on_servers(self, adapter_dir: Path, name: str) -> None:
+        """Load a PEFT adapter directory on every live server under `name` (AdapterError naming the fix)."""
         if not (adapter_dir / "adapter_config.json").is_file():
             raise AdapterError(
                 f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json); pass a fold's adapter "
@@ -338,8 +333,6 @@ class VLLMEngine:
         if not self.lora_enabled():
             raise AdapterError(f"the vLLM server at {self.urls[0]} runs without LoRA, so it cannot serve adapter "
                                f"{adapter_dir}; start it with `skillfold serve` (LoRA is on unless --no-lora)")
-        version = self.adapter_version + 1
-        name = f"{self._tag}-v{version}"
         for server in self._live():
             try:
                 self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter_dir)}, server=server)
@@ -351,10 +344,6 @@ class VLLMEngine:
                     "with a large enough --max-lora-rank (skillfold serve does), or pass another adapter."
                 ) from None
         self._live()  # none left: say so
-        self._served, self._adapter, self.adapter_version = name, str(adapter_dir), version
-        self._loaded.append(name)
-        while len(self._loaded) > 2:  # the one before stays for requests still in flight on it
-            self._unload(self._loaded.pop(0))
 
     def unload_adapter(self) -> None:
         """Serve the base model from the next request on."""
