@@ -682,6 +682,25 @@ def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.gather(-1, index[:, None]).squeeze(-1)
 
 
+def _propose_or_replace(proposer_logits, proposer_log_probs, other_logits, other_log_probs, acceptable, params,
+                        generators):
+    """One view proposes y ~ P; a proposal outside `acceptable` (B, V) is replaced by y ~ Q from the other
+    view. Returns (tokens, accepted (B,) bool: the proposal kept, log μ), each (B,), where
+    μ(y) = P(y)·[y ∈ A] + P(V ∖ A)·Q(y), A the acceptable tokens (log-probs at temperature 1)."""
+    proposal = HFEngine._choose(proposer_logits, params, generators)
+    accepted = _gather(acceptable, proposal)
+    chosen = proposal.clone()
+    rejected = torch.nonzero(~accepted).flatten().tolist()
+    if rejected:
+        index = torch.tensor(rejected, device=chosen.device)
+        chosen[index] = HFEngine._choose(
+            other_logits[index], params, [generators[row] for row in rejected] if generators else None
+        )
+    refused_mass = torch.logsumexp(proposer_log_probs.masked_fill(acceptable, float("-inf")), dim=-1)  # log P(V∖A)
+    proposed = _gather(proposer_log_probs, chosen).masked_fill(~_gather(acceptable, chosen), float("-inf"))
+    return chosen, accepted, torch.logaddexp(proposed, refused_mass + _gather(other_log_probs, chosen))
+
+
 def _speculative_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float,
                         surprisal: float):
     """SKD: the student proposes; a proposal outside the teacher's top-k is replaced by a teacher sample.
@@ -691,23 +710,11 @@ def _speculative_choice(student_logits, teacher_logits, params, generators, *, t
     """
     student_log_probs = torch.log_softmax(student_logits, dim=-1)
     teacher_log_probs = torch.log_softmax(teacher_logits, dim=-1)
-    proposal = HFEngine._choose(student_logits, params, generators)
     top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices  # (B, k)
     in_top = torch.zeros_like(teacher_logits, dtype=torch.bool).scatter(-1, top, True)  # (B, V)
-    accepted = _gather(in_top, proposal)
-    chosen = proposal.clone()
-    rejected = torch.nonzero(~accepted).flatten().tolist()
-    if rejected:
-        index = torch.tensor(rejected, device=chosen.device)
-        chosen[index] = HFEngine._choose(
-            teacher_logits[index], params, [generators[row] for row in rejected] if generators else None
-        )
-    rejected_mass = torch.logsumexp(student_log_probs.masked_fill(in_top, float("-inf")), dim=-1)  # log S(V∖K)
-    student_chosen = _gather(student_log_probs, chosen)
-    teacher_chosen = _gather(teacher_log_probs, chosen)
-    proposed = student_chosen.masked_fill(~_gather(in_top, chosen), float("-inf"))
-    behaviour = torch.logaddexp(proposed, rejected_mass + teacher_chosen)
-    return chosen, (~accepted).long(), behaviour, student_chosen, teacher_chosen
+    chosen, accepted, behaviour = _propose_or_replace(student_logits, student_log_probs, teacher_logits,
+                                                      teacher_log_probs, in_top, params, generators)
+    return chosen, (~accepted).long(), behaviour, _gather(student_log_probs, chosen), _gather(teacher_log_probs, chosen)
 
 
 def _mixture_choice(student_logits, teacher_logits, params, generators, *, top_k: int, mix: float,
@@ -741,23 +748,9 @@ def _pedagogical_choice(student_logits, teacher_logits, params, generators, *, t
     proposal kept. With `surprisal` = inf every proposal is kept: the draws are the teacher view's own."""
     student_log_probs = torch.log_softmax(student_logits, dim=-1)
     teacher_log_probs = torch.log_softmax(teacher_logits, dim=-1)
-    proposal = HFEngine._choose(teacher_logits, params, generators)
-    chosen = proposal.clone()
-    if math.isinf(surprisal):
-        accepted = torch.ones_like(proposal, dtype=torch.bool)
-        behaviour = _gather(teacher_log_probs, chosen)
-    else:
-        plausible = student_log_probs >= -surprisal  # (B, V): A
-        accepted = _gather(plausible, proposal)
-        rejected = torch.nonzero(~accepted).flatten().tolist()
-        if rejected:
-            index = torch.tensor(rejected, device=chosen.device)
-            chosen[index] = HFEngine._choose(
-                student_logits[index], params, [generators[row] for row in rejected] if generators else None
-            )
-        refused_mass = torch.logsumexp(teacher_log_probs.masked_fill(plausible, float("-inf")), dim=-1)  # log T(V∖A)
-        proposed = _gather(teacher_log_probs, chosen).masked_fill(~_gather(plausible, chosen), float("-inf"))
-        behaviour = torch.logaddexp(proposed, refused_mass + _gather(student_log_probs, chosen))
+    plausible = student_log_probs >= -surprisal  # (B, V): A
+    chosen, accepted, behaviour = _propose_or_replace(teacher_logits, teacher_log_probs, student_logits,
+                                                      student_log_probs, plausible, params, generators)
     return chosen, accepted.long(), behaviour, _gather(student_log_probs, chosen), _gather(teacher_log_probs, chosen)
 
 
