@@ -66,7 +66,7 @@ from agent.evolve import (
     write_atomic,
 )
 from agent.folding import adapters_dir, fold_items, register_adapter, resolve_adapter
-from agent.routing import MemoryRouter, Routes, task_query
+from agent.routing import MemoryRouter, Routes
 from engines.routed import RoutedEngine
 from envs.base import Message, TaskFamily, Trajectory, item_prompt
 from learners.fold import FoldResult, fold
@@ -631,7 +631,7 @@ def evaluate_routed(lab: Lab, family: TaskFamily, memory: Memory, home: Path, un
     served = []
     for index in range(lab.config.eval_items):
         prompt = item_prompt(family, "eval", index)
-        name = None if prompt is None else router.family_for(task_query([message.as_dict() for message in prompt]))
+        name = None if prompt is None else router.family_of([message.as_dict() for message in prompt])
         served.append(name if name in routes else None)
     routing = {"own": sum(name == family.name for name in served), "base": sum(name is None for name in served),
                "other": sum(name not in (None, family.name) for name in served)}

@@ -82,11 +82,15 @@ class MemoryRouter:
         nearest = {family: min(d for f, d in hits if f == family) for family in weight}
         return min(weight, key=lambda family: (-weight[family], nearest[family]))
 
-    def __call__(self, chat: Chat) -> str | None:
+    def family_of(self, chat: Chat) -> str | None:
+        """`family_for` the chat's task prompt, asked of the memory once per prompt (every turn of an
+        episode, and a caller that looked before playing, get the first answer)."""
         query = task_query(chat)
         if query not in self._cache:
-            family = self.family_for(query)
-            self._cache[query] = family
-            self.decisions[family] += 1
-        family = self._cache[query]
+            self._cache[query] = self.family_for(query)
+            self.decisions[self._cache[query]] += 1
+        return self._cache[query]
+
+    def __call__(self, chat: Chat) -> str | None:
+        family = self.family_of(chat)
         return self.routes.get(family) if family is not None else None
