@@ -38,7 +38,6 @@ from learners.student import Loan, abandon, adapter_parameters, attach_student, 
 class TrainerRun:
     """A run in progress: the loan, the student and its optimizer, where a resume starts."""
 
-    engine: Engine
     config: Any  # the trainer's config: its LoRA shape, full_finetune, heap_threshold_kib (a FoldConfig's)
     run_dir: Path
     loan: Loan
@@ -104,7 +103,7 @@ def trainer_run(
         (run_dir / config_file).write_text(config_json)
     previous = engine.adapter
     loan = borrow(engine, base, heap_threshold_kib=config.heap_threshold_kib, scratch=run_dir)
-    run = TrainerRun(engine=engine, config=config, run_dir=run_dir, loan=loan, previous_adapter=previous)
+    run = TrainerRun(config=config, run_dir=run_dir, loan=loan, previous_adapter=previous)
     try:
         if config.full_finetune and not loan.shared:
             raise fail("a full fine-tune is served only by an engine that shares its weights (the HF engine); use "
