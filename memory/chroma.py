@@ -12,15 +12,17 @@ four embedded writers, 37 of 40 through a server).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
 import hashlib
 import os
+import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -248,6 +250,33 @@ def _open_home(home: Path, create: bool) -> tuple[ClientAPI, str, str]:
     return client, str(path), ""
 
 
+@contextlib.contextmanager
+def _interrupt_noted() -> Iterator[threading.Event]:
+    """Ctrl-C while the probe waits, noted as well as raised.
+
+    Python runs a signal's handler at whatever bytecode the main thread is in, and the KeyboardInterrupt
+    it raises inside an object's ``__del__`` (the garbage collector can run one at any allocation, httpx
+    closes a client per try) is printed as "Exception ignored" and dropped: the probe would wait out its
+    whole time and blame the server. The Event keeps the interrupt for the loop to raise again. Only the
+    default handler is wrapped, and only on the main thread (the only one that may set handlers).
+    """
+    interrupted = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield interrupted
+        return
+
+    def note(signum: int, frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 PROBE_TIMEOUT_S = 10.0
 PROBE_TRY_S = 0.5
 
@@ -268,21 +297,26 @@ def _connect(url: str) -> tuple[ClientAPI, str, str]:
     # Chroma's own client waits forever on a server that accepts and never answers. The probe asks in
     # short tries, so that the main thread comes back to Python often: a Ctrl-C that another thread of
     # the process received is acted on within a try, not after the whole wait.
-    deadline = time.monotonic() + PROBE_TIMEOUT_S
-    while True:
-        try:
-            httpx.get(f"{parsed.scheme}://{host}:{port}/api/v2/heartbeat",
-                      timeout=max(0.05, min(PROBE_TRY_S, deadline - time.monotonic())))
-            break
-        except httpx.TimeoutException as error:
-            if time.monotonic() < deadline:
-                continue
-            raise MemoryStoreError(
-                f"no Chroma server answers at {url} within {PROBE_TIMEOUT_S:.0f} s; start one with {start}, or fix "
-                "the url"
-            ) from error
-        except httpx.HTTPError:
-            break  # refused, unresolvable ...: the client below says so in its own words
+    heartbeat = f"{parsed.scheme}://{host}:{port}/api/v2/heartbeat"
+    with _interrupt_noted() as interrupted:
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        while True:
+            try:
+                httpx.get(heartbeat, timeout=max(0.05, min(PROBE_TRY_S, deadline - time.monotonic())))
+                break
+            except httpx.TimeoutException as error:
+                if time.monotonic() < deadline and not interrupted.is_set():
+                    continue
+                if interrupted.is_set():
+                    raise KeyboardInterrupt from None
+                raise MemoryStoreError(
+                    f"no Chroma server answers at {url} within {PROBE_TIMEOUT_S:.0f} s; start one with {start}, or "
+                    "fix the url"
+                ) from error
+            except httpx.HTTPError:
+                break  # refused, unresolvable ...: the client below says so in its own words
+        if interrupted.is_set():
+            raise KeyboardInterrupt
     try:
         client = chromadb.HttpClient(
             host=parsed.hostname, port=port, ssl=ssl, settings=Settings(anonymized_telemetry=False)

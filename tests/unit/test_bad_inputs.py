@@ -18,10 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -237,3 +239,30 @@ def test_ctrl_c_says_interrupted(tmp_path):
             process.kill()
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and stdout == ""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, by design
+def test_ctrl_c_dropped_in_a_finalizer_still_interrupts_the_probe(monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside ``__del__`` ("Exception ignored"); the garbage collector can
+    run one anywhere in the probe's tries. The probe still stops on that Ctrl-C at once, not after its whole wait
+    with the server blamed (the load flake of test_ctrl_c_says_interrupted)."""
+    from memory import chroma
+
+    class Finalized:
+        def __del__(self):  # the signal's handler runs here, and Python drops what it raises
+            os.kill(os.getpid(), signal.SIGINT)
+
+    tries = []
+
+    def silent_get(url, timeout):
+        tries.append(url)
+        Finalized()  # collected at once, its __del__ runs inside this try
+        raise httpx.ReadTimeout("the server accepted and said nothing")
+
+    monkeypatch.setattr(chroma.httpx, "get", silent_get)
+    monkeypatch.setattr(chroma, "PROBE_TIMEOUT_S", 30.0)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        chroma._connect("http://127.0.0.1:9")
+    assert len(tries) == 1 and time.monotonic() - started < 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the probe's handler is gone
