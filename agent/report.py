@@ -390,6 +390,10 @@ def render(metrics: Metrics, summary: Summary, plots: list[str]) -> str:
     lines += _phase_table(metrics)
     if "grpo" in config.arms or "routed" in config.arms:  # at equal optimizer steps and rollouts
         lines += _compute_table(metrics)
+    if "grpo" in config.arms or "routed" in config.arms:
+        lines += _efficiency_table(metrics)
+    if "grpo" in config.arms and "skillfold" in config.arms:
+        lines += _against_rl(metrics, summary)
     if "routed" in config.arms:
         lines += _routing_table(metrics)
     lines += _transitions(metrics)
@@ -434,6 +438,137 @@ def _compute_table(metrics: Metrics) -> list[str]:
             f"{mean(lambda unit: unit.train.rollouts):.0f} | "
             f"{mean(lambda unit: unit.train.fold_generated_tokens + unit.train.rl_generated_tokens):.0f} |"
         )
+    return lines + [""]
+
+
+# ------------------------------------------------------------- what the weights cost, and the RL question
+def spent(metrics: Metrics, arm: str) -> tuple[float, float]:
+    """(rollouts, training tokens) the arm spent over the stream, mean over seeds: the fast path's train episodes
+    plus the trainer's rollouts (folds' or GRPO's, replays and protected prompts included), and the tokens the
+    model generated in them. Probe checks and evaluations are not counted."""
+    units = [unit for unit in metrics.units if unit.arm == arm]
+    seeds = len(metrics.config.seeds)
+    rollouts = sum(unit.train.episodes + unit.train.rollouts for unit in units) / seeds
+    tokens = sum(unit.train.generated_tokens + unit.train.fold_generated_tokens + unit.train.rl_generated_tokens
+                 for unit in units) / seeds
+    return rollouts, tokens
+
+
+def final_cells(metrics: Metrics, arm: str, off: bool = False) -> dict[str, Cell]:
+    """Each family's cell after the last phase, pooled over the seeds."""
+    return {family: row[-1] for family, row in cell_counts(metrics, arm, metrics.config.seeds, off).items()}
+
+
+def _mean_rate(cells: dict[str, Cell]) -> float:
+    return sum(map(_rate, cells.values())) / len(cells)
+
+
+def _variance_of_mean(cells: dict[str, Cell]) -> float:
+    """Variance of the mean over families of the cells' proportions (binomial, cells independent)."""
+    return sum(_rate(cell) * (1 - _rate(cell)) / cell[1] for cell in cells.values()) / len(cells) ** 2
+
+
+def _per(value: float, half: float, amount: float, unit: float) -> str:
+    if amount <= 0:
+        return "n/a"
+    return f"{100 * value * unit / amount:+.2f} pts (±{100 * half * unit / amount:.2f})"
+
+
+def _contenders(metrics: Metrics) -> list[tuple[str, str, bool]]:
+    """(label, arm, memory off) for every arm as measured, and the folding arms also with memory off."""
+    rows = []
+    for arm in metrics.config.arms:
+        rows.append((arm, arm, False))
+        if arm in FOLDING:
+            rows.append((f"{arm}, memory off", arm, True))
+    return rows
+
+
+def _efficiency_table(metrics: Metrics) -> list[str]:
+    """Held-out accuracy bought per rollout and per training token, for every arm (shown when grpo or routed ran)."""
+    lines = ["## Sample efficiency (mean over seeds)", "",
+             "Final gain: final accuracy minus the base arm's, 95% interval from the pooled final cells of both. "
+             "Rollouts: the fast path's train episodes plus the trainer's rollouts; training tokens: the tokens the "
+             "model generated in them (probe checks and evaluations not counted). Per 100 rollouts and per 10k "
+             "training tokens: the final gain divided by what was spent.", "",
+             "| arm | rollouts | training tokens | final accuracy | final gain | per 100 rollouts "
+             "| per 10k training tokens |", "|---|" + "---|" * 6]
+    base = final_cells(metrics, "base") if "base" in metrics.config.arms else None
+    for label, arm, off in _contenders(metrics):
+        cells = final_cells(metrics, arm, off)
+        rollouts, tokens = spent(metrics, arm)
+        row = f"| {label} | {rollouts:.0f} | {tokens:.0f} | {percent(_mean_rate(cells))} | "
+        if base is None or arm == "base":
+            lines.append(row + "n/a | n/a | n/a |")
+            continue
+        gain = _mean_rate(cells) - _mean_rate(base)
+        half = Z95 * math.sqrt(_variance_of_mean(cells) + _variance_of_mean(base))
+        lines.append(row + f"{interval(gain, half)} | {_per(gain, half, rollouts, 100)} | "
+                     f"{_per(gain, half, tokens, 10_000)} |")
+    return lines + [""]
+
+
+def _verdict(difference: float | None, half: float | None, higher_is_better: bool) -> str:
+    if difference is None or half is None:
+        return "n/a"
+    better = difference if higher_is_better else -difference
+    if better - half > 0:
+        return "skillfold wins"
+    if better + half < 0:
+        return "grpo wins"
+    return "no difference beyond the interval"
+
+
+def against_rl(metrics: Metrics, summary: Summary) -> list[tuple[str, str, str, str, str]]:
+    """skillfold against grpo, measure by measure: (measure, skillfold, grpo, skillfold - grpo with its 95%
+    interval, verdict). Accuracies and gains: the pooled final cells (the per-rollout and per-token differences
+    carry the base arm's cells once, through both gains); interference and forgetting: the arms' numbers and
+    half-widths of the summary, taken as independent."""
+    rows = []
+    grpo = final_cells(metrics, "grpo")
+    grpo_rollouts, grpo_tokens = spent(metrics, "grpo")
+    base = final_cells(metrics, "base") if "base" in metrics.config.arms else None
+    for label, off in (("skillfold", False), ("skillfold, memory off", True)):
+        mine = final_cells(metrics, "skillfold", off)
+        difference = _mean_rate(mine) - _mean_rate(grpo)
+        half = Z95 * math.sqrt(_variance_of_mean(mine) + _variance_of_mean(grpo))
+        rows.append((f"final accuracy ({label})", percent(_mean_rate(mine)), percent(_mean_rate(grpo)),
+                     interval(difference, half), _verdict(difference, half, True)))
+        if base is None:
+            continue
+        rollouts, tokens = spent(metrics, "skillfold")
+        for amount, theirs, unit, name in ((rollouts, grpo_rollouts, 100, "per 100 rollouts"),
+                                           (tokens, grpo_tokens, 10_000, "per 10k training tokens")):
+            if amount <= 0 or theirs <= 0:
+                continue
+            mine_per = (_mean_rate(mine) - _mean_rate(base)) * unit / amount
+            theirs_per = (_mean_rate(grpo) - _mean_rate(base)) * unit / theirs
+            variance = (_variance_of_mean(mine) * (unit / amount) ** 2 + _variance_of_mean(grpo) * (unit / theirs) ** 2
+                        + _variance_of_mean(base) * (unit / amount - unit / theirs) ** 2)
+            difference, half = mine_per - theirs_per, Z95 * math.sqrt(variance)
+            rows.append((f"final gain {name} ({label})", f"{100 * mine_per:+.2f} pts", f"{100 * theirs_per:+.2f} pts",
+                         f"{100 * difference:+.2f} pts (±{100 * half:.2f})", _verdict(difference, half, True)))
+    mine_numbers, theirs_numbers = summary.arms["skillfold"], summary.arms["grpo"]
+    for kind in ("interference", "forgetting"):
+        value, theirs = getattr(mine_numbers, kind), getattr(theirs_numbers, kind)
+        halves = [getattr(mine_numbers, f"{kind}_half_width"), getattr(theirs_numbers, f"{kind}_half_width")]
+        if value is None or theirs is None or None in halves:
+            continue
+        difference, half = value - theirs, math.sqrt(sum(h ** 2 for h in halves))  # type: ignore[operator]
+        rows.append((kind, points(value), points(theirs), interval(difference, half),
+                     _verdict(difference, half, False)))
+    return rows
+
+
+def _against_rl(metrics: Metrics, summary: Summary) -> list[str]:
+    rows = against_rl(metrics, summary)
+    lines = ["## skillfold against grpo (mean over seeds, 95% intervals)", "",
+             "| measure | skillfold | grpo | skillfold - grpo | verdict |", "|---|---|---|---|---|",
+             *[f"| {' | '.join(row)} |" for row in rows], ""]
+    for verdict, say in (("skillfold wins", "skillfold beats grpo on"), ("grpo wins", "grpo beats skillfold on"),
+                         ("no difference beyond the interval", "Not told apart by the 95% interval")):
+        named = [row[0] for row in rows if row[4] == verdict]
+        lines.append(f"- {say}: {'; '.join(named) if named else 'none'}.")
     return lines + [""]
 
 

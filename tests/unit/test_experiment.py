@@ -20,6 +20,10 @@ from agent.cli import app
 from agent.experiment import (
     ARMS,
     ExperimentConfig,
+    FamilyEval,
+    Metrics,
+    TrainStats,
+    UnitResult,
     arm_settings,
     prepare_out,
     recount_skill_tokens,
@@ -28,6 +32,7 @@ from agent.experiment import (
 )
 from agent.report import (
     ArmNumbers,
+    against_rl,
     forgetting,
     forgetting_by_family,
     forgetting_cells,
@@ -39,7 +44,9 @@ from agent.report import (
     interference_cells,
     load_metrics,
     plot_names,
+    render,
     retention,
+    spent,
     summarize,
     targets,
     write_report,
@@ -172,6 +179,66 @@ def test_skillfold_beats_sft_only_when_the_margins_interval_is_above_zero():
     assert {t.target: t for t in targets(narrow)}[name].met is True
     missing = {t.target: t for t in targets({"skillfold": skillfold})}[name]
     assert missing.met is None and missing.value == "n/a"
+
+
+def _hand_metrics(cells: dict, train: dict) -> Metrics:
+    """Metrics of one seed built by hand: cells[(arm, phase, off)] = {family: successes of 100}; train[arm] the
+    TrainStats of each of its phases."""
+    config = experiment(seeds=[0], arms=sorted({arm for arm, _, _ in cells}))
+    phases = [phase.family for phase in config.stream.phases]
+
+    def evals(arm, phase, off):
+        found = cells.get((arm, phase, off))
+        return [] if found is None else [
+            FamilyEval(family=f, memory=not off, items=100, successes=n, accuracy=n / 100, ci_low=0, ci_high=1,
+                       errors=0, skill_tokens=0, prompt_tokens=0, completion_tokens=0, seconds=0, trajectories="-")
+            for f, n in found.items()]
+
+    units = [UnitResult(arm=arm, seed=0, phase=phase, family=phases[phase], evals=evals(arm, phase, False),
+                        evals_off=evals(arm, phase, True), train=train.get(arm, TrainStats()), seconds=0,
+                        generated_tokens=0)
+             for arm in config.arms for phase in range(len(phases))]
+    return Metrics(config=config, phases=phases, families=phases, units=units)
+
+
+def test_skillfold_against_grpo_by_hand_on_accuracy_drops_and_what_each_spent():
+    one, two = experiment().stream.phases[0].family, experiment().stream.phases[1].family
+    base = {one: 20, two: 40}
+    cells = {("base", 0, False): base, ("base", 1, False): base,
+             ("skillfold", 0, False): {one: 80, two: 40}, ("skillfold", 1, False): {one: 70, two: 90},
+             ("skillfold", 0, True): {one: 60, two: 40}, ("skillfold", 1, True): {one: 60, two: 80},
+             ("grpo", 0, False): {one: 50, two: 30}, ("grpo", 1, False): {one: 40, two: 60}}
+    train = {"skillfold": TrainStats(episodes=32, rollouts=128, generated_tokens=1000, fold_generated_tokens=3000),
+             "grpo": TrainStats(rollouts=128, rl_generated_tokens=3000)}
+    metrics = _hand_metrics(cells, train)
+    assert spent(metrics, "skillfold") == (320, 8000) and spent(metrics, "grpo") == (256, 6000)
+    rows = {row[0]: row for row in against_rl(metrics, summarize(metrics))}
+    # final accuracy 80% vs 50%: half-width 1.96 sqrt((.21 + .09)/100/4 + (.24 + .24)/100/4) = 8.7 points
+    assert rows["final accuracy (skillfold)"] == ("final accuracy (skillfold)", "80.0%", "50.0%", "+30.0 pts (±8.7)",
+                                                  "skillfold wins")
+    # memory off: 70% vs 50%, 1.96 sqrt((.24 + .16)/400 + .48/400) = 9.2 points
+    assert rows["final accuracy (skillfold, memory off)"][3:] == ("+20.0 pts (±9.2)", "skillfold wins")
+    # gains over base (30%): 50 points over 320 rollouts against 20 over 256: 15.62 vs 7.81 per 100 rollouts;
+    # variance (.003/4)(100/320)^2 + (.0048/4)(100/256)^2 + ((.16 + .24)/400)(100/320 - 100/256)^2
+    per = rows["final gain per 100 rollouts (skillfold)"]
+    assert per[1:3] == ("+15.62 pts", "+7.81 pts")
+    variance = .00075 * (100 / 320) ** 2 + .0012 * (100 / 256) ** 2 + .001 * (100 / 320 - 100 / 256) ** 2
+    assert per[3] == f"+7.81 pts (±{196 * math.sqrt(variance):.2f})" and per[4] == "skillfold wins"
+    assert rows["final gain per 10k training tokens (skillfold)"][1:3] == ("+62.50 pts", "+33.33 pts")
+    # interference on the second family: 0 against 10 points (40% -> 30%), cells of 100: not told apart
+    assert rows["interference"][1:3] == ("+0.0 pts", "+10.0 pts")
+    assert rows["interference"][4] == "no difference beyond the interval"
+    assert rows["forgetting"][1:3] == ("+10.0 pts", "+10.0 pts")
+
+    report = render(metrics, summarize(metrics), [])
+    assert "## skillfold against grpo" in report and "## Sample efficiency" in report
+    assert "- skillfold beats grpo on: final accuracy (skillfold); " in report
+    assert "- grpo beats skillfold on: none." in report
+    assert "| grpo | 256 | 6000 | 50.0% | +20.0 pts (±" in report and "| base | 0 | 0 | 30.0% | n/a |" in report
+    # a stream where grpo spent more for less: it wins nothing; without grpo neither section is there
+    no_rl = _hand_metrics({key: value for key, value in cells.items() if key[0] != "grpo"}, train)
+    assert "## skillfold against grpo" not in render(no_rl, summarize(no_rl), [])
+    assert "## Sample efficiency" not in render(no_rl, summarize(no_rl), [])
 
 
 def test_arms_play_the_stream_their_way():
