@@ -651,3 +651,17 @@ def test_a_fold_identical_to_an_earlier_one_is_reused(straight):
         assert first_skillfold["generated_tokens"] == first_fold["generated_tokens"]  # what the fold cost
         # after it, skillfold's rule retires skills and its folds differ: each runs its own
         assert all(evidence.get("reused_from") is None for evidence in folds("skillfold", seed)[1:])
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "experiments").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "twx:" not in p.read_text()], ids=lambda p: p.name)
+def test_every_shipped_experiment_config_loads_and_has_room_for_its_items(path):
+    """experiments/*.toml validate and their families have the train and held-out items they ask for
+    (the games stream's, which needs Java, is checked in test_twx)."""
+    from agent.config import build_config
+    from agent.experiment import check_experiment
+
+    config = build_config(ExperimentConfig, path, {}, [])
+    assert [family.name for family in check_experiment(config)] == [p.family for p in config.stream.phases]

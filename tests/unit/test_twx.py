@@ -340,3 +340,19 @@ def test_eval_on_a_twx_family_through_the_cli(model_dir, tmp_path):
     assert sum(t.success for t in trajectories) == round(summary["accuracy"] * 3)
     config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())
     assert config["envs"][0]["options"] == {"max_steps": 2}
+
+
+def test_the_games_stream_config_loads_and_its_games_have_room_for_its_items():
+    """experiments/games.toml: three TextWorldExpress families, 100 held-out games each plus the assess games,
+    the fold trains every move of an 8-turn game."""
+    from pathlib import Path
+
+    from agent.config import build_config
+    from agent.experiment import ExperimentConfig, check_experiment
+
+    config = build_config(ExperimentConfig, Path(__file__).resolve().parents[2] / "experiments" / "games.toml", {}, [])
+    families = check_experiment(config)
+    assert [family.name for family in families] == ["twx:simonsays", "twx:coin", "twx:twc"]
+    assert config.eval_items >= 100 and config.seeds == [0, 1]
+    assert config.arms == ["base", "memory", "sft", "skillfold"]
+    assert config.stream.fold.max_turns == config.stream.loop.max_turns == 8
