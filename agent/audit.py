@@ -3,8 +3,9 @@
 An experiment's report is only as honest as the path from its episodes to its tables. This audit
 walks that path again, without the model:
 1. every evaluation cell in metrics.json is recounted from its episode file: items, successes,
-   accuracy, its Wilson interval, errors, prompt and completion tokens, and whether skills were in
-   the prompt;
+   accuracy, its Wilson interval, errors, prompt and completion tokens, whether skills were in
+   the prompt, and (the routed arm) how many prompts its own family's adapter, another's or the base
+   model served, from the adapter each episode records;
 2. every episode is replayed in a fresh environment of its family (the same eval item): the
    environment must show the same prompt, answer every recorded action with the same observation,
    reward and end, and the episode's reward and success are scored again;
@@ -21,7 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from agent.evaluate import wilson_interval
-from agent.experiment import FamilyEval, Metrics, check_experiment, read_episodes
+from agent.experiment import FamilyEval, Metrics, check_experiment, read_episodes, routed_adapter_phase
 from envs.base import Environment, TaskFamily, Trajectory, close_environment
 from learners.rollout import score_trajectory
 
@@ -96,7 +97,7 @@ def _replay(trajectory: Trajectory, environment: Environment, index: int, thresh
     return problems
 
 
-def check_cell(out: Path, cell: FamilyEval, family: TaskFamily, audit: Audit) -> None:
+def check_cell(out: Path, cell: FamilyEval, family: TaskFamily, audit: Audit, phases: list[str] = ()) -> None:
     where = f"{cell.trajectories}:"
     path = out / cell.trajectories
     if not path.is_file():
@@ -130,10 +131,31 @@ def check_cell(out: Path, cell: FamilyEval, family: TaskFamily, audit: Audit) ->
             audit.problems.append(
                 f"{where} {key} is {getattr(cell, key)} in metrics.json, {value} in the episodes"
             )
+    if cell.routing is not None:
+        _check_routes(cell, episodes, phases, where, audit)
     shown = {"accuracy": successes / len(episodes) if episodes else 0.0, "ci_low": low, "ci_high": high}
     for key, value in shown.items():
         if not _close(getattr(cell, key), value):
             audit.problems.append(f"{where} {key} is {getattr(cell, key)} in metrics.json, {value} recounted")
+
+
+def _check_routes(cell: FamilyEval, episodes: list[Trajectory], phases: list[str], where: str, audit: Audit) -> None:
+    """The routed arm's shares recounted from the adapter each episode records: one folded in a phase of the
+    cell's family (own), of another family (other), or none (base)."""
+    counts = {"own": 0, "other": 0, "base": 0}
+    for index, episode in enumerate(episodes):
+        if episode.adapter is None:
+            counts["base"] += 1
+            continue
+        phase = routed_adapter_phase(episode.adapter)
+        if phase is None or phase >= len(phases):
+            audit.problems.append(f"{where}{index + 1}: served {episode.adapter}, not an adapter of the routed arm")
+            continue
+        counts["own" if phases[phase] == cell.family else "other"] += 1
+    for key, value in counts.items():
+        if cell.routing.get(key) != value:  # type: ignore[union-attr]
+            audit.problems.append(f"{where} routing {key} is {cell.routing.get(key)} in metrics.json, "  # type: ignore[union-attr]
+                                  f"{value} in the episodes")
 
 
 def check_report(out: Path, metrics: Metrics, audit: Audit) -> None:
@@ -166,6 +188,6 @@ def audit_experiment(out: Path) -> Audit:
             if cell.family not in families:
                 audit.problems.append(f"{cell.trajectories}: family {cell.family} is not in the stream")
                 continue
-            check_cell(out, cell, families[cell.family], audit)
+            check_cell(out, cell, families[cell.family], audit, metrics.phases)
     check_report(out, metrics, audit)
     return audit

@@ -67,7 +67,7 @@ from agent.evolve import (
 )
 from agent.folding import adapters_dir, fold_items, register_adapter, resolve_adapter
 from agent.routing import MemoryRouter, Routes
-from engines.routed import RoutedEngine
+from engines.routed import RoutedEngine, RouteStats
 from envs.base import Message, TaskFamily, Trajectory, item_prompt
 from learners.fold import FoldResult, fold
 from learners.grpo import GrpoConfig, GrpoResult, GrpoSettings, grpo, train_items
@@ -558,6 +558,18 @@ def grpo_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainSt
                       rl_generated_tokens=result.generated_tokens), []
 
 
+def routed_adapter_name(phase: int) -> str:
+    """The adapter the routed arm folds in `phase` (its family alone), under the home's adapters."""
+    return f"routed-p{phase}"
+
+
+def routed_adapter_phase(adapter: str) -> int | None:
+    """The phase whose fold made the routed arm's adapter at path `adapter`; None if it is not one."""
+    name = Path(adapter).name
+    prefix = routed_adapter_name(0)[:-1]
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
+
+
 def routed_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[TrainStats, list[dict[str, Any]]]:
     """The fast path for the phase (skills into memory; the arm never folds in the loop), then the phase's
     family folded alone, from the base model, into an adapter of its own that the routes table names for
@@ -568,7 +580,7 @@ def routed_phase(lab: Lab, stream: Stream, seed: int, phase: int) -> tuple[Train
     events = [event for event in read_events(stream.run_dir) if event.phase == phase]
     stats = _train_stats(events)
     settings, family = stream.settings, lab.families[phase]
-    name = f"routed-p{phase}"
+    name = routed_adapter_name(phase)
     run_dir, target = stream.home / "folds" / name, adapters_dir(stream.home) / name
     if not (run_dir / "result.json").is_file():
         serve(lab.engine, None)
@@ -635,12 +647,18 @@ def evaluate_routed(lab: Lab, family: TaskFamily, memory: Memory, home: Path, un
         served.append(name if name in routes else None)
     routing = {"own": sum(name == family.name for name in served), "base": sum(name is None for name in served),
                "other": sum(name not in (None, family.name) for name in served)}
-    return evaluate_family(
+    cell = evaluate_family(
         lab, family, None, unit_dir, engine=engine,
         key_extra={"routes": [adapter_digest(routes[name]) if name else None for name in served]},
         adapters=[routes[name] if name else None for name in served],
         measured=lambda: {"routing": routing | engine.stats.as_dict()},
     )
+    if cell.reused_from is None:
+        return cell
+    # the same adapter contents per item as an earlier evaluation, whose episodes are recorded as served by this
+    # one's routes: the shares are this evaluation's (the earlier one may have routed to another family's adapter
+    # of identical contents), and nothing was generated or switched here
+    return cell.model_copy(update={"routing": routing | RouteStats(per_request=engine.stats.per_request).as_dict()})
 
 
 def evaluate_family(lab: Lab, family: TaskFamily, memory: Memory | None, unit_dir: Path, *, engine=None,

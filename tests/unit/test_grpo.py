@@ -403,6 +403,10 @@ def test_the_experiments_grpo_arm_trains_each_phase_with_the_folds_compute_and_r
     report = (tmp_path / "straight" / "report.md").read_text()
     assert "## Training compute" in report and "| grpo | 2 | toy:2 | 3 | 12 | 40 |" in report
     assert "| fold | 1 | toy:1 | 3 | 12 |" in report
+    from agent.audit import audit_experiment
+
+    audit = audit_experiment(tmp_path / "straight")  # --check: every cell recounts, every episode replays
+    assert audit.problems == [] and audit.report_checked
 
     # killed in the second phase's GRPO: finished units are kept, the phase resumes (its run continues)
     calls.clear()

@@ -188,6 +188,12 @@ def test_the_experiments_routed_arm_folds_each_phase_alone_and_routes_its_evalua
         assert all(cell.routing["base"] == 0 for cell in unit.evals) and all(c.successes == c.items
                                                                            for c in unit.evals)
     first = next(c for c in units[("routed", 0)].evals if c.family == "toy:1")
+    # phase 2's cells reuse phase 1's episodes (the fake folds' adapters have the same contents), but their shares
+    # are phase 2's own routes' (its toy:1 prompts went to toy:2's adapter), and nothing was switched for them
+    again = next(c for c in units[("routed", 1)].evals if c.family == "toy:1")
+    assert again.reused_from == first.trajectories and again.routing["switches"] == 0 and not again.routing["prompts"]
+    served = {json.loads(line)["adapter"] for line in (tmp_path / "straight" / again.trajectories).read_text().splitlines()}
+    assert again.routing["own"] == 6 * (served == {str(home / "adapters" / "routed-p0")})
     assert first.routing["own"] == 6  # phase 1 has one route: toy:1's
     episodes = [json.loads(line) for line in (tmp_path / "straight" / first.trajectories).read_text().splitlines()]
     assert {episode["adapter"] for episode in episodes} == {str(home / "adapters" / "routed-p0")}
@@ -195,6 +201,19 @@ def test_the_experiments_routed_arm_folds_each_phase_alone_and_routes_its_evalua
     report = (tmp_path / "straight" / "report.md").read_text()
     assert "## Routing (the routed arm" in report and "| 1 | toy:1 | 100.0% | 0.0% | 0.0% |" in report
     assert "| routed | 1 | toy:1 | 3 | 12 |" in report
+    from agent.audit import audit_experiment
+
+    audit = audit_experiment(tmp_path / "straight")  # --check: every cell recounts, every episode replays
+    assert audit.problems == [] and audit.report_checked
+    # the routing shares recount from the adapter each episode records: a changed share is named
+    raw = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    cell = next(c for u in raw["units"] if u["arm"] == "routed" and u["phase"] == 0 for c in u["evals"])
+    cell["routing"]["own"] -= 1
+    cell["routing"]["base"] += 1
+    (tmp_path / "straight" / "metrics.json").write_text(json.dumps(raw))
+    problems = audit_experiment(tmp_path / "straight").problems
+    assert any("routing own is 5 in metrics.json, 6 in the episodes" in p for p in problems)
+    assert any("routing base is 1 in metrics.json, 0 in the episodes" in p for p in problems)
 
     # killed in the second phase's fold: the phase resumes, the first is not redone
     calls.clear()
