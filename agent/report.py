@@ -534,6 +534,12 @@ def against_rl(metrics: Metrics, summary: Summary) -> list[tuple[str, str, str, 
         half = Z95 * math.sqrt(_variance_of_mean(mine) + _variance_of_mean(grpo))
         rows.append((f"final accuracy ({label})", percent(_mean_rate(mine)), percent(_mean_rate(grpo)),
                      interval(difference, half), _verdict(difference, half, True)))
+        for family in metrics.families:  # where each wins: family by family
+            one, other = {family: mine[family]}, {family: grpo[family]}
+            difference = _rate(mine[family]) - _rate(grpo[family])
+            half = Z95 * math.sqrt(_variance_of_mean(one) + _variance_of_mean(other))
+            rows.append((f"final accuracy on {family} ({label})", percent(_rate(mine[family])),
+                         percent(_rate(grpo[family])), interval(difference, half), _verdict(difference, half, True)))
         if base is None:
             continue
         rollouts, tokens = spent(metrics, "skillfold")

@@ -216,6 +216,12 @@ def test_skillfold_against_grpo_by_hand_on_accuracy_drops_and_what_each_spent():
     # final accuracy 80% vs 50%: half-width 1.96 sqrt((.21 + .09)/100/4 + (.24 + .24)/100/4) = 8.7 points
     assert rows["final accuracy (skillfold)"] == ("final accuracy (skillfold)", "80.0%", "50.0%", "+30.0 pts (±8.7)",
                                                   "skillfold wins")
+    # family by family: 70% vs 40% (1.96 sqrt(.21/100 + .24/100) = 13.1 points), 90% vs 60% (1.96 sqrt(.09/100 + .24/100) = 11.3)
+    assert rows[f"final accuracy on {one} (skillfold)"][1:] == ("70.0%", "40.0%", "+30.0 pts (±13.1)",
+                                                                  "skillfold wins")
+    assert rows[f"final accuracy on {two} (skillfold)"][3] == "+30.0 pts (±11.3)"
+    # with memory off the first family is 60% vs 40%: 1.96 sqrt(.24/100 + .24/100) = 13.6, still beyond it
+    assert rows[f"final accuracy on {one} (skillfold, memory off)"][3:] == ("+20.0 pts (±13.6)", "skillfold wins")
     # memory off: 70% vs 50%, 1.96 sqrt((.24 + .16)/400 + .48/400) = 9.2 points
     assert rows["final accuracy (skillfold, memory off)"][3:] == ("+20.0 pts (±9.2)", "skillfold wins")
     # gains over base (30%): 50 points over 320 rollouts against 20 over 256: 15.62 vs 7.81 per 100 rollouts;
