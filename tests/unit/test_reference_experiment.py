@@ -20,3 +20,15 @@ def test_the_committed_reference_experiment_checks_out(tmp_path):
     audit = audit_experiment(tmp_path)
     assert audit.problems == []
     assert (audit.cells, audit.episodes, audit.report_checked) == (224, 22400, True)
+
+
+def test_the_committed_second_experiment_checks_out(tmp_path):
+    """docs/stream2-experiment (issue 23): six arms, grpo and routed among them, the routing shares recounted."""
+    stream2 = REFERENCE.parent / "stream2-experiment"
+    with tarfile.open(stream2 / "units.tar.xz") as archive:
+        archive.extractall(tmp_path, filter="data")
+    for name in ("metrics.json", "report.md"):
+        shutil.copy(stream2 / name, tmp_path / name)
+    audit = audit_experiment(tmp_path)
+    assert audit.problems == []
+    assert (audit.cells, audit.episodes, audit.report_checked) == (224, 22400, True)
