@@ -388,10 +388,8 @@ def render(metrics: Metrics, summary: Summary, plots: list[str]) -> str:
         if arm in FOLDING:
             lines += [f"### {arm}, memory off", "", *_matrix_table(metrics, arm, True), ""]
     lines += _phase_table(metrics)
-    if "grpo" in config.arms or "routed" in config.arms:  # at equal optimizer steps and rollouts
-        lines += _compute_table(metrics)
-    if "grpo" in config.arms or "routed" in config.arms:
-        lines += _efficiency_table(metrics)
+    if "grpo" in config.arms or "routed" in config.arms:  # at equal optimizer steps and rollouts, and what it bought
+        lines += _compute_table(metrics) + _efficiency_table(metrics)
     if "grpo" in config.arms and "skillfold" in config.arms:
         lines += _against_rl(metrics, summary)
     if "routed" in config.arms:
