@@ -261,8 +261,10 @@ def test_ctrl_c_dropped_in_a_finalizer_still_interrupts_the_probe(monkeypatch):
 
     monkeypatch.setattr(chroma.httpx, "get", silent_get)
     monkeypatch.setattr(chroma, "PROBE_TIMEOUT_S", 30.0)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in the CLI (other tests may set one)
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         chroma._connect("http://127.0.0.1:9")
     assert len(tries) == 1 and time.monotonic() - started < 5
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the probe's handler is gone
+    signal.signal(signal.SIGINT, previous)
