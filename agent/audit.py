@@ -97,7 +97,7 @@ def _replay(trajectory: Trajectory, environment: Environment, index: int, thresh
     return problems
 
 
-def check_cell(out: Path, cell: FamilyEval, family: TaskFamily, audit: Audit, phases: list[str] = ()) -> None:
+def check_cell(out: Path, cell: FamilyEval, family: TaskFamily, audit: Audit, phases: list[str]) -> None:
     where = f"{cell.trajectories}:"
     path = out / cell.trajectories
     if not path.is_file():
