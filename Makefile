@@ -43,6 +43,7 @@ demo: install model
 
 bench: install model
 	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_turns.py
 	$(BIN)/python benchmarks/bench_linear.py
 	$(BIN)/python benchmarks/bench_memory.py 10000
 	$(BIN)/python benchmarks/bench_memory.py 100000

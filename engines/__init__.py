@@ -38,6 +38,7 @@ def _load_hf(config: EngineConfig) -> Engine:
         batch_size=config.batch_size,
         adapter=config.adapter,
         packed_weights=config.packed_weights,
+        turn_cache_mib=config.turn_cache_mib,
     )
 
 

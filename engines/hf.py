@@ -39,6 +39,7 @@ from engines.lean import LeanDecoder
 from engines.merge import mergeable, merged
 from engines.onednn import is_packed, merged_decoding, pack_linears, unpack_linears
 from engines.prefix import left_pad, prefill, with_room
+from engines.turns import TurnCache
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class HFEngine:
     """An `Engine` over a transformers causal LM and its tokenizer."""
 
     def __init__(
-        self, model, tokenizer, model_name: str = "model", batch_size: int = 32, packed_weights: bool = True
+        self, model, tokenizer, model_name: str = "model", batch_size: int = 32, packed_weights: bool = True,
+        turn_cache_mib: int = 2048,
     ) -> None:
         model.requires_grad_(False)  # served, not trained: a trainer marks what it trains (learners.fold)
         self.model = model.eval()
@@ -84,6 +86,9 @@ class HFEngine:
         self.adapter_version = 0  # counts hand-offs: each adapter served (loaded, or a trainer's step) is one
         self._trained = None  # a trainer's live module served on our lent base (`serve_trained`)
         self._served: merged | None = None  # the loaded adapter's merge while it is served
+        # each row's KV cache after a generation, so a multi-turn episode's next turn runs only what is new
+        self.turns = TurnCache(turn_cache_mib * 2**20)
+        self._lent = False  # the base is on loan to a trainer (its weights may change under us)
 
     @classmethod
     def load(
@@ -95,6 +100,7 @@ class HFEngine:
         batch_size: int = 32,
         adapter: str | None = None,
         packed_weights: bool = True,
+        turn_cache_mib: int = 2048,
     ) -> HFEngine:
         """Load a model by spec (the embedded default, a directory, or a Hub id)."""
         from safetensors import SafetensorError
@@ -114,7 +120,7 @@ class HFEngine:
         if torch_device.type == "cpu":
             _own_memory(network)
         engine = cls(network, tokenizer, model_name=model or "smollm2-135m", batch_size=batch_size,
-                     packed_weights=packed_weights)
+                     packed_weights=packed_weights, turn_cache_mib=turn_cache_mib)
         if adapter:
             engine.load_adapter(adapter)
         return engine
@@ -146,10 +152,21 @@ class HFEngine:
         # token order puts prompts with the same start (system prompt, skills) in the same batch
         order = sorted(range(len(encoded)), key=lambda index: encoded[index])
         results: list[Generation | None] = [None] * len(encoded)
+        # prompts that continue a kept row's cache (engines.turns) run only their new tokens
+        keeping = self._trained is None and not self._lent and self.turns.budget_bytes > 0
+        matched: dict[int, tuple[int, int]] = {}
+        if keeping:
+            self.turns.serve((id(self.model), self._adapter, self.adapter_version))
+            matched = self.turns.match(encoded)  # the kept rows matched stay until their batch has run
         with self._decoding():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
-                outputs = self._generate_batch([encoded[index] for index in chunk], chunk, params)
+                # a kept row that no later batch continues is dropped once this one has used it
+                later = {matched[index][0] for index in order[start + self.batch_size:] if index in matched}
+                outputs = self._generate_batch(
+                    [encoded[index] for index in chunk], chunk, params, keeping,
+                    {position: matched[index] for position, index in enumerate(chunk) if index in matched},
+                    release={matched[index][0] for index in chunk if index in matched} - later)
                 for index, output in zip(chunk, outputs, strict=True):
                     results[index] = output
                 if progress:
@@ -170,7 +187,8 @@ class HFEngine:
         return merged(module)  # peft's merge, its unmerge giving the base weights back bit for bit
 
     def _generate_batch(
-        self, rows: list[list[int]], row_numbers: list[int], params: SamplingParams
+        self, rows: list[list[int]], row_numbers: list[int], params: SamplingParams, keeping: bool = False,
+        matched: dict[int, tuple[int, int]] | None = None, release: set[int] | frozenset[int] = frozenset(),
     ) -> list[Generation]:
         batch = len(rows)
         generators = None
@@ -184,8 +202,13 @@ class HFEngine:
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finish: list[str | None] = [None] * batch
         active = list(range(batch))  # batch rows still generating, in cache order
+        matched = matched or {}  # {row: (kept row, tokens of it reused)}
         # the prompts, each group's shared prefix once (engines.prefix)
-        prefilled = prefill(self.model, self._cache_kwarg, rows, self.pad_id)
+        prefilled = prefill(self.model, self._cache_kwarg, rows, self.pad_id,
+                            reused={row: (self.turns.layers(key), length) for row, (key, length) in matched.items()},
+                            room=params.max_new_tokens, any_order=True)
+        active = prefilled.order or active  # the rows as the cache holds them
+        self.turns.drop(release)  # each continuation is kept instead
         cache, attention_mask, next_positions = prefilled.cache, prefilled.attention_mask, prefilled.next_positions
         with_room(cache, params.max_new_tokens)  # decoding writes into the cache in place
         # the model's forward without its bookkeeping, where it applies
@@ -218,6 +241,10 @@ class HFEngine:
             # Dropping rows copies the whole KV cache, so do it once a quarter of the rows are done,
             # not at every finish (finished rows in between cost one wasted row of compute).
             if (len(active) - len(live)) * 4 >= len(active):
+                if keeping:  # the finished rows' caches, before they leave the batch's
+                    done = [position for position in range(len(active)) if position not in set(live)]
+                    self.turns.keep_rows(cache, attention_mask, done,
+                                         [rows[active[position]] + tokens[active[position]] for position in done])
                 keep_index = torch.tensor(live, device=self.device)
                 cache.batch_select_indices(keep_index)
                 attention_mask = attention_mask[keep_index]
@@ -240,6 +267,8 @@ class HFEngine:
                 )
                 logits = output.logits[:, -1, :].float()  # (B_active, V)
             next_positions = next_positions + 1
+        if keeping:
+            self.turns.keep_rows(cache, attention_mask, range(len(active)), [rows[row] + tokens[row] for row in active])
         outputs = []
         for row in range(batch):
             text = self._completion_text(tokens[row], finish[row], params.stop)
@@ -589,6 +618,8 @@ class HFEngine:
         blocks mmap'd and freed back to the system (`engines.allocator`, glibc, once per process) and no
         packed copy of a weight that stays dense (a tied head: 113 MiB here)."""
         self.unload_adapter()
+        self._lent = True
+        self.turns.clear()
         if heap_threshold_kib:
             cap_heap(heap_threshold_kib)
             self.packed_copies = False
@@ -616,6 +647,8 @@ class HFEngine:
             self.serve_trained(None)
         base.requires_grad_(False)
         self.model = self.base_model = base.eval()
+        self._lent = False
+        self.turns.clear()
         self.packed_copies = True  # the engine's default again (the copies come at its next packing)
         if adapter:
             self.load_adapter(adapter)

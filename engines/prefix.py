@@ -9,16 +9,19 @@ side, each left-padded with masked zeros to the longest, and decoding goes on ov
 Rotary position embeddings are applied before keys are cached, so where a key sits in the cache does
 not change what it encodes: only the attention mask decides what a row sees, and every row keeps its
 own positions. Results equal a plain left-padded batch up to float rounding.
+Rows that continue a kept row's cache (`engines.turns`: the next turn of a multi-turn episode) are one
+more piece: each on its own kept prefix, their new tokens run together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 MIN_PREFIX = 16  # tokens rows must share before their prefix is run once for the group
+REUSED_TOKENS_A_PASS = 2048  # new tokens of rows continuing kept caches run in one forward pass
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
@@ -117,24 +120,66 @@ class Prefilled:
     cache: object  # a transformers DynamicCache over B rows
     attention_mask: torch.Tensor  # (B, L): which cached positions each row sees
     next_positions: torch.Tensor  # (B, 1): the position of each row's next token
+    order: list[int] | None = None  # the caller's rows in cache order, where `prefill(any_order=True)` kept its own
 
 
 def prefill(model, cache_name: str, rows: Sequence[Sequence[int]], pad_id: int,
-            min_prefix: int = MIN_PREFIX) -> Prefilled:
+            min_prefix: int = MIN_PREFIX, reused: Mapping[int, tuple[torch.Tensor, int]] | None = None,
+            room: int = 0, any_order: bool = False) -> Prefilled:
     """Run prompts into a fresh KV cache, each group's shared prefix once (module docstring).
 
     `model` is a causal LM called as `model(input_ids=, attention_mask=, position_ids=, use_cache=True,
-    logits_to_keep=1, **{cache_name: cache})`.
+    logits_to_keep=1, **{cache_name: cache})`. `reused`: {row: (kv, length)} for rows whose first `length`
+    tokens have keys and values already (`engines.turns`: kv (layers, 2, heads, >= length, head_dim)); those
+    rows run only the rest of their prompt, together, on top of them, in a cache with `room` more positions
+    (`with_room`: the decoding to come). `any_order`: a single piece's rows stay in the order it ran them (no
+    copy of the cache to put them back), `Prefilled.order` says which.
     """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    groups = prefix_groups(rows, [len(row) - 1 for row in rows], min_prefix)
+    reused = reused or {}
+    fresh = [row for row in range(len(rows)) if row not in reused]
+    groups = [([fresh[member] for member in members], prefix) for members, prefix in
+              prefix_groups([rows[row] for row in fresh], [len(rows[row]) - 1 for row in fresh], min_prefix)]
     plain = [row for members, prefix in groups if not prefix for row in members]
     runs = [(members, prefix) for members, prefix in groups if prefix]
     if plain:  # the rows that share nothing run together, as a plain left-padded batch
         runs.append((sorted(plain), 0))
     pieces = []
+    if reused:  # the rows that continue kept caches, each on its own prefix
+        members = sorted(reused, key=lambda row: len(rows[row]) - reused[row][1])  # shortest new part first
+        lengths = [reused[row][1] for row in members]
+        suffixes = [rows[row][length:] for row, length in zip(members, lengths, strict=True)]
+        longest = max(len(suffix) for suffix in suffixes)
+        cache, mask_head = reused_cache([reused[row][0] for row in members], lengths, room=longest + room)
+        # a few rows a pass, each pass padded to its own longest new part and written in place into the
+        # batch's buffers (one pass over every row was 4x slower a token here: padding, and activations
+        # that leave the CPU's caches); a shorter pass's columns up to the longest are zeros, masked
+        width = mask_head.shape[1]
+        logits, masks, positions = [], [], []
+        start = 0
+        while start < len(members):
+            end = start + 1
+            while end < len(members) and (end + 1 - start) * len(suffixes[end]) <= REUSED_TOKENS_A_PASS:
+                end += 1
+            input_ids, suffix_mask, position_ids = left_pad(suffixes[start:end], pad_id, device, lengths[start:end])
+            part = slice(start, end)
+            attention_mask = torch.cat([mask_head[part], suffix_mask], dim=-1)
+            output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=True, logits_to_keep=1, **{cache_name: _rows_of(cache, part, width)})
+            logits.append(output.logits[:, -1, :].float())
+            short = longest - input_ids.shape[1]
+            for layer in cache.layers:
+                for buffer in layer.spare:
+                    buffer[part, :, width + input_ids.shape[1]:width + longest] = 0
+            masks.append(torch.nn.functional.pad(attention_mask, (0, short)))
+            positions.append(position_ids[:, -1:] + 1)
+            start = end
+        for layer in cache.layers:  # every row's prompt is in the buffers now
+            keys, values = layer.spare
+            layer.keys, layer.values = keys[:, :, :width + longest], values[:, :, :width + longest]
+        pieces.append((members, torch.cat(logits), cache, torch.cat(masks), torch.cat(positions)))
     for members, prefix in runs:
         cache = cached_prefix(model, cache_name, rows[members[0]][:prefix], len(members), logits_to_keep=1) if (
             prefix) else DynamicCache()
@@ -147,10 +192,62 @@ def prefill(model, cache_name: str, rows: Sequence[Sequence[int]], pad_id: int,
         pieces.append((members, output.logits[:, -1, :].float(), cache, attention_mask, positions[:, -1:] + 1))
     if len(pieces) == 1:
         members, logits, cache, attention_mask, next_positions = pieces[0]
+        if any_order or members == sorted(members):  # no copy of the cache into the caller's row order
+            return Prefilled(logits, cache, attention_mask, next_positions, order=list(members))
         back = torch.tensor(sorted(range(len(members)), key=lambda i: members[i]), device=device)
         cache.batch_select_indices(back)  # into the caller's row order
         return Prefilled(logits[back], cache, attention_mask[back], next_positions[back])
     return _side_by_side(pieces, len(rows), device)
+
+
+def reused_cache(kept: Sequence[torch.Tensor], lengths: Sequence[int], room: int = 0):
+    """A KV cache (transformers `DynamicCache`) over len(kept) rows from kept rows' caches (`engines.turns`:
+    (layers, 2, heads, >= length, head_dim) each), each cut to its `lengths[row]` and left-padded (zeros, to
+    be masked) to the longest, with `room` more positions written in place (`with_room`); and that mask
+    (rows, longest). The rows are copied once, straight into the buffers decoding goes on in."""
+    from transformers import DynamicCache
+
+    width = max(lengths)
+    first = kept[0]
+    layers, _, heads, _, head_dim = first.shape
+    mask = torch.zeros((len(kept), width), dtype=torch.long, device=first.device)
+    for row, length in enumerate(lengths):
+        mask[row, width - length:] = 1
+    cache = DynamicCache()
+    for layer in range(layers):
+        buffers = []
+        for part in (0, 1):  # keys, values
+            buffer = first.new_empty((len(kept), heads, width + room, head_dim))
+            for row, (kv, length) in enumerate(zip(kept, lengths, strict=True)):
+                buffer[row, :, :width - length] = 0
+                buffer[row, :, width - length:width] = kv[layer, part, :, :length]
+            buffers.append(buffer)
+        cache.layers.append(_roomy_over(buffers[0], buffers[1], width))
+    return cache, mask
+
+
+def _roomy_over(keys: torch.Tensor, values: torch.Tensor, length: int):
+    """A `RoomyLayer` over buffers (rows, heads, capacity, d) whose first `length` positions are filled."""
+    from transformers.cache_utils import DynamicLayer
+
+    plain = DynamicLayer()
+    plain.lazy_initialization(keys, values)
+    plain.keys, plain.values = keys[:, :, :length], values[:, :, :length]
+    filled = _roomy_class().around(plain, keys.shape[-2] - length)
+    filled.spare = (keys, values)
+    return filled
+
+
+def _rows_of(cache, rows: slice, length: int):
+    """A cache over `rows` of `cache` (whose layers are `RoomyLayer`s, `length` positions filled), writing
+    into the same buffers."""
+    from transformers import DynamicCache
+
+    part = DynamicCache()
+    for layer in cache.layers:
+        keys, values = layer.spare
+        part.layers.append(_roomy_over(keys[rows], values[rows], length))
+    return part
 
 
 def _side_by_side(pieces, batch: int, device: torch.device) -> Prefilled:

@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEED_LAYER = ("engines.onednn", "engines.lean", "engines.small_linear", "engines.prefix", "engines.allocator",
-               "learners.allocator")
+SPEED_LAYER = ("engines.onednn", "engines.lean", "engines.small_linear", "engines.prefix", "engines.turns",
+               "engines.allocator", "learners.allocator")
 
 
 def imported_names(path: Path, root: Path = ROOT) -> set[str]:
