@@ -32,8 +32,8 @@ class EngineConfig(BaseModel):
         default=True, description="CPU fp32: frozen linear layers computed from oneDNN-prepacked weights "
         "(engines.onednn; faster, the same model to ~1e-6); false = plain PyTorch linears")
     turn_cache_mib: int = Field(
-        default=2048, ge=0, description="hf: memory (MiB, on the model's device) for each row's KV cache kept between calls, so a multi-turn "
-        "episode's next turn runs only its new tokens (engines.turns); 0 = off")
+        default=2048, ge=0, description="hf: MiB (on the model's device) for each row's KV cache kept between "
+        "calls, so a multi-turn episode's next turn runs only its new tokens (engines.turns); 0 = off")
 
     @model_validator(mode="after")
     def _urls_for_vllm(self) -> EngineConfig:
