@@ -242,7 +242,8 @@ class HFEngine:
             # not at every finish (finished rows in between cost one wasted row of compute).
             if (len(active) - len(live)) * 4 >= len(active):
                 if keeping:  # the finished rows' caches, before they leave the batch's
-                    done = [position for position in range(len(active)) if position not in set(live)]
+                    still = set(live)
+                    done = [position for position in range(len(active)) if position not in still]
                     self.turns.keep_rows(cache, attention_mask, done,
                                          [rows[active[position]] + tokens[active[position]] for position in done])
                 keep_index = torch.tensor(live, device=self.device)
