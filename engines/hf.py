@@ -153,10 +153,11 @@ class HFEngine:
         order = sorted(range(len(encoded)), key=lambda index: encoded[index])
         results: list[Generation | None] = [None] * len(encoded)
         # prompts that continue a kept row's cache (engines.turns) run only their new tokens
-        keeping = self._trained is None and not self._lent and self.turns.budget_bytes > 0
+        # not while the base is on loan and nothing is served on it (the trainer may change it under us)
+        keeping = (self._trained is not None or not self._lent) and self.turns.budget_bytes > 0
         matched: dict[int, tuple[int, int]] = {}
         if keeping:
-            self.turns.serve((id(self.model), self._adapter, self.adapter_version))
+            self.turns.serve(self._weights_now())
             matched = self.turns.match(encoded)  # the kept rows matched stay until their batch has run
         with self._decoding():
             for start in range(0, len(order), self.batch_size):
@@ -172,6 +173,15 @@ class HFEngine:
                 if progress:
                     progress(len(chunk))
         return [result for result in results if result is not None]
+
+    def _weights_now(self) -> tuple:
+        """What the KV caches kept between calls were computed with: the model, the adapter and its hand-off;
+        for a trainer's live module also the version counters of its trained tensors, as its optimizer
+        steps them in place between hand-offs (`fold.sync_every` > 1; every in-place write counts)."""
+        key: tuple = (id(self.model), self._adapter, self.adapter_version)
+        if self._trained is not None:
+            key += (sum(parameter._version for parameter in self._trained.parameters() if parameter.requires_grad),)
+        return key
 
     def _decoding(self):
         """While inside, a trainer's live module decodes with its adapter merged into the base weights

@@ -9,8 +9,9 @@ cache (`engines.prefix.prefill`, `reused`). The results equal a plain run up to 
 shared prefixes of `engines.prefix`.
 
 The cache is valid for one set of weights: `HFEngine` clears it whenever what it serves changes (an
-adapter loaded or unloaded, a trainer's loan), and keeps nothing while a trainer's live module is served
-(its weights move between calls). Memory is bounded (`budget_bytes`): the oldest rows go first, and a row
+adapter loaded or unloaded, a trainer's loan, a hand-off, and for a trainer's live module any in-place
+write to its trained tensors: an optimizer step, between hand-offs too), so a fold's multi-turn rollouts
+keep their caches between turns within a step. Memory is bounded (`budget_bytes`): the oldest rows go first, and a row
 whose cache was taken for a continuation is dropped (its continuation is kept instead).
 """
 

@@ -97,7 +97,55 @@ def test_a_new_adapter_or_a_loan_clears_the_kept_caches(tiny_model, tiny_tokeniz
     engine.lend_base()
     assert len(engine.turns) == 0
     engine.generate(prompts, SamplingParams(max_new_tokens=4))
-    assert len(engine.turns) == 0  # nothing kept while a trainer holds the weights
+    assert len(engine.turns) == 0  # nothing kept while a trainer holds the base and serves nothing on it
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_trainers_live_module_keeps_caches_until_its_weights_move(tiny_model, tiny_tokenizer, temperature):
+    """A fold's rollouts (the trainer's live LoRA module served, `serve_trained`) keep each game's cache
+    between turns; an optimizer step (in place, with no hand-off, as with `fold.sync_every` > 1) or a
+    hand-off makes every kept cache stale, and none is used after it."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny import build_model
+
+    def live(model):
+        engine = HFEngine(model, tiny_tokenizer, batch_size=3)
+        lent = engine.lend_base()
+        student = get_peft_model(lent.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                        init_lora_weights=False))
+        engine.serve_trained(student.eval())
+        return engine, student
+
+    params = SamplingParams(max_new_tokens=6, temperature=temperature, seed=5)
+    (kept, student), (plain, plain_student) = live(tiny_model), live(build_model(tiny_tokenizer))
+    plain.turns.budget_bytes = 0
+    plain_student.load_state_dict(student.state_dict())  # the same base (built alike) and adapter
+    with_cache, without = play(kept, 3, params), play(plain, 3, params)
+    assert kept.turns.reused_tokens > kept.turns.prompt_tokens / 2 and plain.turns.reused_tokens == 0
+    for (chats, outputs), (_, plain_outputs) in zip(with_cache, without, strict=True):
+        for chat, output, plain_output in zip(chats, outputs, plain_outputs, strict=True):
+            assert output.token_ids == plain_output.token_ids
+            assert output.logprobs == pytest.approx(reference_logprobs(kept, chat, output.token_ids), abs=1e-4)
+
+    chats = [chat + [{"role": "assistant", "content": output.text}, {"role": "user", "content": "and now ?"}]
+             for chat, output in zip(*with_cache[-1], strict=True)]
+    for moved in ("optimizer step", "hand-off"):
+        assert kept.turns.match([kept.encode(chat) for chat in chats])  # kept rows these chats continue
+        kept.turns.reused_tokens = 0
+        if moved == "optimizer step":  # AdamW writes the LoRA tensors in place: their version counters move
+            optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=0.05)
+            student.train()
+            student(input_ids=torch.tensor([kept.encode(chats[0])]), labels=torch.tensor([kept.encode(chats[0])])
+                    ).loss.backward()
+            optimizer.step()
+            student.eval()
+        else:
+            kept.serve_trained(student)
+        outputs = kept.generate(chats, params)
+        assert kept.turns.reused_tokens == 0  # what was kept before the weights moved is not used
+        for chat, output in zip(chats, outputs, strict=True):
+            assert output.logprobs == pytest.approx(reference_logprobs(kept, chat, output.token_ids), abs=1e-4)
 
 
 def test_the_budget_drops_the_oldest_rows_but_not_those_a_batch_awaits():
