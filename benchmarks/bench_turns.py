@@ -8,6 +8,15 @@ ratio, the prompt tokens kept, peak memory, and how many episodes played the sam
 cache equals a plain run up to float rounding, so greedy moves agree unless two tokens nearly tie).
 
     .venv/bin/python benchmarks/bench_turns.py [--env twx:coin] [--items 100] [--threads 1] [--out F.json]
+
+`--fold STEPS`: instead, a fold of the games (experiments/games.toml's fold: `--fold-batch` games a step,
+`--turns` turns, `--tokens` tokens a move, temperature 0.7, every move trained, a skill in the teacher's
+prompt), run twice from the same base and seed, the turn cache off then on: the trainer's live module is
+served, and its rollouts keep each game's cache between turns within a step. Prints seconds a step, the
+ratio, and in how many steps the rollouts sampled as many tokens both ways (the same samples, but for
+float rounding).
+
+    .venv/bin/python benchmarks/bench_turns.py --fold 6 [--env twx:coin] [--threads 1]
 """
 
 from __future__ import annotations
@@ -36,7 +45,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--budget-mib", type=int, default=4096, help="the turn cache's budget when on")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--fold", type=int, default=0, metavar="STEPS", help="time a fold of this many steps instead")
+    parser.add_argument("--fold-batch", type=int, default=8, help="games a fold step")
     arguments = parser.parse_args()
+    if arguments.fold:
+        return bench_fold(arguments)
 
     from agent.evaluate import evaluate
     from engines.base import SamplingParams
@@ -85,6 +98,67 @@ def main() -> int:
               f"vs {row['accuracy_kept']:.0%}")
     if arguments.out:
         arguments.out.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+SKILL = ("Skill (a won game): read the valid actions first; take the action the task names, word for word; "
+         "if it is not there, move to another room and look again.")
+
+
+def bench_fold(arguments) -> int:
+    import tempfile
+
+    from agent.evaluate import evaluate
+    from engines.base import SamplingParams
+    from engines.hf import HFEngine
+    from engines.turns import TurnCache
+    from envs.base import Message
+    from envs.registry import make_family
+    from learners.fold import FoldConfig, FoldItem, fold
+
+    engine = HFEngine.load(threads=arguments.threads, batch_size=arguments.batch)
+    rows = []
+    for spec in arguments.env or ["twx:coin"]:
+        family = make_family(spec)
+        evaluate(engine, family, 2, SamplingParams(max_new_tokens=arguments.tokens), max_turns=2)  # the JVM, packing
+        context = [Message(role="system", content=SKILL)]
+        items = [FoldItem(family=spec, index=index, context=context) for index in range(arguments.fold * arguments.fold_batch)]
+        config = FoldConfig(steps=arguments.fold, batch_size=arguments.fold_batch, max_turns=arguments.turns,
+                            anchor_fraction=0.0, checkpoint_every=arguments.fold,
+                            sampling=SamplingParams(temperature=0.7, max_new_tokens=arguments.tokens))
+        seconds: dict[str, list[float]] = {}
+        generated: dict[str, list[int]] = {}
+        kept = 0.0
+        for setting, budget in (("plain", 0), ("kept", arguments.budget_mib)):
+            engine.turns = TurnCache(budget * 2**20)
+            steps: list[dict] = []
+            with tempfile.TemporaryDirectory() as scratch:
+                fold(engine, {spec: family}, items, config, Path(scratch) / "fold",
+                     on_step=lambda record, steps=steps: steps.append(dict(record)))
+            engine.unload_adapter()
+            seconds[setting] = [record["seconds"] for record in steps]
+            generated[setting] = [record["generated_tokens"] for record in steps]
+            if budget:
+                kept = engine.turns.reused_tokens / max(engine.turns.prompt_tokens, 1)
+        plain, with_cache = sum(seconds["plain"]), sum(seconds["kept"])
+        row = {"env": spec, "steps": arguments.fold, "games_a_step": arguments.fold_batch,
+               "plain_s_a_step": round(plain / arguments.fold, 1), "kept_s_a_step": round(with_cache / arguments.fold, 1),
+               "speedup": round(plain / with_cache, 2), "prompt_tokens_kept": round(kept, 3),
+               "same_generated_tokens": sum(a == b for a, b in zip(generated["plain"], generated["kept"], strict=True)),
+               "plain_steps_s": [round(value, 1) for value in seconds["plain"]],
+               "kept_steps_s": [round(value, 1) for value in seconds["kept"]]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS {peak:.2f} GiB (both folds, one process)")
+    for row in rows:
+        print(f"{row['env']}: a fold of {row['steps']} steps x {row['games_a_step']} games: plain {row['plain_s_a_step']} "
+              f"s a step, kept {row['kept_s_a_step']} s a step: {row['speedup']}x; {row['prompt_tokens_kept']:.0%} of "
+              f"rollout prompt tokens kept; {row['same_generated_tokens']}/{row['steps']} steps sampled as many tokens "
+              "both ways")
+    if arguments.out:
+        arguments.out.write_text(json.dumps({"rows": rows, "peak_rss_gib": round(peak, 2),
+                                             "threads": arguments.threads}, indent=2))
     return 0
 
 
