@@ -1,0 +1,98 @@
+"""Pack a `skillfold experiment` output directory to resume it on another machine, and unpack it.
+
+A long stream (experiments/games.toml: hours a seed) may have to move between machines that share no disk.
+`pack` writes one .tar.xz of what the run reads again when it resumes: the config, every unit and its
+episodes, the evaluations on file, and each arm's home (memory, evolve state, fold records, adapters), a
+fold's checkpoints only where that fold is not finished (no result.json). Left out, as nothing reads them
+to resume: the adapters of the evolve loop's finished folds that LATEST does not name (refused by the
+retention check, or superseded), finished folds' checkpoints, and the experiment's store of folds kept for reuse by another arm
+(`out/folds`: without it an identical fold is run again, not reused). Stop every process writing the
+directory first: a pack of a directory being written is not a consistent snapshot.
+
+    .venv/bin/python experiments/carry.py pack runs/games carry.tar.xz
+    .venv/bin/python experiments/carry.py unpack carry.tar.xz runs/games      (then run the same command again)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+
+def wanted(out: Path) -> list[Path]:
+    """The files of `out` a resumed run reads, relative to `out`."""
+    files: list[Path] = []
+    for path in sorted(out.rglob("*")):
+        if not path.is_file() or path.is_symlink():
+            continue
+        relative = path.relative_to(out)
+        parts = relative.parts
+        if parts[0] == "folds" or path.name == ".lock":
+            continue
+        if parts[0] == "homes" and len(parts) > 3:
+            home = out / parts[0] / parts[1]
+            if parts[2] == "adapters" and parts[3] in superseded(home):
+                continue
+            if parts[2] == "folds" and len(parts) > 4 and parts[4].startswith("step-"):
+                if (home / "folds" / parts[3] / "result.json").is_file():
+                    continue
+        files.append(relative)
+    return files
+
+
+def superseded(home: Path) -> set[str]:
+    """Adapters of an arm's home that a resumed run never serves again: those of the evolve loop's finished
+    folds (`<run>-fold-<n>`, n up to the folds its state has counted) other than the one LATEST names.
+    Any other adapter (SFT's, GRPO's, a routed arm's, a fold registered before its stage was saved) is kept."""
+    latest = home / "adapters" / "LATEST"
+    served = latest.read_text().strip() if latest.is_file() else None
+    names: set[str] = set()
+    for state in (home / "evolve").glob("*/state.json"):
+        folds = json.loads(state.read_text()).get("folds", 0)
+        names |= {f"{state.parent.name}-fold-{number}" for number in range(1, folds + 1)}
+    return names - {served}
+
+
+def pack(out: Path, archive: Path) -> None:
+    if not (out / "config.json").is_file():
+        raise SystemExit(f"{out} is not an experiment output directory (no config.json)")
+    files = wanted(out)
+    partial = archive.with_name(f".{archive.name}.partial")
+    with tarfile.open(partial, "w:xz") as tar:
+        for relative in files:
+            tar.add(out / relative, arcname=str(relative), recursive=False)
+    partial.replace(archive)
+    print(f"{archive}: {len(files)} files, {archive.stat().st_size / 2**20:.1f} MiB")
+
+
+def unpack(archive: Path, out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: unpack into a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:xz") as tar:
+        tar.extractall(out, filter="data")
+    print(f"{out}: unpacked; run the same `skillfold experiment ... --out {out}` command to resume")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    packing = commands.add_parser("pack")
+    packing.add_argument("out", type=Path)
+    packing.add_argument("archive", type=Path)
+    unpacking = commands.add_parser("unpack")
+    unpacking.add_argument("archive", type=Path)
+    unpacking.add_argument("out", type=Path)
+    arguments = parser.parse_args()
+    if arguments.command == "pack":
+        pack(arguments.out, arguments.archive)
+    else:
+        unpack(arguments.archive, arguments.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
