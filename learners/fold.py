@@ -44,6 +44,7 @@ from learners.policies import (
     METHODS,
     MethodError,
     Parts,
+    anchor_balance,
     check_engine,
     imitated,
     loss_is_kl,
@@ -127,7 +128,8 @@ class FoldConfig(BaseModel):
     imitation_surprisal: float = Field(
         default=2.0, gt=0, description="imitation loss: tokens up to this surprisal to the student (nats) are "
         "learned fully, harder ones with weight (this / their surprisal)")
-    anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items")
+    anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items, and "
+                                   "of its loss (per token, anchors weigh their share of the episodes: `anchor_balance`)")
     checkpoint_every: int = Field(default=5, ge=1)
     chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
     micro_batch: int = Field(
@@ -415,7 +417,9 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
     for length in lengths:
         offsets.append(offsets[-1] + length)
     totals = {"loss": 0.0, "kl": 0.0, "weight": 0.0, "distilled": 0}
-    loss_is_the_kl = loss_is_kl(parts, config)
+    # per token, the anchors weigh their share of the batch's episodes (per episode they do already)
+    scales = anchor_balance(lengths, [item.anchor for item in kept_items]) if config.normalize == "token" else None
+    loss_is_the_kl = loss_is_kl(parts, config) and scales is None
 
     def loss_of(rows: list[int], student_hidden: torch.Tensor) -> torch.Tensor:
         """One pass's share of the batch loss, Σ_t m_t·ℓ_t over its rows' tokens (normalised below)."""
@@ -423,7 +427,7 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
         row_targets = targets[index]
         row_teacher = None if teacher_hidden is None else teacher_hidden[index]
         mask = token_mask(parts, config, row_targets, [lengths[row] for row in rows], row_teacher, teacher_weight,
-                          student_hidden, weight, project)
+                          student_hidden, weight, project, None if scales is None else [scales[row] for row in rows])
         loss = token_loss(parts, config, student_hidden, weight, row_targets, row_teacher, teacher_weight, mask,
                           project, None if behaviour is None else behaviour[index])
         mass = float(mask.float().sum())

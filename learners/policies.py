@@ -184,8 +184,9 @@ def guided_rollout(parts: Parts, engine: Engine, teacher, config, step: int, sur
 # ----------------------------------------------------------------------------------- token masks
 def token_mask(parts: Parts, config, targets: torch.Tensor, lengths: Sequence[int], teacher_hidden: torch.Tensor,
                teacher_weight: torch.Tensor, student_hidden: torch.Tensor, weight: torch.Tensor,
-               project: Projection) -> torch.Tensor:
-    """(1, N) weights of one pass's N trained tokens (episodes flattened in order, `lengths` each)."""
+               project: Projection, scales: Sequence[float] | None = None) -> torch.Tensor:
+    """(1, N) weights of one pass's N trained tokens (episodes flattened in order, `lengths` each);
+    `scales`: a weight for each episode's tokens (`anchor_balance`)."""
     device = targets.device
     mask = torch.ones((1, targets.numel()), dtype=torch.bool, device=device)
     if parts.mask == "relevance":
@@ -196,7 +197,27 @@ def token_mask(parts: Parts, config, targets: torch.Tensor, lengths: Sequence[in
         mask = top_per_episode(disagreement, lengths, config.relevance_top)
     if config.normalize == "episode":
         mask = mask * episode_weights(lengths, device)
+    if scales is not None:
+        mask = mask * torch.cat([torch.full((length,), scale, device=device)
+                                 for length, scale in zip(lengths, scales, strict=True)])[None]
     return mask
+
+
+def anchor_balance(lengths: Sequence[int], anchors: Sequence[bool]) -> list[float] | None:
+    """Each episode's token weight in a per-token loss so that the replayed anchors weigh their share of the
+    batch's episodes, not of its tokens: a group g (anchors, the rest) of n_g of B episodes and T_g of T
+    tokens gets (n_g / B) * T / T_g a token (the weights still sum to T). A game of 8 moves has ~75 trained
+    tokens and an anchor's answer ~16: by tokens, 2 anchors of 8 episodes were ~4% of the loss. None where
+    the batch is all anchors or none."""
+    if all(anchors) or not any(anchors):
+        return None
+    total, episodes = sum(lengths), len(lengths)
+    scale = {}
+    for group in (True, False):
+        tokens = sum(length for length, anchor in zip(lengths, anchors, strict=True) if anchor == group)
+        count = sum(anchor == group for anchor in anchors)
+        scale[group] = count / episodes * total / tokens if tokens else 0.0
+    return [scale[anchor] for anchor in anchors]
 
 
 def episode_weights(lengths: Sequence[int], device) -> torch.Tensor:

@@ -352,12 +352,16 @@ def test_micro_batches_give_the_same_fold(tiny_tokenizer, tmp_path, normalize):
             assert torch.allclose(adapter[name], value, atol=1e-5), name
 
 
-@pytest.mark.parametrize("micro_batch,normalize", [(0, "token"), (1, "token"), (3, "episode")])
-def test_a_fold_steps_gradient_is_that_of_the_batch_loss(tiny_tokenizer, monkeypatch, micro_batch, normalize):
+@pytest.mark.parametrize("micro_batch,normalize,anchors", [(0, "token", 0), (1, "token", 0), (3, "episode", 0),
+                                                           (1, "token", 2), (3, "episode", 2)])
+def test_a_fold_steps_gradient_is_that_of_the_batch_loss(tiny_tokenizer, monkeypatch, micro_batch, normalize,
+                                                        anchors):
+    """With anchors in the batch, per token, each group (anchors, the rest) weighs its share of the episodes."""
     from learners.losses import chunked_generalized_jsd
 
     engine = make_engine(tiny_tokenizer)
-    family = make_family("toy")
+    family, replayed = make_family("toy:3" if anchors else "toy"), make_family("toy")  # games of 3 turns, 1-turn anchors
+    families = {family.name: family, replayed.name: replayed}
     step_config = config(micro_batch=micro_batch, normalize=normalize, max_grad_norm=1e9)
     student = lora_student(tiny_tokenizer)
     engine.serve_trained(student)  # as fold() does: the base layers packed, LoRA beside them
@@ -377,9 +381,9 @@ def test_a_fold_steps_gradient_is_that_of_the_batch_loss(tiny_tokenizer, monkeyp
             student.zero_grad(set_to_none=set_to_none)
 
     monkeypatch.setattr(fold_module, "run_episodes", recording)
-    batch = items(family)[:5]
+    batch = items(family)[:5 - anchors] + [FoldItem(family=replayed.name, index=i, anchor=True) for i in range(anchors)]
     recorder = Recorder()
-    record = fold_module.fold_step(engine, student, teacher, {family.name: family}, batch, step_config, recorder, 0,
+    record = fold_module.fold_step(engine, student, teacher, families, batch, step_config, recorder, 0,
                                    base=LentBase(student, engine.tokenizer, engine.stop_ids))
     # the batch loss computed in one piece, by hand: every trained token of every episode at once
     views, _ = fold_module._views(engine.tokenizer, engine.stop_ids, batch, captured["trajectories"], step_config)
@@ -389,6 +393,13 @@ def test_a_fold_steps_gradient_is_that_of_the_batch_loss(tiny_tokenizer, monkeyp
                                    [v.student.trained_positions for v in views])
     lengths = [len(v.student.trained_positions) for v in views]
     mask = policies.episode_weights(lengths, "cpu") if normalize == "episode" else torch.ones((1, sum(lengths)))
+    if anchors and normalize == "token":  # by hand: group g's tokens weigh (n_g / B) / (T_g / T)
+        flags = [item.anchor for item in batch]
+        assert sum(flags) == anchors and len(views) == len(batch)
+        share = {flag: (flags.count(flag) / len(flags))
+                 / (sum(n for n, f in zip(lengths, flags, strict=True) if f == flag) / sum(lengths)) for flag in (True, False)}
+        mask = torch.cat([torch.full((n,), share[flag]) for n, flag in zip(lengths, flags, strict=True)])[None]
+        assert abs(share[True] - 1) > 0.05  # the anchors' answers are not as long as the rest: weights differ
     weight = passes.causal_lm(student).get_output_embeddings().weight
     loss = chunked_generalized_jsd(hidden[None], weight, teacher_hidden[None], 1.0, mask,
                                    teacher_lm_head_weight=teacher_weight, chunk_size=step_config.chunk_size)
