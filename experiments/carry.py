@@ -2,9 +2,10 @@
 
 A long stream (experiments/games.toml: hours a seed) may have to move between machines that share no disk.
 `pack` writes one .tar.xz of what the run reads again when it resumes: the config, every unit and its
-episodes, the evaluations on file, and each arm's home (memory, evolve state, fold records, adapters), a
-fold's checkpoints only where that fold is not finished (no result.json). Left out, as nothing reads them
-to resume: the adapters of the evolve loop's finished folds that LATEST does not name (refused by the
+episodes, the evaluations on file, and the home (memory, evolve state, fold records, adapters) of each arm
+and seed not yet finished, a fold's checkpoints only where that fold is not finished (no result.json).
+Left out, as nothing reads them to resume: the homes of arms and seeds whose every phase is on file (the
+run skips them; the report and `--check` read units and episodes only), the adapters of the evolve loop's finished folds that LATEST does not name (refused by the
 retention check, or superseded), finished folds' checkpoints, and the experiment's store of folds kept for reuse by another arm
 (`out/folds`: without it an identical fold is run again, not reused). Stop every process writing the
 directory first: a pack of a directory being written is not a consistent snapshot.
@@ -25,12 +26,15 @@ from pathlib import Path
 def wanted(out: Path) -> list[Path]:
     """The files of `out` a resumed run reads, relative to `out`."""
     files: list[Path] = []
+    done = finished(out)
     for path in sorted(out.rglob("*")):
         if not path.is_file() or path.is_symlink():
             continue
         relative = path.relative_to(out)
         parts = relative.parts
         if parts[0] == "folds" or path.name == ".lock":
+            continue
+        if parts[0] == "homes" and len(parts) > 2 and parts[1] in done:
             continue
         if parts[0] == "homes" and len(parts) > 3:
             home = out / parts[0] / parts[1]
@@ -41,6 +45,14 @@ def wanted(out: Path) -> list[Path]:
                     continue
         files.append(relative)
     return files
+
+
+def finished(out: Path) -> set[str]:
+    """The home names (`<arm>-seed<s>`) of the arms and seeds whose every phase's unit is on file."""
+    phases = len(json.loads((out / "config.json").read_text())["stream"]["phases"])
+    return {f"{arm.name}-seed{seed.name.removeprefix('seed-')}"
+            for arm in (out / "units").glob("*") for seed in arm.glob("seed-*")
+            if all((seed / f"phase-{phase}.json").is_file() for phase in range(phases))}
 
 
 def superseded(home: Path) -> set[str]:
