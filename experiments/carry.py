@@ -3,11 +3,12 @@
 A long stream (experiments/games.toml: hours a seed) may have to move between machines that share no disk.
 `pack` writes one .tar.xz of what the run reads again when it resumes: the config, every unit and its
 episodes, the evaluations on file, and the home (memory, evolve state, fold records, adapters) of each arm
-and seed not yet finished, a fold's checkpoints only where that fold is not finished (no result.json).
-Left out, as nothing reads them to resume: the homes of arms and seeds whose every phase is on file (the
-run skips them; the report and `--check` read units and episodes only), the adapters of the evolve loop's finished folds that LATEST does not name (refused by the
-retention check, or superseded), finished folds' checkpoints, and the experiment's store of folds kept for reuse by another arm
-(`out/folds`: without it an identical fold is run again, not reused). Stop every process writing the
+and seed not yet finished, a fold's (an SFT's, a GRPO's) checkpoints only where it is not finished (no
+result.json). Left out, as nothing reads them to resume: the homes of arms and seeds whose every phase
+is on file (the run skips them; the report and `--check` read units and episodes only), the adapters of
+the evolve loop's finished folds that LATEST does not name (refused by the retention check, or
+superseded), finished runs' checkpoints, and the experiment's store of folds kept for reuse by another
+arm (`out/folds`: without it an identical fold is run again, not reused). Stop every process writing the
 directory first: a pack of a directory being written is not a consistent snapshot.
 
     .venv/bin/python experiments/carry.py pack runs/games carry.tar.xz
@@ -40,8 +41,8 @@ def wanted(out: Path) -> list[Path]:
             home = out / parts[0] / parts[1]
             if parts[2] == "adapters" and parts[3] in superseded(home):
                 continue
-            if parts[2] == "folds" and len(parts) > 4 and parts[4].startswith("step-"):
-                if (home / "folds" / parts[3] / "result.json").is_file():
+            if parts[2] in ("folds", "sft", "grpo") and len(parts) > 4 and parts[4].startswith("step-"):
+                if (home / parts[2] / parts[3] / "result.json").is_file():  # a finished run's checkpoints
                     continue
         files.append(relative)
     return files

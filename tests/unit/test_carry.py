@@ -33,6 +33,9 @@ def experiment(out: Path) -> None:
     touch(home / "folds" / "evolve-fold-2" / "result.json")  # finished: its checkpoints are not read again
     touch(home / "folds" / "evolve-fold-2" / "step-000032" / "state.pt")
     touch(home / "folds" / "evolve-fold-3" / "step-000005" / "state.pt")  # running: resumes from here
+    touch(home / "sft" / "sft-p0" / "result.json")
+    touch(home / "sft" / "sft-p0" / "step-000032" / "state.pt")
+    touch(home / "sft" / "sft-p1" / "step-000010" / "state.pt")
 
 
 def test_a_pack_keeps_what_a_resumed_run_reads_and_leaves_out_the_rest(tmp_path):
@@ -48,6 +51,7 @@ def test_a_pack_keeps_what_a_resumed_run_reads_and_leaves_out_the_rest(tmp_path)
         "homes/skillfold-seed0/adapters/sft-1/adapter_model.safetensors",
         "homes/skillfold-seed0/folds/evolve-fold-2/result.json",
         "homes/skillfold-seed0/folds/evolve-fold-3/step-000005/state.pt",
+        "homes/skillfold-seed0/sft/sft-p0/result.json", "homes/skillfold-seed0/sft/sft-p1/step-000010/state.pt",
     }
 
 
