@@ -4,7 +4,7 @@ A long stream (experiments/games.toml: hours a seed) may have to move between ma
 `pack` writes one .tar.xz of what the run reads again when it resumes: the config, every unit and its
 episodes, the evaluations on file, and the home (memory, evolve state, fold records, adapters) of each arm
 and seed not yet finished, a fold's (an SFT's, a GRPO's) checkpoints only where it is not finished (no
-result.json). Left out, as nothing reads them to resume: the homes of arms and seeds whose every phase
+result.json; of those the newest only). Left out, as nothing reads them to resume: the homes of arms and seeds whose every phase
 is on file (the run skips them; the report and `--check` read units and episodes only), the adapters of
 the evolve loop's finished folds that LATEST does not name (refused by the retention check, or
 superseded), finished runs' checkpoints, and the experiment's store of folds kept for reuse by another
@@ -24,8 +24,9 @@ import tarfile
 from pathlib import Path
 
 
-def wanted(out: Path) -> list[Path]:
-    """The files of `out` a resumed run reads, relative to `out`."""
+def wanted(out: Path, checkpoints: bool = True) -> list[Path]:
+    """The files of `out` a resumed run reads, relative to `out`: of an unfinished run's checkpoints the newest
+    only (it resumes from that), none with `checkpoints=False` (the run starts again)."""
     files: list[Path] = []
     done = finished(out)
     for path in sorted(out.rglob("*")):
@@ -42,7 +43,10 @@ def wanted(out: Path) -> list[Path]:
             if parts[2] == "adapters" and parts[3] in superseded(home):
                 continue
             if parts[2] in ("folds", "sft", "grpo") and len(parts) > 4 and parts[4].startswith("step-"):
-                if (home / parts[2] / parts[3] / "result.json").is_file():  # a finished run's checkpoints
+                run = home / parts[2] / parts[3]
+                if (run / "result.json").is_file() or not checkpoints:  # a finished run's checkpoints
+                    continue
+                if parts[4] != max(path.name for path in run.glob("step-*") if path.is_dir()):
                     continue
         files.append(relative)
     return files
@@ -69,10 +73,10 @@ def superseded(home: Path) -> set[str]:
     return names - {served}
 
 
-def pack(out: Path, archive: Path) -> None:
+def pack(out: Path, archive: Path, checkpoints: bool = True) -> None:
     if not (out / "config.json").is_file():
         raise SystemExit(f"{out} is not an experiment output directory (no config.json)")
-    files = wanted(out)
+    files = wanted(out, checkpoints)
     partial = archive.with_name(f".{archive.name}.partial")
     with tarfile.open(partial, "w:xz") as tar:
         for relative in files:
@@ -96,12 +100,15 @@ def main() -> int:
     packing = commands.add_parser("pack")
     packing.add_argument("out", type=Path)
     packing.add_argument("archive", type=Path)
+    packing.add_argument("--no-checkpoints", action="store_true",
+                         help="leave out the checkpoints of unfinished runs too (~60 MB each for the default model's "
+                         "LoRA): those runs start again")
     unpacking = commands.add_parser("unpack")
     unpacking.add_argument("archive", type=Path)
     unpacking.add_argument("out", type=Path)
     arguments = parser.parse_args()
     if arguments.command == "pack":
-        pack(arguments.out, arguments.archive)
+        pack(arguments.out, arguments.archive, not arguments.no_checkpoints)
     else:
         unpack(arguments.archive, arguments.out)
     return 0

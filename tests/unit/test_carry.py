@@ -32,7 +32,8 @@ def experiment(out: Path) -> None:
         touch(home / "adapters" / name / "adapter_model.safetensors")
     touch(home / "folds" / "evolve-fold-2" / "result.json")  # finished: its checkpoints are not read again
     touch(home / "folds" / "evolve-fold-2" / "step-000032" / "state.pt")
-    touch(home / "folds" / "evolve-fold-3" / "step-000005" / "state.pt")  # running: resumes from here
+    touch(home / "folds" / "evolve-fold-3" / "step-000005" / "state.pt")  # running: resumes from its newest
+    touch(home / "folds" / "evolve-fold-3" / "step-000010" / "state.pt")
     touch(home / "sft" / "sft-p0" / "result.json")
     touch(home / "sft" / "sft-p0" / "step-000032" / "state.pt")
     touch(home / "sft" / "sft-p1" / "step-000010" / "state.pt")
@@ -50,7 +51,7 @@ def test_a_pack_keeps_what_a_resumed_run_reads_and_leaves_out_the_rest(tmp_path)
         "homes/skillfold-seed0/adapters/LATEST", "homes/skillfold-seed0/adapters/evolve-fold-1/adapter_model.safetensors",
         "homes/skillfold-seed0/adapters/sft-1/adapter_model.safetensors",
         "homes/skillfold-seed0/folds/evolve-fold-2/result.json",
-        "homes/skillfold-seed0/folds/evolve-fold-3/step-000005/state.pt",
+        "homes/skillfold-seed0/folds/evolve-fold-3/step-000010/state.pt",
         "homes/skillfold-seed0/sft/sft-p0/result.json", "homes/skillfold-seed0/sft/sft-p1/step-000010/state.pt",
     }
 
@@ -62,3 +63,10 @@ def test_pack_then_unpack_gives_back_the_kept_files(tmp_path):
     again = {str(path.relative_to(tmp_path / "again")) for path in (tmp_path / "again").rglob("*") if path.is_file()}
     assert again == {str(path) for path in carry.wanted(tmp_path / "out")}
     assert (tmp_path / "again" / "homes" / "skillfold-seed0" / "adapters" / "LATEST").read_text() == "evolve-fold-1\n"
+
+
+def test_without_checkpoints_unfinished_runs_start_again(tmp_path):
+    experiment(tmp_path)
+    kept = {str(path) for path in carry.wanted(tmp_path, checkpoints=False)}
+    assert not any("/step-" in path for path in kept)
+    assert "homes/skillfold-seed0/folds/evolve-fold-2/result.json" in kept
