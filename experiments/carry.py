@@ -3,13 +3,13 @@
 A long stream (experiments/games.toml: hours a seed) may have to move between machines that share no disk.
 `pack` writes one .tar.xz of what the run reads again when it resumes: the config, every unit and its
 episodes, the evaluations on file, and the home (memory, evolve state, fold records, adapters) of each arm
-and seed not yet finished, a fold's (an SFT's, a GRPO's) checkpoints only where it is not finished (no
-result.json; of those the newest only). Left out, as nothing reads them to resume: the homes of arms and seeds whose every phase
-is on file (the run skips them; the report and `--check` read units and episodes only), the adapters of
-the evolve loop's finished folds that LATEST does not name (refused by the retention check, or
-superseded), finished runs' checkpoints, and the experiment's store of folds kept for reuse by another
-arm (`out/folds`: without it an identical fold is run again, not reused). Stop every process writing the
-directory first: a pack of a directory being written is not a consistent snapshot.
+and seed not yet finished, with an unfinished fold's (SFT's, GRPO's) newest checkpoint (none with
+`--no-checkpoints`: the run starts again). Left out, as nothing reads them to resume: the homes of arms and
+seeds whose every phase is on file (the run skips them; the report and `--check` read units and episodes
+only), the adapters of the evolve loop's finished folds that LATEST does not name (refused by the
+retention check, or superseded), finished runs' checkpoints, and the experiment's store of folds kept for
+reuse by another arm (`out/folds`: without it an identical fold is run again, not reused). Stop every
+process writing the directory first: a pack of a directory being written is not a consistent snapshot.
 
     .venv/bin/python experiments/carry.py pack runs/games carry.tar.xz
     .venv/bin/python experiments/carry.py unpack carry.tar.xz runs/games      (then run the same command again)
