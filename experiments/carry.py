@@ -44,9 +44,9 @@ def wanted(out: Path, checkpoints: bool = True) -> list[Path]:
                 continue
             if parts[2] in ("folds", "sft", "grpo") and len(parts) > 4 and parts[4].startswith("step-"):
                 run = home / parts[2] / parts[3]
-                if (run / "result.json").is_file() or not checkpoints:  # a finished run's checkpoints
+                if (run / "result.json").is_file() or not checkpoints:  # finished, or to start again
                     continue
-                if parts[4] != max(path.name for path in run.glob("step-*") if path.is_dir()):
+                if parts[4] != max(path.name for path in run.glob("step-*") if path.is_dir()):  # not the newest
                     continue
         files.append(relative)
     return files
