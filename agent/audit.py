@@ -2,7 +2,7 @@
 
 An experiment's report is only as honest as the path from its episodes to its tables. This audit
 walks that path again, without the model:
-1. every evaluation cell in metrics.json is recounted from its episode file: items, successes,
+1. every evaluation cell in metrics.json (the watch families' too) is recounted from its episode file: items, successes,
    accuracy, its Wilson interval, errors, prompt and completion tokens, whether skills were in
    the prompt, and (the routed arm) how many prompts its own family's adapter, another's or the base
    model served, from the adapter each episode records;
@@ -22,7 +22,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from agent.evaluate import wilson_interval
-from agent.experiment import FamilyEval, Metrics, check_experiment, read_episodes, routed_adapter_phase
+from agent.experiment import (
+    FamilyEval,
+    Metrics,
+    check_experiment,
+    read_episodes,
+    routed_adapter_phase,
+    watch_families,
+)
+from envs import EnvSpecError, make_family
 from envs.base import Environment, TaskFamily, Trajectory, close_environment
 from learners.rollout import score_trajectory
 
@@ -182,11 +190,17 @@ def audit_experiment(out: Path) -> Audit:
 
     metrics = load_metrics(out)
     families = {family.name: family for family in check_experiment(metrics.config)}
+    families |= {family.name: family for family in watch_families(metrics.config)}
     audit = Audit()
     for unit in metrics.units:
-        for cell in [*unit.evals, *unit.evals_off]:
+        for cell in [*unit.evals, *unit.evals_off, *unit.watch]:
+            if cell.family not in families and cell in unit.watch:  # watched once, dropped from watch since
+                try:
+                    families[cell.family] = make_family(cell.family)
+                except EnvSpecError:
+                    pass
             if cell.family not in families:
-                audit.problems.append(f"{cell.trajectories}: family {cell.family} is not in the stream")
+                audit.problems.append(f"{cell.trajectories}: family {cell.family} is not in the stream or its watch")
                 continue
             check_cell(out, cell, families[cell.family], audit, metrics.phases)
     check_report(out, metrics, audit)

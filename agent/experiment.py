@@ -66,8 +66,10 @@ from agent.evolve import (
     write_atomic,
 )
 from agent.folding import adapters_dir, fold_items, register_adapter, resolve_adapter
+from agent.protection import gate_window
 from agent.routing import MemoryRouter, Routes
 from engines.routed import RoutedEngine, RouteStats
+from envs import make_family
 from envs.base import Message, TaskFamily, Trajectory, item_prompt
 from learners.fold import FoldResult, fold
 from learners.grpo import GrpoConfig, GrpoResult, GrpoSettings, grpo, train_items
@@ -109,8 +111,12 @@ class ExperimentConfig(BaseModel):
                                "rollouts per step and trainer settings are the stream's fold's)")
     routing: RoutingSettings = Field(default_factory=RoutingSettings, description="how the routed arm picks a "
                                      "prompt's adapter from memory")
+    watch: list[str] = Field(default_factory=list, description="families no phase trains (specs without options), "
+                             "evaluated after every phase of every arm on the same eval items, memory off (no skill "
+                             "of theirs is in memory): what training the stream did to them. May be added to an "
+                             "experiment already run: running it again evaluates the finished units' weights")
 
-    @field_validator("seeds", "arms")
+    @field_validator("seeds", "arms", "watch")
     @classmethod
     def _distinct(cls, values: list) -> list:
         if len(set(values)) != len(values):
@@ -174,6 +180,9 @@ class UnitResult(BaseModel):
     seconds: float = Field(description="wall time of the unit (a resumed unit: from the resume on)")
     generated_tokens: int = Field(description="train, fold and evaluation tokens (probe checks not counted)")
     reused_from: int | None = Field(default=None, description="phase whose evaluation this reuses (base)")
+    watch: list[FamilyEval] = Field(default_factory=list, description="the config's watch families with the weights "
+                                    "of this unit (the routed arm: routed as its evaluations are); not counted in "
+                                    "`seconds` or `generated_tokens`, which stay what the arm's phase cost")
     finished_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -185,6 +194,7 @@ class Metrics(BaseModel):
     config: ExperimentConfig
     phases: list[str] = Field(description="the family each phase trains")
     families: list[str] = Field(description="the matrices' rows, in stream order")
+    watch: list[str] = Field(default_factory=list, description="the watch families' names, in the config's order")
     units: list[UnitResult]
 
 
@@ -197,6 +207,7 @@ class Lab:
     out: Path
     families: list[TaskFamily]
     embedding: Any = None
+    watch: list[TaskFamily] = field(default_factory=list)
     say: Callable[[str], None] = lambda text: None
     fold_fn: Callable = fold
     sft_fn: Callable[..., SftResult] = sft
@@ -305,6 +316,7 @@ def _as_now(saved: Path) -> dict[str, Any]:
 
 
 def _comparable(data: dict[str, Any]) -> dict[str, Any]:
+    data = {key: value for key, value in data.items() if key != "watch"}  # adds evaluations only (`fill_watch`)
     model = {key: value for key, value in data.get("model", {}).items() if key not in HOW_NOT_WHAT}
     stream = data.get("stream", {})
     fold = {key: value for key, value in (stream.get("fold") or {}).items() if key not in FOLD_HOW_NOT_WHAT}
@@ -321,7 +333,34 @@ def check_experiment(config: ExperimentConfig) -> list[TaskFamily]:
             GrpoConfig.like_fold(config.stream.fold, config.grpo)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    watch_families(config, families)
     return families
+
+
+def watch_families(config: ExperimentConfig, families: list[TaskFamily] | None = None) -> list[TaskFamily]:
+    """The config's watch families, checked: scored, not a phase of the stream, `eval_items` eval items that the
+    folds' retention gate does not also use (ConfigError; EnvSpecError for a bad spec)."""
+    stream = {family.name for family in families or stream_families(config.stream)}
+    watched = []
+    for spec in config.watch:
+        family = make_family(spec)
+        if family.name in stream:
+            raise ConfigError(f"watch family {family.name} is a phase of the stream, measured after every phase "
+                              "already; drop it from watch")
+        if not getattr(family, "scored", True):
+            raise ConfigError(f"watch family {family.name} has no score (a prompt set for replay); watch a family "
+                              "whose episodes succeed or fail")
+        size = family.split_size("eval")
+        if size < config.eval_items:
+            raise ConfigError(f"watch family {family.name} has {size} eval items but eval_items is "
+                              f"{config.eval_items}; lower eval_items or watch another family")
+        first, _ = gate_window(family, config.stream.protection.gate_items)
+        if first < config.eval_items and config.stream.protection.enabled and set(FOLDING) & set(config.arms):
+            raise ConfigError(f"watch family {family.name}: its eval items [0, {config.eval_items}) overlap the "
+                              f"retention gate's [{first}, {size}) that decides the folds; lower eval_items or "
+                              "stream.protection.gate_items")
+        watched.append(family)
+    return watched
 
 
 def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=None, say=lambda text: None,
@@ -341,10 +380,11 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
     check_arms(config, arms)
     prepare_out(out, config)
     lab = Lab(engine=engine, config=config, out=out, families=families, embedding=embedding, say=say,
-              fold_fn=fold_fn, sft_fn=sft_fn, grpo_fn=grpo_fn)
+              fold_fn=fold_fn, sft_fn=sft_fn, grpo_fn=grpo_fn, watch=watch_families(config, families))
     for seed in [seed for seed in config.seeds if seeds is None or seed in seeds]:
         for arm in [arm for arm in config.arms if arms is None or arm in arms]:
-            if all(unit_path(out, arm, seed, phase).is_file() for phase in range(len(families))):
+            if all(unit_path(out, arm, seed, phase).is_file() for phase in range(len(families))) and not any(
+                    watch_missing(lab, arm, seed, phase) for phase in range(len(families))):
                 if (out / "units" / arm / f"seed-{seed}" / ".lock").exists():
                     with chain_lock(out, arm, seed):  # a claim a killed run left on its finished units goes
                         pass
@@ -362,6 +402,10 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
                     write_atomic(path, unit.model_dump_json(indent=2))
                     mean = sum(e.accuracy for e in unit.evals) / len(unit.evals)
                     say(f"seed {seed} {arm}: phase {phase + 1} done, mean accuracy {mean:.1%} ({unit.seconds:.0f}s)")
+                for phase in range(len(families)):  # units run before the config watched these families
+                    if watch_missing(lab, arm, seed, phase):
+                        say(f"seed {seed} {arm}: phase {phase + 1}: watch families evaluated with its weights")
+                        fill_watch(lab, arm, seed, phase)
     missing = [(arm, seed) for seed in config.seeds for arm in config.arms
                if not all(unit_path(out, arm, seed, phase).is_file() for phase in range(len(families)))]
     if missing:
@@ -431,7 +475,8 @@ def collect(out: Path, config: ExperimentConfig, families: list[TaskFamily], eng
     units = [UnitResult.model_validate_json(unit_path(out, arm, seed, phase).read_text())
              for seed in config.seeds for arm in config.arms for phase in range(len(families))]
     names = list(dict.fromkeys(family.name for family in families))
-    return Metrics(config=config, phases=[family.name for family in families], families=names, units=units)
+    return Metrics(config=config, phases=[family.name for family in families], families=names,
+                   watch=[family.name for family in watch_families(config, families)], units=units)
 
 
 def recount_skill_tokens(out: Path, config: ExperimentConfig, phases: int, engine,
@@ -469,15 +514,18 @@ def run_unit(lab: Lab, arm: str, seed: int, phase: int) -> UnitResult:
                                             "reused_from": 0, "finished_at": datetime.now(UTC)})
         serve(lab.engine, None)
         evals, evals_off, tokens = evaluate_unit(lab, arm, seed, phase, None)
-        return UnitResult(arm=arm, seed=seed, phase=phase, family=family, evals=evals,
+        unit = UnitResult(arm=arm, seed=seed, phase=phase, family=family, evals=evals,
                           seconds=time.perf_counter() - started, generated_tokens=tokens)
+        return unit.model_copy(update={"watch": evaluate_watch(lab, arm, seed, phase, None, lab.watch)})
     stream = lab.stream(arm, seed)
     stats, transitions = PHASE_TRAINING.get(arm, evolve_unit)(lab, stream, seed, phase)
     memory = lab.memory(arm, seed)
     evals, evals_off, tokens = evaluate_unit(lab, arm, seed, phase, memory)
+    seconds = time.perf_counter() - started
     return UnitResult(
         arm=arm, seed=seed, phase=phase, family=family, evals=evals, evals_off=evals_off,
-        skills=memory.stats()["skills"], transitions=transitions, train=stats, seconds=time.perf_counter() - started,
+        watch=evaluate_watch(lab, arm, seed, phase, memory, lab.watch),
+        skills=memory.stats()["skills"], transitions=transitions, train=stats, seconds=seconds,
         generated_tokens=tokens + stats.generated_tokens + stats.fold_generated_tokens + stats.rl_generated_tokens,
     )
 
@@ -631,6 +679,67 @@ def evaluate_unit(lab: Lab, arm: str, seed: int, phase: int,
             evals_off.append(run[-1])
         tokens += sum(cell.completion_tokens for cell in run if cell.reused_from is None)
     return evals, evals_off, tokens
+
+
+def evaluate_watch(lab: Lab, arm: str, seed: int, phase: int, memory: Memory | None,
+                   families: list[TaskFamily]) -> list[FamilyEval]:
+    """`families` (watch families) with the weights the engine serves now, memory off (the routed arm: routed)."""
+    unit_dir = unit_path(lab.out, arm, seed, phase).with_suffix("")
+    if arm == "routed":
+        return [evaluate_routed(lab, family, memory, lab.home(arm, seed), unit_dir) for family in families]
+    return [evaluate_family(lab, family, None, unit_dir) for family in families]
+
+
+def watch_missing(lab: Lab, arm: str, seed: int, phase: int) -> list[TaskFamily]:
+    """The watch families a finished unit has no evaluation of (none while the unit is not on file)."""
+    path = unit_path(lab.out, arm, seed, phase)
+    if not lab.watch or not path.is_file():
+        return []
+    have = {cell.family for cell in UnitResult.model_validate_json(path.read_text()).watch}
+    return [family for family in lab.watch if family.name not in have]
+
+
+def fill_watch(lab: Lab, arm: str, seed: int, phase: int) -> UnitResult:
+    """Evaluate a finished unit's missing watch families with the weights its evaluations were served, and
+    rewrite the unit (atomically) with them (ConfigError where those weights cannot be had again)."""
+    path = unit_path(lab.out, arm, seed, phase)
+    unit = UnitResult.model_validate_json(path.read_text())
+    missing = watch_missing(lab, arm, seed, phase)
+    if arm == "routed":
+        raise ConfigError(f"{path}: the routed arm's watch evaluations need its memory and routes as they were "
+                          "after each phase; run the experiment with these watch families from the start "
+                          "(a new --out)")
+    serve(lab.engine, unit_weights(lab, unit))
+    unit = unit.model_copy(update={"watch": [*unit.watch, *evaluate_watch(lab, arm, seed, phase, None, missing)]})
+    write_atomic(path, unit.model_dump_json(indent=2))
+    return unit
+
+
+def unit_weights(lab: Lab, unit: UnitResult) -> str | None:
+    """The adapter a finished unit's evaluations were served (None: the model alone), as its episodes record
+    it, checked: served again, its memory-off evaluation's key must name that very evaluation, or the adapter
+    no longer holds those weights (ConfigError)."""
+    cells = [cell for cell in [*unit.evals, *unit.evals_off] if not cell.memory]
+    episodes = read_episodes(lab.out / (cells or unit.evals)[0].trajectories)
+    adapter = episodes[0].adapter if episodes else None
+    where = f"{unit.arm} seed {unit.seed} phase {unit.phase + 1}"
+    if adapter is not None and not Path(adapter).is_dir():  # the directory moved (packed and unpacked)
+        parts = Path(adapter).parts
+        moved = lab.out.joinpath(*parts[parts.index("homes"):]) if "homes" in parts else None
+        if moved is None or not moved.is_dir():
+            raise ConfigError(f"{where}: its adapter {adapter} is gone; its watch families cannot be evaluated "
+                              "(run the experiment with them from the start, in a new --out)")
+        adapter = str(moved)
+    if cells:
+        serve(lab.engine, adapter)
+        key = eval_key(lab.engine, cells[0].family, lab.config.eval_items, lab.config.stream, [])
+        earlier = lab.out / "evals" / f"{key}.json"
+        recorded = FamilyEval.model_validate_json(earlier.read_text()).trajectories if earlier.is_file() else None
+        if recorded is None or recorded not in (cells[0].trajectories, cells[0].reused_from):
+            raise ConfigError(f"{where}: its adapter {adapter} no longer holds the weights its evaluations had; "
+                              "its watch families cannot be evaluated (run the experiment with them from the "
+                              "start, in a new --out)")
+    return adapter
 
 
 def evaluate_routed(lab: Lab, family: TaskFamily, memory: Memory, home: Path, unit_dir: Path) -> FamilyEval:

@@ -33,6 +33,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -101,6 +102,24 @@ def retention(off: Matrix, memory: Matrix, base: dict[str, float], phases: list[
     return kept / sum(memory[f][t] - base[f] for f, t in gained.items())
 
 
+WATCH_DEFINITIONS = """\
+- damage            (watch families W: families no phase trains, evaluated memory off after every phase) mean,
+                    over W, of max(0, max_j base_w - W[w][j]), base_w the base arm's accuracy on w: how far the
+                    weights' training pushed a family outside the stream below base. Its (±x) is interference's,
+                    over the watch families. Memory on and off agree there: no skill of a watch family is in
+                    memory."""
+
+
+def damage_by_family(watched: Counts, base: Counts) -> dict[str, float]:
+    """The drop below base anywhere in the stream: max(0, max_j base_w - W[w][j]) per watch family."""
+    return {w: max(0.0, *(_rate(base[w][0]) - _rate(cell) for cell in row)) for w, row in watched.items()}
+
+
+def damage_cells(watched: Counts, base: Counts) -> list[tuple[Cell, Cell]]:
+    """Per watch family: (its base cell, its lowest cell)."""
+    return [(base[w][0], min(row, key=_rate)) for w, row in watched.items()]
+
+
 def _rate(cell: Cell) -> float:
     return cell[0] / cell[1]
 
@@ -143,6 +162,10 @@ class ArmNumbers(BaseModel):
     gain_over_base: float | None
     retention: float | None
     folded_fraction: float | None
+    damage: float | None = None  # the watch families (`WATCH_DEFINITIONS`); None without them
+    damage_half_width: float | None = None
+    damage_worst: float | None = None
+    damage_by_family: dict[str, float] = {}
     skill_tokens: float
     generated_tokens: float
     seconds: float
@@ -184,6 +207,33 @@ def cell_counts(metrics: Metrics, arm: str, seeds: list[int], off: bool = False)
             cells = [_eval_of(units[(arm, seed, phase)], family, off) for seed in seeds]
             counts[family].append((sum(c.successes for c in cells), sum(c.items for c in cells)))
     return counts
+
+
+def watch_counts(metrics: Metrics, arm: str, seeds: list[int]) -> Counts | None:
+    """Successes and items of every watch family after every phase, pooled over `seeds`; None without watch
+    families, or where a unit has not evaluated one yet (run the experiment again to fill them in)."""
+    units = units_by_key(metrics)
+    counts: Counts = {}
+    for family in metrics.watch:
+        counts[family] = []
+        for phase in range(len(metrics.phases)):
+            cells = [next((e for e in units[(arm, seed, phase)].watch if e.family == family), None) for seed in seeds]
+            if not cells or any(cell is None for cell in cells):
+                return None
+            counts[family].append((sum(c.successes for c in cells), sum(c.items for c in cells)))  # type: ignore[union-attr]
+    return counts or None
+
+
+def damage_numbers(metrics: Metrics, arm: str, seeds: list[int]) -> dict[str, Any]:
+    """The arm's damage to the watch families, per family and mean, and its 95% half-width, from its cells
+    pooled over `seeds` (the mean over seeds is `_mean_numbers`'), nothing where it cannot be had."""
+    watched = watch_counts(metrics, arm, seeds)
+    base = watch_counts(metrics, "base", seeds) if "base" in metrics.config.arms else None
+    if watched is None or base is None:
+        return {}
+    by_family = damage_by_family(watched, base)
+    return {"damage": _mean(list(by_family.values())), "damage_worst": worst(by_family),
+            "damage_by_family": by_family, "damage_half_width": half_width(damage_cells(watched, base))}
 
 
 def drop_half_widths(metrics: Metrics, arm: str, seeds: list[int]) -> dict[str, float | None]:
@@ -235,6 +285,7 @@ def arm_numbers(metrics: Metrics, arm: str, seed: int) -> ArmNumbers:
         forward_transfer=None if base is None else forward_transfer(matrix, base, phases),
         gain_over_base=None if base is None else gain_over_base(matrix, base, phases),
         retention=kept,
+        **damage_numbers(metrics, arm, [seed]),
         folded_fraction=skills.get("folded", 0) / held if arm != "base" and held else None,
         skill_tokens=sum(e.skill_tokens for unit in ran for e in unit.evals),
         generated_tokens=sum(unit.generated_tokens for unit in ran),
@@ -249,10 +300,11 @@ def _mean_numbers(numbers: list[ArmNumbers], half_widths: dict[str, float | None
     for key in ArmNumbers.model_fields:
         values = [getattr(item, key) for item in numbers]
         if isinstance(values[0], dict):
-            averaged[key] = {name: sum(value[name] for value in values) / len(values) for name in values[0]}
+            averaged[key] = {name: sum(value[name] for value in values) / len(values) for name in values[0]
+                             if all(name in value for value in values)}  # damage: a seed may lack its watch cells
         else:
             averaged[key] = None if any(value is None for value in values) else sum(values) / len(values)
-    for kind in ("interference", "forgetting"):
+    for kind in ("interference", "forgetting", "damage"):
         averaged[f"{kind}_worst"] = worst(averaged[f"{kind}_by_family"])
     return ArmNumbers(**{**averaged, **half_widths})
 
@@ -261,9 +313,11 @@ def summarize(metrics: Metrics) -> Summary:
     """Every number of the report, from the metrics alone."""
     seeds = metrics.config.seeds
     per_seed = {arm: {seed: arm_numbers(metrics, arm, seed) for seed in seeds} for arm in metrics.config.arms}
-    arms = {arm: _mean_numbers(list(by_seed.values()), drop_half_widths(metrics, arm, seeds))
+    arms = {arm: _mean_numbers(list(by_seed.values()), {
+                **drop_half_widths(metrics, arm, seeds),
+                "damage_half_width": damage_numbers(metrics, arm, seeds).get("damage_half_width")})
             for arm, by_seed in per_seed.items()}
-    return Summary(arms=arms, per_seed=per_seed, targets=targets(arms))
+    return Summary(arms=arms, per_seed=per_seed, targets=targets(arms, watched=bool(metrics.watch)))
 
 
 def _target(name: str, arm: str, value: float | None, met: Callable[[float], bool], shown: Callable[[float], str],
@@ -284,7 +338,7 @@ def drop_total(numbers: ArmNumbers | None) -> tuple[float, float] | None:
     return sum(value for value, _ in parts), math.sqrt(sum(width ** 2 for _, width in parts))  # type: ignore[operator]
 
 
-def targets(arms: dict[str, ArmNumbers]) -> list[Target]:
+def targets(arms: dict[str, ArmNumbers], watched: bool = False) -> list[Target]:
     def get(arm: str, key: str):
         return getattr(arms[arm], key) if arm in arms else None
 
@@ -297,7 +351,7 @@ def targets(arms: dict[str, ArmNumbers]) -> list[Target]:
     margin = width = None
     if skillfold is not None and sft is not None:
         margin, width = sft[0] - skillfold[0], math.sqrt(sft[1] ** 2 + skillfold[1] ** 2)
-    return [
+    rows = [
         _target("memory gain >= 15 points", "memory", get("memory", "gain_over_base"), lambda v: v >= 0.15, points,
                 "needs the memory and base arms"),
         _target("memory-off gain >= 90% of the memory gain", "skillfold", get("skillfold", "retention"),
@@ -312,6 +366,29 @@ def targets(arms: dict[str, ArmNumbers]) -> list[Target]:
                 lambda v: f"{interval(v, width)}: {points(sft[0])} vs {points(skillfold[0])}",  # type: ignore[index]
                 "needs the skillfold, sft and base arms and two phases or more"),
     ]
+    if watched:
+        rows += watch_targets(arms)
+    return rows
+
+
+def watch_targets(arms: dict[str, ArmNumbers]) -> list[Target]:
+    """The damage outside the stream: skillfold's on every watch family, and against sft's."""
+    skillfold, sft = arms.get("skillfold"), arms.get("sft")
+    by_family = skillfold.damage_by_family if skillfold is not None else {}
+    rows = [_target("damage outside the stream <= 2 points on every watched family", "skillfold", worst(by_family),
+                    lambda v: v <= 0.02,
+                    lambda v: f"worst {points(v)} ({max(by_family, key=by_family.__getitem__)})",
+                    "needs the skillfold and base arms, every unit's watch evaluations")]
+    parts = [(numbers.damage, numbers.damage_half_width) for numbers in (sft, skillfold) if numbers is not None]
+    if len(parts) < 2 or any(value is None or width is None for value, width in parts):
+        return rows + [_target("skillfold beats sft on damage outside the stream beyond the 95% interval",
+                               "sft - skillfold", None, bool, str,
+                               "needs the skillfold, sft and base arms, every unit's watch evaluations")]
+    (sft_damage, sft_width), (skillfold_damage, skillfold_width) = parts
+    margin, width = sft_damage - skillfold_damage, math.sqrt(sft_width ** 2 + skillfold_width ** 2)  # type: ignore[operator]
+    return rows + [_target("skillfold beats sft on damage outside the stream beyond the 95% interval",
+                           "sft - skillfold", margin, lambda v: v - width > 0,
+                           lambda v: f"{interval(v, width)}: {points(sft_damage)} vs {points(skillfold_damage)}", "")]
 
 
 # --------------------------------------------------------------------------- output
@@ -375,13 +452,15 @@ def render(metrics: Metrics, summary: Summary, plots: list[str]) -> str:
             f"{percent(numbers.retention)} | {percent(numbers.folded_fraction)} | {numbers.skill_tokens:.0f} | "
             f"{numbers.generated_tokens:.0f} | {numbers.seconds:.0f} s |"
         )
-    cells = [cell for unit in metrics.units for cell in [*unit.evals, *unit.evals_off]]
+    cells = [cell for unit in metrics.units for cell in [*unit.evals, *unit.evals_off, *unit.watch]]
     reused = sum(cell.reused_from is not None for cell in cells)
     if reused:
         lines += ["", f"{reused} of {len(cells)} evaluations reused an identical earlier one (the same weights, items "
                   "and skills in every prompt, greedy decoding): their episodes are copied, their tokens and time "
                   "are not counted again (`reused_from` in metrics.json)."]
     lines += _drops_table(metrics, summary)
+    if metrics.watch:
+        lines += _watch_table(metrics, summary)
     lines += ["", "## Accuracy matrices (pooled over seeds, 95% Wilson interval in points)", ""]
     for arm in config.arms:
         lines += [f"### {arm} (memory {'on' if MEMORY_ON[arm] else 'off'})", "", *_matrix_table(metrics, arm, False), ""]
@@ -396,7 +475,7 @@ def render(metrics: Metrics, summary: Summary, plots: list[str]) -> str:
         lines += _routing_table(metrics)
     lines += _transitions(metrics)
     lines += ["## Plots", "", *[f"![{Path(name).stem}]({name})" for name in plots], "", "## Definitions", "",
-              (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
+              (__doc__ or "").split("\n\n", 1)[1].strip(), *([WATCH_DEFINITIONS] if metrics.watch else []), ""]
     return "\n".join(lines)
 
 
@@ -407,6 +486,24 @@ def _drops_table(metrics: Metrics, summary: Summary) -> list[str]:
         for kind in ("interference", "forgetting"):
             by_family = getattr(numbers, f"{kind}_by_family")
             lines.append(f"| {arm} | {kind} | " + " | ".join(points(by_family.get(f)) for f in metrics.families) + " |")
+    return lines
+
+
+def _watch_table(metrics: Metrics, summary: Summary) -> list[str]:
+    """The watch families after every phase, memory off, pooled over seeds, and each arm's damage."""
+    header = [f"{phase + 1}: {name}" for phase, name in enumerate(metrics.phases)]
+    lines = ["", "## Outside the stream: the watch families (memory off, pooled over seeds, 95% Wilson interval)", "",
+             "| arm | family | " + " | ".join(f"after {name}" for name in header) + " | damage |",
+             "|---|---|" + "---|" * (len(header) + 1)]
+    for arm, numbers in summary.arms.items():
+        counts = watch_counts(metrics, arm, metrics.config.seeds)
+        for family in metrics.watch:
+            row = (["not evaluated yet"] * len(header) if counts is None else
+                   [f"{percent(_rate(cell))} ({100 * wilson_interval(*cell)[0]:.0f}-"
+                    f"{100 * wilson_interval(*cell)[1]:.0f})" for cell in counts[family]])
+            lines.append(f"| {arm} | {family} | " + " | ".join(row) + f" | {points(numbers.damage_by_family.get(family))} |")
+    lines += ["", "Mean damage: " + "; ".join(f"{arm} {interval(numbers.damage, numbers.damage_half_width)}"
+                                              for arm, numbers in summary.arms.items()) + "."]
     return lines
 
 

@@ -17,14 +17,17 @@ from typer.testing import CliRunner
 
 from agent.audit import audit_experiment
 from agent.cli import app
+from agent.config import ConfigError, LoopSettings
 from agent.experiment import (
     ARMS,
     ExperimentConfig,
     FamilyEval,
+    Lab,
     Metrics,
     TrainStats,
     UnitResult,
     arm_settings,
+    fill_watch,
     prepare_out,
     recount_skill_tokens,
     run_experiment,
@@ -33,6 +36,8 @@ from agent.experiment import (
 from agent.report import (
     ArmNumbers,
     against_rl,
+    damage_by_family,
+    damage_cells,
     forgetting,
     forgetting_by_family,
     forgetting_cells,
@@ -51,6 +56,8 @@ from agent.report import (
     targets,
     write_report,
 )
+from engines.base import SamplingParams
+from envs import make_family
 from envs.base import Message, Trajectory, Turn
 from learners.fold import FoldConfig, FoldResult
 from learners.sft import SftConfig, SftResult, sft, sft_loss, training_views
@@ -538,6 +545,13 @@ BAD_INPUT = {
     "evolve bad anchor": (lambda tmp: ["evolve", "--stream", _config(tmp), "--home", tmp / "h", "stream.anchors=[nope]"],
                           "unknown environment 'nope'"),
     "evolve another stream": (_another_stream, "was started with another stream"),
+    "watch a phase of the stream": (lambda tmp: ["experiment", _config(tmp, extra='watch = ["toy:1"]\n'), "--out",
+                                                  tmp / "o"], "watch family toy:1 is a phase of the stream"),
+    "watch a prompt set": (lambda tmp: ["experiment", _config(tmp, extra='watch = ["general"]\n'), "--out", tmp / "o"],
+                           "watch family general has no score"),
+    "watch what the gate decides on": (
+        lambda tmp: ["experiment", _config(tmp, arms='["skillfold"]', extra='watch = ["toy:2"]\n'), "--out", tmp / "o"],
+        "watch family toy:2: its eval items [0, 4) overlap the retention gate's [0, 16)"),
 }
 
 
@@ -671,3 +685,85 @@ def test_every_shipped_experiment_config_loads_and_has_room_for_its_items(path):
 
     config = build_config(ExperimentConfig, path, {}, [])
     assert [family.name for family in check_experiment(config)] == [p.family for p in config.stream.phases]
+
+
+# ---------------------------------------------------------------------------- watch
+class SftHurts(World):
+    """The scripted world, where an SFT adapter (`hurting_sft`'s) has forgotten every word the model knew."""
+
+    def respond(self, chat) -> str:
+        answer = super().respond(chat)
+        adapter = self.engine.adapter
+        first_turn = not any(message["role"] == "assistant" for message in chat)
+        return "no idea" if adapter and (Path(adapter) / "hurts.json").is_file() and first_turn else answer
+
+
+def hurting_sft(engine, trajectories, fold_config, config, run_dir, seed=0, resume=False):
+    result = forgetful_sft(engine, trajectories, fold_config, config, run_dir, seed, resume)
+    (Path(result.adapter) / "hurts.json").write_text("true")
+    return result
+
+
+def watching(out: Path, config: ExperimentConfig) -> Metrics:
+    return run_experiment(SftHurts().engine, config, out, embedding=HashingEmbedding(), fold_fn=forgetful_fold,
+                          sft_fn=hurting_sft)
+
+
+def three_turns(**overrides) -> ExperimentConfig:
+    """The scripted stream, with turns enough for the watch family toy:3."""
+    loop = LoopSettings(batch_size=4, probes=4, reflect_every=0, sampling=SamplingParams(), max_turns=3)
+    return experiment(stream=settings(assess_items=4, loop=loop), seeds=[0], **overrides)
+
+
+def test_damage_by_hand_is_the_largest_drop_below_base_anywhere_in_the_stream():
+    base = {"W": [(40, 100), (40, 100), (40, 100)], "V": [(10, 100)] * 3}
+    watched = {"W": [(45, 100), (30, 100), (38, 100)], "V": [(20, 100), (12, 100), (11, 100)]}
+    assert damage_by_family(watched, base) == pytest.approx({"W": 0.10, "V": 0.0})  # a rise does not offset
+    assert damage_cells(watched, base) == [((40, 100), (30, 100)), ((10, 100), (11, 100))]
+
+
+def test_watch_families_are_measured_after_every_phase_and_filled_in_when_added_later(tmp_path):
+    watched = three_turns(watch=["toy:3"])
+    fresh = watching(tmp_path / "fresh", watched)
+    assert all([cell.family for cell in unit.watch] == ["toy:3"] and not unit.watch[0].memory for unit in fresh.units)
+    assert fresh.watch == ["toy:3"]
+    later = tmp_path / "later"
+    before = watching(later, three_turns())
+    assert all(unit.watch == [] for unit in before.units)
+    filled = watching(later, watched)  # the same experiment, watch added: only the evaluations run
+    old = {(u.arm, u.phase): u for u in before.units}
+    for unit, first in zip(filled.units, fresh.units, strict=True):
+        assert [(c.successes, c.items) for c in unit.watch] == [(c.successes, c.items) for c in first.watch]
+        assert unit.model_dump(exclude={"watch", "finished_at"}) == old[(unit.arm, unit.phase)].model_dump(
+            exclude={"watch", "finished_at"})  # nothing else of a finished unit changes
+    summary = summarize(filled)
+    base = next(u for u in filled.units if u.arm == "base").watch[0]
+    assert base.successes > 0 and summary.arms["skillfold"].damage == 0
+    assert summary.arms["sft"].damage == pytest.approx(base.accuracy)  # SftHurts: SFT's adapter takes it to 0
+    found = {t.target: t for t in summary.targets}
+    assert found["damage outside the stream <= 2 points on every watched family"].met is True
+    assert found["skillfold beats sft on damage outside the stream beyond the 95% interval"].value.endswith(
+        "vs +0.0 pts")
+    write_report(later)
+    report = (later / "report.md").read_text()
+    assert "## Outside the stream: the watch families" in report and "- damage " in report
+    audit = audit_experiment(later)
+    cells = [cell for unit in filled.units for cell in [*unit.evals, *unit.evals_off, *unit.watch]]
+    assert audit.problems == [] and audit.cells == len(cells)
+    raw = json.loads((later / "metrics.json").read_text())  # a watch cell's count is audited like the others
+    cell = next(c for u in raw["units"] if u["arm"] == "base" for c in u["watch"])
+    cell["successes"] += 1
+    (later / "metrics.json").write_text(json.dumps(raw))
+    assert any(p.startswith(f"{cell['trajectories']}: successes is") for p in audit_experiment(later).problems)
+
+
+def test_a_watch_family_is_not_filled_in_with_weights_that_changed_since(tmp_path):
+    out = tmp_path / "out"
+    watching(out, three_turns(arms=["base", "sft"]))
+    hurts = out / "homes" / "sft-seed0" / "adapters" / "sft-p0" / "hurts.json"
+    hurts.unlink()  # the adapter's contents are no longer those its evaluations had
+    with pytest.raises(ConfigError, match="no longer holds the weights its evaluations had"):
+        fill_watch(Lab(engine=SftHurts().engine, config=three_turns(arms=["base", "sft"], watch=["toy:3"]), out=out,
+                       families=[], watch=[make_family("toy:3")]), "sft", 0, 0)
+    with pytest.raises(ConfigError, match="no longer holds the weights its evaluations had"):
+        watching(out, three_turns(arms=["base", "sft"], watch=["toy:3"]))
