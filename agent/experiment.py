@@ -18,8 +18,8 @@ Every arm plays the same phases with the same seeds and is measured on the same 
   where it picks none), per group of prompts on the HF engine and per request on vLLM
   (`engines.routed`). Its cells record where each prompt was routed and what the adapter switches cost.
 After every phase, every family of the stream is evaluated on eval items [0, eval_items) (the arms that
-fold also with memory off, for retention); the evolve loop's fold decisions use the eval items after
-those. A seed sets the loop's sampling seed, the fold's, the SFT's and GRPO's.
+fold also with memory off, for retention), and so is every `watch` family (one no phase trains), memory
+off; the evolve loop's fold decisions use the eval items after those. A seed sets the loop's sampling seed, the fold's, the SFT's and GRPO's.
 
 Layout of DIR: `config.json`; `homes/<arm>-seed<s>/` (each arm's memory, adapters, evolve state);
 `units/<arm>/seed-<s>/phase-<p>.json`, one per (arm, seed, phase), written atomically when the unit is
