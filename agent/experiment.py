@@ -717,8 +717,9 @@ def fill_watch(lab: Lab, arm: str, seed: int, phase: int) -> UnitResult:
 
 def unit_weights(lab: Lab, unit: UnitResult) -> str | None:
     """The adapter a finished unit's evaluations were served (None: the model alone), as its episodes record
-    it, checked: served again, its memory-off evaluation's key must name that very evaluation, or the adapter
-    no longer holds those weights (ConfigError)."""
+    it, checked: served again, its memory-off evaluation's key must name that very evaluation, or one that
+    played every episode move for move alike (two processes that evaluated the same weights at once each
+    record theirs; the key names the later), or the adapter no longer holds those weights (ConfigError)."""
     cells = [cell for cell in [*unit.evals, *unit.evals_off] if not cell.memory]
     episodes = read_episodes(lab.out / (cells or unit.evals)[0].trajectories)
     adapter = episodes[0].adapter if episodes else None
@@ -735,11 +736,19 @@ def unit_weights(lab: Lab, unit: UnitResult) -> str | None:
         key = eval_key(lab.engine, cells[0].family, lab.config.eval_items, lab.config.stream, [])
         earlier = lab.out / "evals" / f"{key}.json"
         recorded = FamilyEval.model_validate_json(earlier.read_text()).trajectories if earlier.is_file() else None
-        if recorded is None or recorded not in (cells[0].trajectories, cells[0].reused_from):
+        if recorded is None or recorded not in (cells[0].trajectories, cells[0].reused_from) and not same_play(
+                lab.out / recorded, lab.out / cells[0].trajectories):
             raise ConfigError(f"{where}: its adapter {adapter} no longer holds the weights its evaluations had; "
                               "its watch families cannot be evaluated (run the experiment with them from the "
                               "start, in a new --out)")
     return adapter
+
+
+def same_play(first: Path, second: Path) -> bool:
+    """Two evaluations' episode files hold the same items played with the same moves."""
+    def play(path: Path) -> list[tuple[str, list[str]]]:
+        return [(episode.item_id, [turn.action for turn in episode.turns]) for episode in read_episodes(path)]
+    return first.is_file() and second.is_file() and play(first) == play(second)
 
 
 def evaluate_routed(lab: Lab, family: TaskFamily, memory: Memory, home: Path, unit_dir: Path) -> FamilyEval:

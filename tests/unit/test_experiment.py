@@ -767,3 +767,22 @@ def test_a_watch_family_is_not_filled_in_with_weights_that_changed_since(tmp_pat
                        families=[], watch=[make_family("toy:3")]), "sft", 0, 0)
     with pytest.raises(ConfigError, match="no longer holds the weights its evaluations had"):
         watching(out, three_turns(arms=["base", "sft"], watch=["toy:3"]))
+
+
+def test_a_watch_family_is_filled_in_where_another_process_recorded_the_same_evaluation_last(tmp_path):
+    out = tmp_path / "out"
+    watching(out, three_turns(arms=["base"]))
+    cell = load_metrics(out).units[0].evals[0]
+    record = next(path for path in (out / "evals").glob("*.json")
+                  if json.loads(path.read_text())["trajectories"] == cell.trajectories)
+    twin = out / "units" / "base" / "twin.jsonl"  # another process's evaluation of the same weights, recorded last
+    episodes = [json.loads(line) for line in (out / cell.trajectories).read_text().splitlines()]
+    twin.write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    record.write_text(json.dumps({**json.loads(record.read_text()), "trajectories": "units/base/twin.jsonl"}))
+    lab = Lab(engine=SftHurts().engine, config=three_turns(arms=["base"], watch=["toy:3"]), out=out, families=[],
+              watch=[make_family("toy:3")])
+    assert [c.family for c in fill_watch(lab, "base", 0, 0).watch] == ["toy:3"]  # played alike: the same weights
+    episodes[0]["turns"][0]["action"] += " otherwise"
+    twin.write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    with pytest.raises(ConfigError, match="no longer holds the weights"):
+        fill_watch(lab, "base", 0, 1)
