@@ -19,7 +19,8 @@ Every arm plays the same phases with the same seeds and is measured on the same 
   (`engines.routed`). Its cells record where each prompt was routed and what the adapter switches cost.
 After every phase, every family of the stream is evaluated on eval items [0, eval_items) (the arms that
 fold also with memory off, for retention), and so is every `watch` family (one no phase trains), memory
-off; the evolve loop's fold decisions use the eval items after those. A seed sets the loop's sampling seed, the fold's, the SFT's and GRPO's.
+off; the evolve loop's fold decisions use the eval items after those. A seed sets the loop's sampling seed,
+the fold's, the SFT's and GRPO's.
 
 Layout of DIR: `config.json`; `homes/<arm>-seed<s>/` (each arm's memory, adapters, evolve state);
 `units/<arm>/seed-<s>/phase-<p>.json`, one per (arm, seed, phase), written atomically when the unit is
@@ -403,6 +404,10 @@ def run_experiment(engine, config: ExperimentConfig, out: Path, *, embedding=Non
                     mean = sum(e.accuracy for e in unit.evals) / len(unit.evals)
                     say(f"seed {seed} {arm}: phase {phase + 1} done, mean accuracy {mean:.1%} ({unit.seconds:.0f}s)")
                 for phase in range(len(families)):  # units run before the config watched these families
+                    if arm == "routed" and watch_missing(lab, arm, seed, phase):
+                        say(f"seed {seed} routed: its watch families are left unmeasured: they need its memory "
+                            "and routes as they were after each phase (run with watch from the start)")
+                        break
                     if watch_missing(lab, arm, seed, phase):
                         say(f"seed {seed} {arm}: phase {phase + 1}: watch families evaluated with its weights")
                         fill_watch(lab, arm, seed, phase)

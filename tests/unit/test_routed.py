@@ -232,3 +232,34 @@ def test_the_experiments_routed_arm_folds_each_phase_alone_and_routes_its_evalua
     outcome = lambda m: [(u.arm, u.phase, [(e.family, e.successes, e.routing and e.routing["own"]) for e in u.evals],  # noqa: E731
                          u.train.model_dump()) for u in m.units]
     assert outcome(resumed) == outcome(metrics)
+
+
+def test_the_routed_arms_watch_families_are_routed_and_not_filled_in_later(tmp_path):
+    from agent.config import LoopSettings
+    from agent.experiment import ExperimentConfig, RoutingSettings, run_experiment
+    from agent.report import summarize, write_report
+    from engines.base import SamplingParams
+    from learners.fold import FoldConfig
+    from tests.unit.test_evolve import World, settings
+    from tests.unit.test_experiment import forgetful_fold
+
+    loop = LoopSettings(batch_size=4, probes=4, reflect_every=0, sampling=SamplingParams(), max_turns=3)
+    stream = settings(assess_items=4, fold=FoldConfig(steps=1, batch_size=2), loop=loop)
+
+    def run(out, **overrides):
+        config = ExperimentConfig(stream=stream, seeds=[0], arms=["base", "routed"], eval_items=6,
+                                  routing=RoutingSettings(max_distance=1.5), **overrides)
+        return run_experiment(World().engine, config, out, embedding=HashingEmbedding(), fold_fn=forgetful_fold,
+                              say=said.append)
+
+    said = []
+    fresh = run(tmp_path / "fresh", watch=["toy:3"])  # from the start: routed as the arm's evaluations are
+    routed = [unit.watch for unit in fresh.units if unit.arm == "routed"]
+    assert all(len(cells) == 1 and cells[0].routing is not None for cells in routed)
+    run(tmp_path / "later")
+    later = run(tmp_path / "later", watch=["toy:3"])  # added later: the base arm's filled in, the routed arm's not
+    assert all(bool(unit.watch) == (unit.arm == "base") for unit in later.units)
+    assert any("routed: its watch families are left unmeasured" in line for line in said)
+    assert summarize(later).arms["routed"].damage is None
+    write_report(tmp_path / "later")
+    assert "| routed | toy:3 | not evaluated yet |" in (tmp_path / "later" / "report.md").read_text()
