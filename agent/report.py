@@ -433,7 +433,9 @@ def render(metrics: Metrics, summary: Summary, plots: list[str]) -> str:
         f"Every accuracy: eval-split items 0-{config.eval_items - 1} of each family (never trained on); fold "
         f"decisions use eval items {first_assess}-{first_assess + stream.assess_items - 1}. Fold: "
         f"{stream.fold.method}, {stream.fold.steps} steps of {stream.fold.batch_size} episodes, scheduled every "
-        f"{stream.schedule.every}.", "",
+        f"{stream.schedule.every}.", *([f"Watched outside the stream (no phase trains them; memory off, eval items "
+                                         f"0-{config.eval_items - 1}): {', '.join(metrics.watch)}."]
+                                        if metrics.watch else []), "",
         "## Targets", "", "| target | arm | value | status |", "|---|---|---|---|",
     ]
     for target in summary.targets:
