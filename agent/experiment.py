@@ -700,7 +700,11 @@ def watch_missing(lab: Lab, arm: str, seed: int, phase: int) -> list[TaskFamily]
     path = unit_path(lab.out, arm, seed, phase)
     if not lab.watch or not path.is_file():
         return []
-    have = {cell.family for cell in UnitResult.model_validate_json(path.read_text()).watch}
+    return unwatched(lab, UnitResult.model_validate_json(path.read_text()))
+
+
+def unwatched(lab: Lab, unit: UnitResult) -> list[TaskFamily]:
+    have = {cell.family for cell in unit.watch}
     return [family for family in lab.watch if family.name not in have]
 
 
@@ -709,7 +713,7 @@ def fill_watch(lab: Lab, arm: str, seed: int, phase: int) -> UnitResult:
     rewrite the unit (atomically) with them (ConfigError where those weights cannot be had again)."""
     path = unit_path(lab.out, arm, seed, phase)
     unit = UnitResult.model_validate_json(path.read_text())
-    missing = watch_missing(lab, arm, seed, phase)
+    missing = unwatched(lab, unit)
     if arm == "routed":
         raise ConfigError(f"{path}: the routed arm's watch evaluations need its memory and routes as they were "
                           "after each phase; run the experiment with these watch families from the start "

@@ -407,9 +407,13 @@ def interval(value: float | None, half: float | None) -> str:
 def pooled_cell(metrics: Metrics, arm: str, family: str, phase: int, off: bool = False) -> str:
     units = units_by_key(metrics)
     cells = [_eval_of(units[(arm, seed, phase)], family, off) for seed in metrics.config.seeds]
-    successes, items = sum(c.successes for c in cells), sum(c.items for c in cells)
-    low, high = wilson_interval(successes, items)
-    return f"{percent(successes / items)} ({100 * low:.0f}-{100 * high:.0f})"
+    return cell_text((sum(c.successes for c in cells), sum(c.items for c in cells)))
+
+
+def cell_text(cell: Cell) -> str:
+    """A pooled cell as the tables show it: accuracy and its 95% Wilson interval in points."""
+    low, high = wilson_interval(*cell)
+    return f"{percent(_rate(cell))} ({100 * low:.0f}-{100 * high:.0f})"
 
 
 def _matrix_table(metrics: Metrics, arm: str, off: bool) -> list[str]:
@@ -500,9 +504,7 @@ def _watch_table(metrics: Metrics, summary: Summary) -> list[str]:
     for arm, numbers in summary.arms.items():
         counts = watch_counts(metrics, arm, metrics.config.seeds)
         for family in metrics.watch:
-            row = (["not evaluated yet"] * len(header) if counts is None else
-                   [f"{percent(_rate(cell))} ({100 * wilson_interval(*cell)[0]:.0f}-"
-                    f"{100 * wilson_interval(*cell)[1]:.0f})" for cell in counts[family]])
+            row = ["not evaluated yet"] * len(header) if counts is None else [cell_text(c) for c in counts[family]]
             lines.append(f"| {arm} | {family} | " + " | ".join(row) + f" | {points(numbers.damage_by_family.get(family))} |")
     lines += ["", "Mean damage: " + "; ".join(f"{arm} {interval(numbers.damage, numbers.damage_half_width)}"
                                               for arm, numbers in summary.arms.items()) + "."]
