@@ -338,33 +338,49 @@ def drop_total(numbers: ArmNumbers | None) -> tuple[float, float] | None:
     return sum(value for value, _ in parts), math.sqrt(sum(width ** 2 for _, width in parts))  # type: ignore[operator]
 
 
+def damage_total(numbers: ArmNumbers | None) -> tuple[float, float] | None:
+    """Mean damage outside the stream and its 95% half-width."""
+    if numbers is None or numbers.damage is None or numbers.damage_half_width is None:
+        return None
+    return numbers.damage, numbers.damage_half_width
+
+
+def on_every_family(name: str, by_family: dict[str, float], missing: str) -> Target:
+    """skillfold's worst drop over the families, met at 2 points or less."""
+    return _target(name, "skillfold", worst(by_family), lambda v: v <= 0.02,
+                   lambda v: f"worst {points(v)} ({max(by_family, key=by_family.__getitem__)})", missing)
+
+
+def beats_sft(name: str, sft: tuple[float, float] | None, skillfold: tuple[float, float] | None,
+              missing: str) -> Target:
+    """sft's drop minus skillfold's (each a (value, 95% half-width) pair), met when the margin clears the
+    interval of the difference (the two arms' variances added)."""
+    if sft is None or skillfold is None:
+        return _target(name, "sft - skillfold", None, bool, str, missing)
+    margin, width = sft[0] - skillfold[0], math.sqrt(sft[1] ** 2 + skillfold[1] ** 2)
+    return _target(name, "sft - skillfold", margin, lambda v: v - width > 0,
+                   lambda v: f"{interval(v, width)}: {points(sft[0])} vs {points(skillfold[0])}", missing)
+
+
 def targets(arms: dict[str, ArmNumbers], watched: bool = False) -> list[Target]:
     def get(arm: str, key: str):
         return getattr(arms[arm], key) if arm in arms else None
 
-    def on_every_family(kind: str, missing: str) -> Target:
-        by_family = get("skillfold", f"{kind}_by_family") or {}
-        return _target(f"{kind} <= 2 points on every family", "skillfold", worst(by_family), lambda v: v <= 0.02,
-                       lambda v: f"worst {points(v)} ({max(by_family, key=by_family.__getitem__)})", missing)
-
-    skillfold, sft = drop_total(arms.get("skillfold")), drop_total(arms.get("sft"))
-    margin = width = None
-    if skillfold is not None and sft is not None:
-        margin, width = sft[0] - skillfold[0], math.sqrt(sft[1] ** 2 + skillfold[1] ** 2)
     rows = [
         _target("memory gain >= 15 points", "memory", get("memory", "gain_over_base"), lambda v: v >= 0.15, points,
                 "needs the memory and base arms"),
         _target("memory-off gain >= 90% of the memory gain", "skillfold", get("skillfold", "retention"),
                 lambda v: v >= 0.90, percent,
                 "needs the skillfold, memory and base arms, and a family the memory arm improved"),
-        on_every_family("interference", "needs the skillfold and base arms and a family first trained after phase 1"),
-        on_every_family("forgetting", "needs the skillfold arm and two phases or more"),
+        on_every_family("interference <= 2 points on every family", get("skillfold", "interference_by_family") or {},
+                        "needs the skillfold and base arms and a family first trained after phase 1"),
+        on_every_family("forgetting <= 2 points on every family", get("skillfold", "forgetting_by_family") or {},
+                        "needs the skillfold arm and two phases or more"),
         _target(">= half of the skills folded", "skillfold", get("skillfold", "folded_fraction"), lambda v: v >= 0.5,
                 percent, "needs the skillfold arm and skills in its memory"),
-        _target("skillfold beats sft on interference + forgetting beyond the 95% interval", "sft - skillfold",
-                margin, lambda v: v - width > 0,  # type: ignore[operator]
-                lambda v: f"{interval(v, width)}: {points(sft[0])} vs {points(skillfold[0])}",  # type: ignore[index]
-                "needs the skillfold, sft and base arms and two phases or more"),
+        beats_sft("skillfold beats sft on interference + forgetting beyond the 95% interval",
+                  drop_total(arms.get("sft")), drop_total(arms.get("skillfold")),
+                  "needs the skillfold, sft and base arms and two phases or more"),
     ]
     if watched:
         rows += watch_targets(arms)
@@ -373,22 +389,12 @@ def targets(arms: dict[str, ArmNumbers], watched: bool = False) -> list[Target]:
 
 def watch_targets(arms: dict[str, ArmNumbers]) -> list[Target]:
     """The damage outside the stream: skillfold's on every watch family, and against sft's."""
-    skillfold, sft = arms.get("skillfold"), arms.get("sft")
-    by_family = skillfold.damage_by_family if skillfold is not None else {}
-    rows = [_target("damage outside the stream <= 2 points on every watched family", "skillfold", worst(by_family),
-                    lambda v: v <= 0.02,
-                    lambda v: f"worst {points(v)} ({max(by_family, key=by_family.__getitem__)})",
-                    "needs the skillfold and base arms, every unit's watch evaluations")]
-    parts = [(numbers.damage, numbers.damage_half_width) for numbers in (sft, skillfold) if numbers is not None]
-    if len(parts) < 2 or any(value is None or width is None for value, width in parts):
-        return rows + [_target("skillfold beats sft on damage outside the stream beyond the 95% interval",
-                               "sft - skillfold", None, bool, str,
-                               "needs the skillfold, sft and base arms, every unit's watch evaluations")]
-    (sft_damage, sft_width), (skillfold_damage, skillfold_width) = parts
-    margin, width = sft_damage - skillfold_damage, math.sqrt(sft_width ** 2 + skillfold_width ** 2)  # type: ignore[operator]
-    return rows + [_target("skillfold beats sft on damage outside the stream beyond the 95% interval",
-                           "sft - skillfold", margin, lambda v: v - width > 0,
-                           lambda v: f"{interval(v, width)}: {points(sft_damage)} vs {points(skillfold_damage)}", "")]
+    missing = "needs the skillfold, sft and base arms, every unit's watch evaluations"
+    return [on_every_family("damage outside the stream <= 2 points on every watched family",
+                            getattr(arms.get("skillfold"), "damage_by_family", None) or {},
+                            "needs the skillfold and base arms, every unit's watch evaluations"),
+            beats_sft("skillfold beats sft on damage outside the stream beyond the 95% interval",
+                      damage_total(arms.get("sft")), damage_total(arms.get("skillfold")), missing)]
 
 
 # --------------------------------------------------------------------------- output
