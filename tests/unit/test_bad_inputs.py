@@ -228,8 +228,11 @@ def test_ctrl_c_says_interrupted(tmp_path):
         silent.settimeout(60)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         command = [sys.executable, "-m", "agent.cli", "skills", "list", "--home", str(tmp_path), "--memory-url", url]
+        # SIGINT at its default in the CLI, as in a terminal: a test run started in the background by a shell
+        # without job control (`make test &` in a script) inherits SIGINT ignored, and the CLI rightly keeps that
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   cwd=Path(__file__).resolve().parents[2])
+                                   cwd=Path(__file__).resolve().parents[2],
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             connection, _ = silent.accept()  # the CLI is inside its command, asking the server
             process.send_signal(signal.SIGINT)
