@@ -389,12 +389,12 @@ def targets(arms: dict[str, ArmNumbers], watched: bool = False) -> list[Target]:
 
 def watch_targets(arms: dict[str, ArmNumbers]) -> list[Target]:
     """The damage outside the stream: skillfold's on every watch family, and against sft's."""
-    missing = "needs the skillfold, sft and base arms, every unit's watch evaluations"
     return [on_every_family("damage outside the stream <= 2 points on every watched family",
                             getattr(arms.get("skillfold"), "damage_by_family", None) or {},
                             "needs the skillfold and base arms, every unit's watch evaluations"),
             beats_sft("skillfold beats sft on damage outside the stream beyond the 95% interval",
-                      damage_total(arms.get("sft")), damage_total(arms.get("skillfold")), missing)]
+                      damage_total(arms.get("sft")), damage_total(arms.get("skillfold")),
+                      "needs the skillfold, sft and base arms, every unit's watch evaluations")]
 
 
 # --------------------------------------------------------------------------- output
