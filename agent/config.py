@@ -127,6 +127,9 @@ class ProtectionSettings(BaseModel):
     gate_items: int = Field(default=64, ge=1, description="held-out items per family behind the check: the last "
                             "ones of its eval split, away from the first ones that evaluations and reports use")
     force: bool = Field(default=False, description="promote an adapter that fails the check (the evidence is kept)")
+    fallback: bool = Field(default=True, description="when the fold's last adapter fails the check, check the "
+                           "adapters its checkpoints kept (fold.keep_adapters), newest first, and promote the first "
+                           "that passes (not with force, which promotes the last)")
 
 
 class FoldRunConfig(BaseModel):

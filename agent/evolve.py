@@ -384,7 +384,7 @@ def fold_skills(stream: Stream, state: EvolveState) -> tuple[str, bool] | None:
             write_atomic(finished, result.model_dump_json(indent=2))
         if check is not None:
             check = check_after(stream.engine, check, anchors, settings.protection, run_dir, result.adapter,
-                                sampling, turns)
+                                sampling, turns, steps=result.steps)
         promoted = check is None or check.promoted
         evidence = result.model_dump(exclude={"adapter", "run_dir"}) | {
             "adapter": str(target), "families": sorted(skilled), "anchors": sorted(anchors), "prompts": len(items),
@@ -393,7 +393,9 @@ def fold_skills(stream: Stream, state: EvolveState) -> tuple[str, bool] | None:
         }
         # logged before the adapter is registered: once it is, a resumed stage skips the fold
         log_event(stream.run_dir, EvolveEvent(kind="fold", phase=state.phase, chunk=state.chunk, evidence=evidence))
-        register_adapter(stream.home, name, Path(result.adapter), latest=promoted)
+        # the fold's last adapter, or the earlier checkpoint's that the retention check fell back to
+        chosen = result.adapter if check is None or check.adapter_after is None else check.adapter_after
+        register_adapter(stream.home, name, Path(chosen), latest=promoted)
     else:  # registered by this stage before a kill, which may have come before `latest` named it
         saved = run_dir / RETENTION
         check = RetentionCheck.model_validate_json(saved.read_text()) if saved.is_file() else None

@@ -72,6 +72,7 @@ from agent.routing import MemoryRouter, Routes
 from engines.routed import RoutedEngine, RouteStats
 from envs import make_family
 from envs.base import Message, TaskFamily, Trajectory, item_prompt
+from learners.checkpoint import SNAPSHOTS
 from learners.fold import FoldResult, fold
 from learners.grpo import GrpoConfig, GrpoResult, GrpoSettings, grpo, train_items
 from learners.sft import SftConfig, SftResult, sft
@@ -253,6 +254,11 @@ class Lab:
                 os.replace(partial, adapter)
             if (store / "metrics.jsonl").is_file():
                 write_atomic(run_dir / "metrics.jsonl", (store / "metrics.jsonl").read_text())
+            if (store / SNAPSHOTS).is_dir() and not (run_dir / SNAPSHOTS).is_dir():  # the retention fallback's
+                partial = run_dir / ".snapshots.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(store / SNAPSHOTS, partial)
+                os.replace(partial, run_dir / SNAPSHOTS)
             self.say(f"  fold reused: the same start, prompts and config as {earlier.run_dir}")
             return earlier.model_copy(update={"adapter": str(adapter), "run_dir": str(run_dir),
                                               "reused_from": earlier.run_dir})
@@ -263,6 +269,8 @@ class Lab:
             shutil.copytree(result.adapter, partial / "adapter")
             if (Path(result.run_dir) / "metrics.jsonl").is_file():
                 shutil.copy(Path(result.run_dir) / "metrics.jsonl", partial / "metrics.jsonl")
+            if (Path(result.run_dir) / SNAPSHOTS).is_dir():
+                shutil.copytree(Path(result.run_dir) / SNAPSHOTS, partial / SNAPSHOTS)
             (partial / "result.json").write_text(result.model_dump_json(indent=2))
             shutil.rmtree(store, ignore_errors=True)
             os.replace(partial, store)

@@ -14,6 +14,11 @@ Two parts, both on unless turned off (`ProtectionSettings`, `protection.*` on fo
    adapter is not promoted (`latest` and the served adapter stay as they were) unless `force`; the
    evidence is `retention.json` in the fold's run directory, written before and after (a killed fold
    resumes without measuring again).
+3. The fallback (`fallback`, on by default). When the fold's last adapter fails, the adapters its
+   checkpoints kept (`fold.keep_adapters`: every `fold.checkpoint_every` steps) are checked the same way,
+   newest first, and the first that passes is promoted: the fold keeps what it learned before the damage
+   began. Every adapter tried is in the evidence (`attempts`). The gate's items decide among several
+   adapters, so their accuracy on those items flatters the one chosen; reports measure on other items.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from agent.evaluate import evaluate
 from engines.base import Engine, SamplingParams
 from envs import make_family
 from envs.base import TaskFamily
+from learners.checkpoint import adapter_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,17 @@ class FamilyRetention(BaseModel):
         return None if self.after is None else (self.before - self.after) / self.items
 
 
+class Attempt(BaseModel):
+    """One adapter of a fold measured on the protected families' gate items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int | None = Field(description="the checkpoint's step; None: the fold's last adapter")
+    adapter: str
+    after: dict[str, int] = Field(description="successes per family")
+    passed: bool
+
+
 class RetentionCheck(BaseModel):
     """The evidence behind a promotion: accuracies before and after a fold on the protected families."""
 
@@ -57,10 +74,14 @@ class RetentionCheck(BaseModel):
 
     tolerance: float
     adapter_before: str | None
-    adapter_after: str | None = None
+    adapter_after: str | None = Field(default=None, description="the adapter the verdict is about: the fold's last, "
+                                      "or the earlier checkpoint's the fallback chose (`step`)")
+    step: int | None = Field(default=None, description="the checkpoint step of `adapter_after` when the fallback "
+                             "chose it; None: the fold's last adapter")
     families: list[FamilyRetention]
     passed: bool | None = Field(default=None, description="None until the new adapter is measured")
     forced: bool = Field(default=False, description="promoted although it failed (--force)")
+    attempts: list[Attempt] = Field(default_factory=list, description="every adapter measured, the last first")
     seconds_before: float = 0.0
     seconds_after: float = 0.0
 
@@ -86,8 +107,16 @@ class RetentionCheck(BaseModel):
             return "retention check: not finished"
         failed = self.failures()
         if not failed:
-            return (f"retention check passed: no protected family dropped more than {100 * self.tolerance:.0f} points "
-                    f"({', '.join(row.family for row in self.families)})")
+            passed = (f"retention check passed: no protected family dropped more than {100 * self.tolerance:.0f} "
+                      f"points ({', '.join(row.family for row in self.families)})")
+            if self.step is None:
+                return passed
+            last = self.attempts[0]
+            dropped = ", ".join(f"{row.family} {row.before / row.items:.1%} -> {last.after[row.family] / row.items:.1%}"
+                                for row in self.families if (row.before - last.after[row.family]) / row.items
+                                > self.tolerance + 1e-9)
+            return (f"{passed} with the adapter of step {self.step}: the fold's last adapter dropped ({dropped}), "
+                    f"so the newest checkpoint that keeps them is promoted")
         dropped = ", ".join(f"{row.family} {row.before / row.items:.1%} -> {row.after / row.items:.1%}"  # type: ignore[operator]
                             for row in failed)
         verdict = "promoted anyway (--force)" if self.forced else "not promoted"
@@ -157,25 +186,43 @@ def measure_before(engine: Engine, families: dict[str, TaskFamily], settings: Pr
 
 
 def check_after(engine: Engine, check: RetentionCheck, families: dict[str, TaskFamily], settings: ProtectionSettings,
-                run_dir: Path, adapter: str, sampling: SamplingParams, max_turns: int = 8) -> RetentionCheck:
-    """The same items with `adapter` served: fills in `after` and the verdict, saves it. The engine is left
-    serving the adapter the fold started from (the caller promotes). A check already finished is returned."""
+                run_dir: Path, adapter: str, sampling: SamplingParams, max_turns: int = 8,
+                steps: int | None = None) -> RetentionCheck:
+    """The same items with `adapter` (the fold's last, after `steps` steps) served: fills in `after` and the
+    verdict, saves it. If it fails, with `settings.fallback` and without `force`, the adapters the fold's
+    checkpoints kept before step `steps` are measured newest first, and the first that passes is the verdict's
+    (`adapter_after`, `step`): the caller promotes that one. The engine is left serving the adapter the fold
+    started from. A check already finished is returned."""
     if check.passed is not None:
         if not check.passed and settings.force and not check.forced:  # --force on a fold that failed before
             check = check.model_copy(update={"forced": True})
             write_atomic(run_dir / RETENTION, check.model_dump_json(indent=2))
         return check
     started = time.perf_counter()
-    serve(engine, adapter)
+    candidates: list[tuple[int | None, str]] = [(None, adapter)]
+    if settings.fallback and not settings.force:
+        candidates += [(step, str(path)) for step, path in reversed(adapter_snapshots(run_dir))
+                       if steps is None or step < steps]
+    attempts: list[Attempt] = []
+    done = check
     try:
-        rows = [row.model_copy(update={"after": _successes(engine, families[row.family], row.first_item, row.items,
-                                                           sampling, max_turns)}) for row in check.families]
+        for step, candidate in candidates:
+            serve(engine, candidate)
+            rows = [row.model_copy(update={"after": _successes(engine, families[row.family], row.first_item,
+                                                               row.items, sampling, max_turns)})
+                    for row in check.families]
+            measured = check.model_copy(update={"families": rows, "adapter_after": candidate, "step": step})
+            attempts.append(Attempt(step=step, adapter=candidate, passed=not measured.failures(),
+                                    after={row.family: row.after for row in rows}))
+            if step is None or attempts[-1].passed:  # the verdict: the last adapter's, or the fallback's
+                done = measured
+            if attempts[-1].passed:
+                break
     finally:
         serve(engine, check.adapter_before)
-    done = check.model_copy(update={"families": rows, "adapter_after": adapter,
-                                    "seconds_after": time.perf_counter() - started})
     passed = not done.failures()
-    done = done.model_copy(update={"passed": passed, "forced": not passed and settings.force})
+    done = done.model_copy(update={"passed": passed, "forced": not passed and settings.force, "attempts": attempts,
+                                   "seconds_after": time.perf_counter() - started})
     write_atomic(run_dir / RETENTION, done.model_dump_json(indent=2))
     return done
 

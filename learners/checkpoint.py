@@ -9,7 +9,12 @@ size); `load_checkpoint` raises `CheckpointError` (never a raw traceback) on one
 
 Every write point calls `_before_write(name)` first when it is set (fault-injection tests kill the
 process there): "adapter", "optimizer.pt", "rng.pt", one "<name>.pt" per extra tensor file,
-"state.json", "rename", and "prune" (before old checkpoints are removed).
+"state.json", "rename", "snapshot" (with `snapshot=True`) and "prune" (before old checkpoints are removed).
+
+With `snapshot=True` a checkpoint's adapter also stays after the checkpoint is pruned, as
+`snapshots/step-NNNNNN/` (hard links to its files, so no second copy on disk while the checkpoint
+lives; built as `.snap-*` scratch and renamed into place): the retention check after a fold falls
+back to the newest of them that keeps the protected families (`adapter_snapshots`).
 
 `keep_metrics` makes a run's metrics file belong to its checkpoints: a resume cuts it back to the
 checkpoint's step before the run writes on.
@@ -35,7 +40,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 SCRATCH_PREFIX = ".ckpt-"
 METRICS_SCRATCH = ".metrics-"
-SCRATCH_PREFIXES = (SCRATCH_PREFIX, ".adapter-", METRICS_SCRATCH)  # what clean_scratch removes
+SNAPSHOT_SCRATCH = ".snap-"
+SNAPSHOTS = "snapshots"  # the adapters of pruned checkpoints (save_checkpoint's `snapshot`)
+SCRATCH_PREFIXES = (SCRATCH_PREFIX, ".adapter-", METRICS_SCRATCH, SNAPSHOT_SCRATCH)  # what clean_scratch removes
 FILES_KEY = "checkpoint_files"  # the manifest inside state.json: {relative path: size in bytes}
 TENSORS_KEY = "checkpoint_tensors"  # the names of the extra tensor files
 _RESERVED = {"adapter", "optimizer", "rng", "state"}
@@ -204,13 +211,16 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    snapshot: bool = False,
 ) -> Path:
     """Write `run_dir/step-NNNNNN` atomically and return it.
 
     `tensors` are extra named tensor dicts (e.g. {"ema": snapshot}), each written as `<name>.pt`
     inside the checkpoint before the rename and returned by `load_checkpoint` under "tensors".
     Afterwards `keep` checkpoints remain: this one and the newest complete older ones; incomplete
-    checkpoints and any numbered after `step` (an abandoned continuation) are removed.
+    checkpoints and any numbered after `step` (an abandoned continuation) are removed. `snapshot`
+    keeps this checkpoint's adapter in `run_dir/snapshots/step-NNNNNN` too (see the module docstring);
+    snapshots numbered after `step` are removed.
     """
     tensors = tensors or {}
     for name in tensors:
@@ -249,6 +259,13 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    snapshots = run_dir / SNAPSHOTS
+    for number, path in _step_dirs(snapshots):
+        if number > step:  # an abandoned continuation's
+            _discard(path, run_dir)
+    if snapshot:
+        _point("snapshot")
+        _snapshot(target / "adapter", snapshots / target.name, run_dir)
     _point("prune")
     older = [path for number, path in _step_dirs(run_dir) if number < step and _problem(path) is None]
     kept = {target, *older[-(keep - 1):]} if keep > 1 else {target}
@@ -256,6 +273,35 @@ def save_checkpoint(
         if path not in kept:
             _discard(path, run_dir)
     return target
+
+
+def _snapshot(adapter: Path, target: Path, run_dir: Path) -> None:
+    """`target` becomes a copy of the directory `adapter` made of hard links (copies where the file system
+    has none), built in scratch and renamed into place."""
+    scratch = Path(tempfile.mkdtemp(prefix=SNAPSHOT_SCRATCH, dir=run_dir))
+    try:
+        for source in sorted(adapter.rglob("*")):
+            if not source.is_file():
+                continue
+            copy = scratch / source.relative_to(adapter)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, copy)
+            except OSError:
+                shutil.copy2(source, copy)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            _discard(target, run_dir)
+        os.replace(scratch, target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def adapter_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, adapter directory) of the checkpoints saved with `snapshot=True`, oldest first."""
+    return [(step, path) for step, path in _step_dirs(run_dir / SNAPSHOTS) if (path / "adapter_config.json").is_file()]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -131,6 +131,10 @@ class FoldConfig(BaseModel):
     anchor_fraction: float = Field(default=0.25, ge=0, lt=1, description="share of each batch from anchor items, and "
                                    "of its loss (per token, anchors weigh their share of the episodes: `anchor_balance`)")
     checkpoint_every: int = Field(default=5, ge=1)
+    keep_adapters: bool = Field(default=True, description="keep every checkpoint's adapter in run_dir/snapshots "
+                                "(hard links while the checkpoint lives): a fold whose last adapter fails the "
+                                "retention check falls back to the newest of them that passes "
+                                "(protection.fallback)")
     chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
     micro_batch: int = Field(
         default=1, ge=0,
@@ -317,7 +321,8 @@ def fold(
                     on_step(record)
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                     ema = {"ema": teacher.snapshot} if config.teacher == "self-ema" and teacher.snapshot else None
-                    run.checkpoint(step + 1, {"config": config.model_dump(mode="json")}, tensors=ema)
+                    run.checkpoint(step + 1, {"config": config.model_dump(mode="json")}, tensors=ema,
+                                   snapshot=config.keep_adapters)
         finally:
             if writer is not None:
                 writer.close()

@@ -58,9 +58,11 @@ class TrainerRun:
         with open(self.metrics_path, "a") as sink:
             sink.write(json.dumps(record) + "\n")
 
-    def checkpoint(self, step: int, state: dict[str, Any], tensors: dict[str, Any] | None = None) -> None:
-        """An atomic checkpoint of the student and optimizer after `step` (`learners.checkpoint`)."""
-        save_checkpoint(self.run_dir, step, self.student, self.optimizer, state, tensors=tensors)
+    def checkpoint(self, step: int, state: dict[str, Any], tensors: dict[str, Any] | None = None,
+                   snapshot: bool = False) -> None:
+        """An atomic checkpoint of the student and optimizer after `step` (`learners.checkpoint`); `snapshot`
+        keeps its adapter after the checkpoint is pruned."""
+        save_checkpoint(self.run_dir, step, self.student, self.optimizer, state, tensors=tensors, snapshot=snapshot)
 
     def finish(self) -> Path:
         """Save the adapter to `run_dir/adapter` and have the engine serve it; returns its directory."""

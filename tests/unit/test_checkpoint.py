@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from learners import checkpoint
 from learners.checkpoint import (
     CheckpointError,
+    adapter_snapshots,
     clean_scratch,
     latest_checkpoint,
     load_checkpoint,
@@ -85,7 +87,7 @@ KILLED = textwrap.dedent(
             if step == 2:
                 checkpoint._before_write = lambda name: name == point and os.kill(os.getpid(), signal.SIGKILL)
             checkpoint.save_checkpoint(run_dir, step, model, optimizer, {"config": {"step": step}},
-                                       tensors={"ema": ema})
+                                       tensors={"ema": ema}, snapshot=True)
 
 
     model = student()  # built once; each forked child trains its own copy
@@ -141,14 +143,16 @@ def write_points(tmp_path_factory, trained):
     seen: list[str] = []
     checkpoint._before_write = seen.append
     try:
-        save_checkpoint(tmp_path_factory.mktemp("points") / "run", 1, model, optimizer, {}, tensors={"ema": {}})
+        save_checkpoint(tmp_path_factory.mktemp("points") / "run", 1, model, optimizer, {}, tensors={"ema": {}},
+                        snapshot=True)
     finally:
         checkpoint._before_write = None
     return seen
 
 
 def test_write_points_cover_every_file(write_points):
-    assert write_points == ["adapter", "optimizer.pt", "rng.pt", "ema.pt", "state.json", "rename", "prune"]
+    assert write_points == ["adapter", "optimizer.pt", "rng.pt", "ema.pt", "state.json", "rename", "snapshot",
+                            "prune"]
 
 
 def test_kill_at_every_write_point_leaves_a_resumable_checkpoint(tmp_path, write_points):
@@ -169,6 +173,9 @@ def test_kill_at_every_write_point_leaves_a_resumable_checkpoint(tmp_path, write
         found = latest_checkpoint(run_dir)
         assert _scratch(run_dir) == [], point  # a new start cleans it
         assert found == run_dir / f"step-{step:06d}", point
+        snapshots = [number for number, _ in adapter_snapshots(run_dir)]  # only whole ones, kept past the prune
+        assert snapshots == ([1] if index <= write_points.index("snapshot") else [1, 2]), point
+        assert not list(run_dir.glob(".snap-*")), point
         expected = torch.load(base / f"expected-{step}.pt", weights_only=False)
         with torch.no_grad():
             for parameter in model.parameters():
@@ -184,6 +191,28 @@ def test_kill_at_every_write_point_leaves_a_resumable_checkpoint(tmp_path, write
         assert _scratch(run_dir) == []
         assert latest_checkpoint(run_dir) == run_dir / f"step-{step + 1:06d}"
         assert len(list(run_dir.glob("step-*"))) == 2
+
+
+def test_snapshots_keep_every_checkpoints_adapter_past_the_prune(tmp_path):
+    model = student()
+    optimizer = optimizer_for(model)
+    saved = {}
+    for step in (1, 2, 3):
+        train(model, optimizer, seed=step)
+        saved[step] = weights(model)
+        save_checkpoint(tmp_path, step, model, optimizer, {}, snapshot=True)
+    assert sorted(path.name for path in tmp_path.glob("step-*")) == ["step-000002", "step-000003"]  # keep=2
+    snapshots = adapter_snapshots(tmp_path)
+    assert [step for step, _ in snapshots] == [1, 2, 3]
+    for step, path in snapshots:
+        _assert_same(load_file(str(path / "adapter_model.safetensors")), saved[step])
+    # hard links: while a checkpoint lives, its snapshot is the same file on disk
+    live = tmp_path / "step-000003" / "adapter" / "adapter_model.safetensors"
+    assert live.stat().st_ino == (snapshots[-1][1] / "adapter_model.safetensors").stat().st_ino
+    # a continuation from step 1 (step 2 saved again) drops the abandoned step 3's snapshot
+    save_checkpoint(tmp_path, 2, model, optimizer, {}, snapshot=True)
+    assert [step for step, _ in adapter_snapshots(tmp_path)] == [1, 2]
+    assert [step for step, _ in adapter_snapshots(tmp_path / "nothing")] == []
 
 
 def test_exception_at_a_write_point_removes_scratch_and_keeps_the_old(tmp_path, trained):

@@ -1,6 +1,7 @@
 """Protection by default (agent.protection): what a fold keeps, the retention check, and `skillfold fold` with it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,47 @@ def test_the_retention_check_passes_within_the_tolerance_and_fails_beyond_it(tmp
     assert RetentionCheck.model_validate_json((tmp_path / "b" / RETENTION).read_text()) == forced
 
 
+def test_a_failed_check_falls_back_to_the_newest_checkpoint_that_passes(tmp_path):
+    """The fold's last adapter forgets 5 of 16 words; the adapters its checkpoints kept forget fewer, the older."""
+    toy = make_family("toy:1")
+    families = {toy.name: toy}
+    words = ("orange valley pebble thunder cedar falcon violin lantern meadow comet copper canyon bucket mirror "
+             "ginger granite").split()
+    forgets = {"last": 5, "step-000005": 0, "step-000010": 1, "step-000015": 3, "step-000020": 5}
+    engine = ScriptedEngine(lambda chat: "")
+    engine.respond = lambda chat: knows(set(words[forgets.get(Path(engine.adapter or "-").name, 0):]))(chat)
+    sampling = SamplingParams(max_new_tokens=4)
+    settings = ProtectionSettings(gate_items=16, tolerance=0.10)  # 1 of 16 may go, not 2
+
+    def check(settings, name):
+        run_dir = tmp_path / name
+        for step in (5, 10, 15, 20):  # step 20 is the fold's last adapter: not measured twice
+            (run_dir / "snapshots" / f"step-{step:06d}").mkdir(parents=True)
+            (run_dir / "snapshots" / f"step-{step:06d}" / "adapter_config.json").write_text("{}")
+        (run_dir / "snapshots" / "step-000025").mkdir()  # no adapter_config.json: not an adapter, never tried
+        before = measure_before(engine, families, settings, run_dir, sampling)
+        return check_after(engine, before, families, settings, run_dir, "last", sampling, steps=20)
+
+    chosen = check(settings, "a")
+    assert chosen.passed and chosen.promoted and chosen.step == 10 and chosen.families[0].after == 15
+    assert chosen.adapter_after == str(tmp_path / "a" / "snapshots" / "step-000010")
+    assert [(a.step, a.after["toy:1"], a.passed) for a in chosen.attempts] == [
+        (None, 11, False), (15, 13, False), (10, 15, True)]
+    assert "with the adapter of step 10" in chosen.summary() and "toy:1 100.0% -> 68.8%" in chosen.summary()
+    assert engine.adapter is None  # the adapter the fold started from (none) is served again
+    assert check(settings.model_copy(update={"tolerance": 0.0}), "b").step == 5  # the oldest, the last resort
+    for name, off in (("c", {"fallback": False}), ("d", {"force": True})):  # the last adapter's verdict alone
+        verdict = check(settings.model_copy(update=off), name)
+        assert verdict.passed is False and verdict.step is None and verdict.adapter_after == "last"
+        assert [a.step for a in verdict.attempts] == [None] and verdict.promoted == (name == "d")
+    forgets |= {"step-000010": 2, "step-000005": 2}
+    failed = check(settings, "e")  # none passes: the verdict is the last adapter's, every one tried
+    assert failed.passed is False and failed.step is None and failed.adapter_after == "last"
+    assert [a.step for a in failed.attempts] == [None, 15, 10, 5] and failed.families[0].after == 11
+    assert "FAILED" in failed.summary()
+    assert RetentionCheck.model_validate_json((tmp_path / "e" / RETENTION).read_text()) == failed
+
+
 def test_the_check_is_off_without_protection_or_gate(tmp_path):
     engine = ScriptedEngine(knows(None))
     toy = {"toy:1": make_family("toy:1")}
@@ -166,3 +208,31 @@ def test_skillfold_fold_keeps_latest_when_the_check_fails_and_force_promotes(mod
     unprotected = last_json(invoke(*command[:6], "g", *command[7:], "--no-protect"))
     assert unprotected["promoted"] and unprotected["retention"] is None
     assert (adapters / "LATEST").read_text().strip() == "g"
+
+
+def test_skillfold_fold_promotes_the_newest_checkpoint_that_passes(model_dir, tmp_path, monkeypatch):
+    """The real 2-step fold on the tiny model, a checkpoint every step; the check scripted: the last adapter
+    loses 10 of 16 items, step 1's adapter none. Step 1's adapter is registered and promoted."""
+    import torch
+
+    import agent.protection
+    from tests.unit.test_cli import flat, invoke
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda _: None)
+    monkeypatch.setattr(agent.protection, "_successes", lambda engine, family, first, items, *rest:
+                        items - (10 if engine.adapter and "snapshots" not in engine.adapter else 0))
+    home = tmp_path / "home"
+    Memory.open(home=home).add_skills([Skill(kind="rule", family="toy:1", title="repeat the word",
+                                             text="Repeat the asked word exactly, and nothing else.")])
+    done = invoke("fold", "--model", model_dir, "--home", home, "--run-id", "f", "--steps", 2, "--json",
+                  "items_per_family=2", "probes=0", "fold.batch_size=2", "fold.max_turns=1", "fold.checkpoint_every=1",
+                  "fold.sampling.max_new_tokens=4", "protection.general=[toy:2]", "protection.gate_items=16")
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout.splitlines()[-1])
+    run_dir = home / "folds" / "f"
+    assert result["promoted"] and result["retention"]["step"] == 1 and result["adapter"] == str(home / "adapters" / "f")
+    assert [(a["step"], a["passed"]) for a in result["retention"]["attempts"]] == [(None, False), (1, True)]
+    assert "with the adapter of step 1" in flat(done.stderr + done.stdout) and (home / "adapters" / "LATEST").read_text() == "f\n"
+    registered = (home / "adapters" / "f" / "adapter_model.safetensors").read_bytes()
+    assert registered == (run_dir / "step-000001" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert registered != (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()  # the last, not promoted
