@@ -124,10 +124,15 @@ def _fold_files(home: Path, adapter: Path, folded: list[str]) -> None:
                                    "tokens_per_second": 900 + step, "rollout_success": step / 12}) + "\n")
     (run / "result.json").write_text(json.dumps({"steps": 12, "loss_first": 1.0, "loss_last": 0.083}))
     (run / "retention.json").write_text(json.dumps({  # agent.protection's evidence, a family name to escape
-        "tolerance": 0.03, "adapter_before": None, "adapter_after": str(run / "adapter"), "passed": True,
-        "forced": False, "seconds_before": 1.0, "seconds_after": 1.0, "families": [
+        "tolerance": 0.03, "adapter_before": None, "adapter_after": str(run / "snapshots" / "step-000010"),
+        "step": 10, "passed": True, "forced": False, "seconds_before": 1.0, "seconds_after": 2.0, "families": [
             {"family": "rg:letter_counting", "first_item": 436, "items": 64, "before": 22, "after": 21},
-            {"family": HOSTILE_FAMILY, "first_item": 0, "items": 16, "before": 3, "after": 3}]}))
+            {"family": HOSTILE_FAMILY, "first_item": 0, "items": 16, "before": 3, "after": 3}],
+        "attempts": [  # the fold's last adapter dropped letter counting; step 10's, tried next, kept it
+            {"step": None, "adapter": str(run / "adapter"), "after": {"rg:letter_counting": 12, HOSTILE_FAMILY: 3},
+             "passed": False},
+            {"step": 10, "adapter": str(run / "snapshots" / "step-000010"),
+             "after": {"rg:letter_counting": 21, HOSTILE_FAMILY: 3}, "passed": True}]}))
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
     (home / "adapters" / "LATEST").write_text(FOLD + "\n")

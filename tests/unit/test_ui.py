@@ -170,6 +170,9 @@ def test_folds_page_curves_and_latest(client):
     fold = client.get(f"/folds/{FOLD}").text
     assert fold.count("<polyline") == 5 and "folded" in fold and "accuracy_off" in fold
     assert "Retention check" in fold and "rg:letter_counting</td><td>436-499</td><td>22/64</td><td>21/64</td>" in fold
+    assert "the adapter of step 10, the newest checkpoint that passed, is the one promoted" in fold
+    assert "<td>the fold's last</td><td>12/64</td><td>3/16</td><td>dropped</td>" in fold
+    assert "<td>step 10</td><td>21/64</td><td>3/16</td><td>passed</td>" in fold
     assert not RAW_HTML.search(fold)  # the hostile family name in the check is escaped
     assert client.get("/folds/..%2F..").status_code == 404
 
