@@ -78,6 +78,7 @@ def _adapter(run_dir: Path, knows: bool, engine) -> Path:
 
 def forgetful_fold(engine, families, items, config, run_dir, *, resume=False, on_step=None):
     adapter = _adapter(run_dir, not Path(run_dir).name.endswith("fold-2"), engine)
+    shutil.copytree(adapter, Path(run_dir) / "snapshots" / "step-000001", dirs_exist_ok=True)  # a checkpoint's
     return FoldResult(steps=config.steps, loss_first=1.0, loss_last=0.5, kl_first=1.0, kl_last=0.5,
                       adapter=str(adapter), run_dir=str(run_dir), seconds=0.0)
 
@@ -666,6 +667,9 @@ def test_a_fold_identical_to_an_earlier_one_is_reused(straight):
         # the same start (base weights), prompts and config: the skillfold arm reuses the fold arm's fold
         assert first_fold.get("reused_from") is None and first_skillfold["reused_from"]
         assert "fold-seed" in first_skillfold["reused_from"]
+        # with the checkpoints' adapters, which the retention check's fallback tries
+        assert (straight / "homes" / f"skillfold-seed{seed}" / "folds" / Path(first_skillfold["adapter"]).name
+                / "snapshots" / "step-000001" / "adapter_config.json").is_file()
         adapter = Path(first_skillfold["adapter"])
         assert adapter.is_dir() and str(adapter).startswith(str(straight / "homes" / f"skillfold-seed{seed}"))
         assert first_skillfold["generated_tokens"] == first_fold["generated_tokens"]  # what the fold cost
