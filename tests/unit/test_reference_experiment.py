@@ -29,10 +29,10 @@ def twx_missing() -> str | None:
 # the first reference stream (issue 5), the second (issue 23: six arms, grpo and routed among them, the routed
 # arm's shares recounted from its episodes' adapters), and the games stream (issue 21: every game replayed move by
 # move in TextWorldExpress; its watch families' cells recounted too), and the games stream with its folds at a 5x
-# lower learning rate (issue 20)
+# lower learning rate, and the second stream with the retention check's fallback to earlier checkpoints (issue 20)
 @pytest.mark.parametrize(("name", "cells", "episodes"), [
     ("reference-experiment", 224, 22400), ("stream2-experiment", 224, 22400), ("games-experiment", 138, 13800),
-    ("games-experiment/lr-1e-4", 138, 13800)])
+    ("games-experiment/lr-1e-4", 138, 13800), ("stream2-experiment/fallback", 224, 22400)])
 def test_the_committed_experiment_checks_out(name, cells, episodes, tmp_path):
     if name.startswith("games-experiment") and (missing := twx_missing()):
         if os.environ.get("SKILLFOLD_REQUIRE_TWX"):  # CI: .ci/run installs Java 17, so this must run
