@@ -297,7 +297,8 @@ def fold_command(
         "--protect/--no-protect", help="keep what the fold does not train as it was (default on): the memory's "
         "other families and the general prompt set replayed as anchors, and a retention check before the "
         "adapter is promoted")] = None,
-    force: Annotated[bool, typer.Option(help="promote the adapter even if the retention check fails")] = False,
+    force: Annotated[bool, typer.Option(help="promote the fold's last adapter even if it fails the retention check "
+                                        "(no fallback to an earlier checkpoint's)")] = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
     overrides: OverridesArgument = None,
