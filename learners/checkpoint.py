@@ -14,7 +14,9 @@ process there): "adapter", "optimizer.pt", "rng.pt", one "<name>.pt" per extra t
 With `snapshot=True` a checkpoint's adapter also stays after the checkpoint is pruned, as
 `snapshots/step-NNNNNN/` (hard links to its files, so no second copy on disk while the checkpoint
 lives; built as `.snap-*` scratch and renamed into place): the retention check after a fold falls
-back to the newest of them that keeps the protected families (`adapter_snapshots`).
+back to the newest of them that keeps the protected families (`adapter_snapshots`). A kill between a
+checkpoint's rename and its snapshot leaves a checkpoint without one: a resumed fold makes it
+(`ensure_snapshots`).
 
 `keep_metrics` makes a run's metrics file belong to its checkpoints: a resume cuts it back to the
 checkpoint's step before the run writes on.
@@ -297,6 +299,18 @@ def _snapshot(adapter: Path, target: Path, run_dir: Path) -> None:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def ensure_snapshots(run_dir: Path) -> list[int]:
+    """Snapshot the adapter of every complete checkpoint in `run_dir` that has none (a run killed between a
+    checkpoint's rename and its snapshot, resumed: its end state is then the uninterrupted run's). Returns
+    the steps snapshotted."""
+    made = []
+    for step, path in _step_dirs(run_dir):
+        if _problem(path) is None and not (run_dir / SNAPSHOTS / path.name / "adapter_config.json").is_file():
+            _snapshot(path / "adapter", run_dir / SNAPSHOTS / path.name, run_dir)
+            made.append(step)
+    return made
 
 
 def adapter_snapshots(run_dir: Path) -> list[tuple[int, Path]]:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from engines.base import Engine, LentBase, SamplingParams, SharesWeights
 from envs.base import Message, TaskFamily, Trajectory
+from learners.checkpoint import ensure_snapshots
 from learners.passes import (
     attention,
     backward_in_passes,
@@ -264,6 +265,8 @@ def fold(
                      prepare=prepare) as run:
         loan, student, optimizer, teacher = run.loan, run.student, run.optimizer, state["teacher"]
         start_step = resumed_from = run.start_step
+        if config.keep_adapters:  # a kill between a checkpoint and its snapshot left one without
+            ensure_snapshots(run_dir)
         if run.saved:
             if config.teacher == "self-ema":
                 teacher.snapshot = run.saved["tensors"]["ema"]

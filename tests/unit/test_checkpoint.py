@@ -22,6 +22,7 @@ from learners.checkpoint import (
     CheckpointError,
     adapter_snapshots,
     clean_scratch,
+    ensure_snapshots,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -175,6 +176,9 @@ def test_kill_at_every_write_point_leaves_a_resumable_checkpoint(tmp_path, write
         assert found == run_dir / f"step-{step:06d}", point
         snapshots = [number for number, _ in adapter_snapshots(run_dir)]  # only whole ones, kept past the prune
         assert snapshots == ([1] if index <= write_points.index("snapshot") else [1, 2]), point
+        # a resumed fold snapshots a whole checkpoint that the kill left without one (learners.fold)
+        assert ensure_snapshots(run_dir) == ([2] if point == "snapshot" else []), point
+        assert [number for number, _ in adapter_snapshots(run_dir)] == list(range(1, step + 1)), point
         assert not list(run_dir.glob(".snap-*")), point
         expected = torch.load(base / f"expected-{step}.pt", weights_only=False)
         with torch.no_grad():
