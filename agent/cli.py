@@ -382,8 +382,7 @@ def fold_command(
             with console.status("retention check: the protected families with the new adapter"):
                 check = check_after(engine, check, anchors, protection, run_dir, result.adapter, greedy,
                                     steps=result.steps)
-            if check.adapter_after:  # the checkpoint the check fell back to, if it did
-                result = result.model_copy(update={"adapter": check.adapter_after})
+            result = result.model_copy(update={"adapter": check.promoted_adapter(result.adapter)})
         promoted = check is None or check.promoted
         result = register_fold(run_config.home, name, run_dir, result, latest=promoted)
     console.print(

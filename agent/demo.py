@@ -80,7 +80,7 @@ def run_demo(engine, home: Path, items: int, episodes: int, fold_steps: int, say
         started = time.perf_counter()
         check = check_after(engine, check, anchors, protection, run_dir, result.adapter, greedy, steps=result.steps)
         gate_seconds += time.perf_counter() - started
-        register_adapter(home, "demo", Path(check.adapter_after or result.adapter), latest=check.promoted)
+        register_adapter(home, "demo", Path(check.promoted_adapter(result.adapter)), latest=check.promoted)
         say(f"slow path: {fold_steps} fold steps in {fold_seconds:.0f}s, loss {result.loss_first:.3f} -> "
             f"{result.loss_last:.3f}; retention check {gate_seconds:.0f}s")
         say(check.summary())

@@ -393,8 +393,7 @@ def fold_skills(stream: Stream, state: EvolveState) -> tuple[str, bool] | None:
         }
         # logged before the adapter is registered: once it is, a resumed stage skips the fold
         log_event(stream.run_dir, EvolveEvent(kind="fold", phase=state.phase, chunk=state.chunk, evidence=evidence))
-        # the fold's last adapter, or the earlier checkpoint's that the retention check fell back to
-        chosen = result.adapter if check is None or check.adapter_after is None else check.adapter_after
+        chosen = result.adapter if check is None else check.promoted_adapter(result.adapter)
         register_adapter(stream.home, name, Path(chosen), latest=promoted)
     else:  # registered by this stage before a kill, which may have come before `latest` named it
         saved = run_dir / RETENTION

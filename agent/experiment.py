@@ -247,18 +247,15 @@ class Lab:
             earlier = FoldResult.model_validate_json((store / "result.json").read_text())
             run_dir.mkdir(parents=True, exist_ok=True)
             adapter = run_dir / "adapter"
-            if not adapter.is_dir():
-                partial = run_dir / ".adapter.partial"
-                shutil.rmtree(partial, ignore_errors=True)
-                shutil.copytree(store / "adapter", partial)
-                os.replace(partial, adapter)
+            # the adapter, and the checkpoints' adapters that the retention check's fallback tries
+            for name in ("adapter", SNAPSHOTS) if (store / SNAPSHOTS).is_dir() else ("adapter",):
+                if not (run_dir / name).is_dir():
+                    partial = run_dir / f".{name}.partial"
+                    shutil.rmtree(partial, ignore_errors=True)
+                    shutil.copytree(store / name, partial)
+                    os.replace(partial, run_dir / name)
             if (store / "metrics.jsonl").is_file():
                 write_atomic(run_dir / "metrics.jsonl", (store / "metrics.jsonl").read_text())
-            if (store / SNAPSHOTS).is_dir() and not (run_dir / SNAPSHOTS).is_dir():  # the retention fallback's
-                partial = run_dir / ".snapshots.partial"
-                shutil.rmtree(partial, ignore_errors=True)
-                shutil.copytree(store / SNAPSHOTS, partial)
-                os.replace(partial, run_dir / SNAPSHOTS)
             self.say(f"  fold reused: the same start, prompts and config as {earlier.run_dir}")
             return earlier.model_copy(update={"adapter": str(adapter), "run_dir": str(run_dir),
                                               "reused_from": earlier.run_dir})

@@ -111,16 +111,26 @@ class RetentionCheck(BaseModel):
                       f"points ({', '.join(row.family for row in self.families)})")
             if self.step is None:
                 return passed
-            last = self.attempts[0]
-            dropped = ", ".join(f"{row.family} {row.before / row.items:.1%} -> {last.after[row.family] / row.items:.1%}"
-                                for row in self.families if (row.before - last.after[row.family]) / row.items
-                                > self.tolerance + 1e-9)
-            return (f"{passed} with the adapter of step {self.step}: the fold's last adapter dropped ({dropped}), "
-                    f"so the newest checkpoint that keeps them is promoted")
-        dropped = ", ".join(f"{row.family} {row.before / row.items:.1%} -> {row.after / row.items:.1%}"  # type: ignore[operator]
-                            for row in failed)
+            last = self.with_after(self.attempts[0].after)
+            return (f"{passed} with the adapter of step {self.step}: the fold's last adapter dropped "
+                    f"({_dropped(last.failures())}), so the newest checkpoint that keeps them is promoted")
         verdict = "promoted anyway (--force)" if self.forced else "not promoted"
-        return f"retention check FAILED ({dropped}; tolerance {100 * self.tolerance:.0f} points): {verdict}"
+        return (f"retention check FAILED ({_dropped(failed)}; tolerance {100 * self.tolerance:.0f} points): "
+                f"{verdict}")
+
+    def with_after(self, after: dict[str, int]) -> RetentionCheck:
+        """This check with `after` (successes per family) as the new adapter's."""
+        return self.model_copy(update={"families": [row.model_copy(update={"after": after[row.family]})
+                                                    for row in self.families]})
+
+    def promoted_adapter(self, last: str) -> str:
+        """The adapter to register: the earlier checkpoint's the fallback chose, else `last` (the fold's)."""
+        return self.adapter_after or last
+
+
+def _dropped(rows: Sequence[FamilyRetention]) -> str:
+    return ", ".join(f"{row.family} {row.before / row.items:.1%} -> {row.after / row.items:.1%}"  # type: ignore[operator]
+                     for row in rows)
 
 
 def protected_families(memory, trained: Collection[str], anchors: Sequence[str],
@@ -208,12 +218,10 @@ def check_after(engine: Engine, check: RetentionCheck, families: dict[str, TaskF
     try:
         for step, candidate in candidates:
             serve(engine, candidate)
-            rows = [row.model_copy(update={"after": _successes(engine, families[row.family], row.first_item,
-                                                               row.items, sampling, max_turns)})
-                    for row in check.families]
-            measured = check.model_copy(update={"families": rows, "adapter_after": candidate, "step": step})
-            attempts.append(Attempt(step=step, adapter=candidate, passed=not measured.failures(),
-                                    after={row.family: row.after for row in rows}))
+            after = {row.family: _successes(engine, families[row.family], row.first_item, row.items, sampling,
+                                            max_turns) for row in check.families}
+            measured = check.with_after(after).model_copy(update={"adapter_after": candidate, "step": step})
+            attempts.append(Attempt(step=step, adapter=candidate, passed=not measured.failures(), after=after))
             if step is None or attempts[-1].passed:  # the verdict: the last adapter's, or the fallback's
                 done = measured
             if attempts[-1].passed:

@@ -305,9 +305,10 @@ def ensure_snapshots(run_dir: Path) -> list[int]:
     """Snapshot the adapter of every complete checkpoint in `run_dir` that has none (a run killed between a
     checkpoint's rename and its snapshot, resumed: its end state is then the uninterrupted run's). Returns
     the steps snapshotted."""
+    have = {step for step, _ in adapter_snapshots(run_dir)}
     made = []
     for step, path in _step_dirs(run_dir):
-        if _problem(path) is None and not (run_dir / SNAPSHOTS / path.name / "adapter_config.json").is_file():
+        if step not in have and _problem(path) is None:
             _snapshot(path / "adapter", run_dir / SNAPSHOTS / path.name, run_dir)
             made.append(step)
     return made
