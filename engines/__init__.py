@@ -39,6 +39,7 @@ def _load_hf(config: EngineConfig) -> Engine:
         adapter=config.adapter,
         packed_weights=config.packed_weights,
         turn_cache_mib=config.turn_cache_mib,
+        cuda_graphs=config.cuda_graphs,
     )
 
 

@@ -35,6 +35,10 @@ class EngineConfig(BaseModel):
         default=2048, ge=0, description="hf: MiB (on the model's device) for each row's KV cache kept between "
         "calls, so a multi-turn episode's next turn runs only its new tokens (engines.turns); 0 = off")
 
+    cuda_graphs: bool = Field(
+        default=True, description="hf on CUDA: each decode step replays one captured CUDA graph over static buffers "
+        "(engines.graphs; small models decode host-bound without); false = transformers' forward a token")
+
     @model_validator(mode="after")
     def _urls_for_vllm(self) -> EngineConfig:
         if self.kind == "vllm" and not self.urls:

@@ -35,6 +35,7 @@ from engines.base import (
     SamplingParams,
     TokenScores,
 )
+from engines.graphs import DecodeGraphs
 from engines.lean import LeanDecoder
 from engines.merge import mergeable, merged
 from engines.onednn import is_packed, merged_decoding, pack_linears, unpack_linears
@@ -62,7 +63,7 @@ class HFEngine:
 
     def __init__(
         self, model, tokenizer, model_name: str = "model", batch_size: int = 32, packed_weights: bool = True,
-        turn_cache_mib: int = 2048,
+        turn_cache_mib: int = 2048, cuda_graphs: bool = True,
     ) -> None:
         model.requires_grad_(False)  # served, not trained: a trainer marks what it trains (learners.fold)
         self.model = model.eval()
@@ -82,6 +83,8 @@ class HFEngine:
         cpu = self.device.type == "cpu"
         self.packed_weights = packed_weights and cpu
         self._lean = cpu
+        # CUDA: the decode step as one captured graph (engines.graphs)
+        self._graphs = DecodeGraphs() if cuda_graphs and self.device.type == "cuda" else None
         self.packed_copies = True  # also a packed copy of a weight that stays dense (a tied head: +113 MiB)
         self.adapter_version = 0  # counts hand-offs: each adapter served (loaded, or a trainer's step) is one
         self._trained = None  # a trainer's live module served on our lent base (`serve_trained`)
@@ -101,6 +104,7 @@ class HFEngine:
         adapter: str | None = None,
         packed_weights: bool = True,
         turn_cache_mib: int = 2048,
+        cuda_graphs: bool = True,
     ) -> HFEngine:
         """Load a model by spec (the embedded default, a directory, or a Hub id)."""
         from safetensors import SafetensorError
@@ -120,7 +124,7 @@ class HFEngine:
         if torch_device.type == "cpu":
             _own_memory(network)
         engine = cls(network, tokenizer, model_name=model or "smollm2-135m", batch_size=batch_size,
-                     packed_weights=packed_weights, turn_cache_mib=turn_cache_mib)
+                     packed_weights=packed_weights, turn_cache_mib=turn_cache_mib, cuda_graphs=cuda_graphs)
         if adapter:
             engine.load_adapter(adapter)
         return engine
@@ -220,9 +224,16 @@ class HFEngine:
         active = prefilled.order or active  # the rows as the cache holds them
         self.turns.drop(release)  # each continuation is kept instead
         cache, attention_mask, next_positions = prefilled.cache, prefilled.attention_mask, prefilled.next_positions
-        with_room(cache, params.max_new_tokens)  # decoding writes into the cache in place
+        # on CUDA the step as one captured graph over static buffers (engines.graphs), where it applies
+        graph = self._graphs.decoder(self.model, batch, attention_mask.shape[1] + params.max_new_tokens) if (
+            self._graphs is not None and params.max_new_tokens > 1) else None
+        if graph is not None:
+            graph.load(cache, attention_mask, next_positions, self.pad_id)
+            cache = None  # the prompts' keys and values are in the graph's buffers now
+        else:
+            with_room(cache, params.max_new_tokens)  # decoding writes into the cache in place
         # the model's forward without its bookkeeping, where it applies
-        lean = LeanDecoder.build(self.model, cache) if self._lean else None
+        lean = LeanDecoder.build(self.model, cache) if self._lean and graph is None else None
         logits = prefilled.logits
         longest_stop = max((len(stop) for stop in params.stop), default=0)
         for step in range(params.max_new_tokens):
@@ -250,7 +261,8 @@ class HFEngine:
                 break
             # Dropping rows copies the whole KV cache, so do it once a quarter of the rows are done,
             # not at every finish (finished rows in between cost one wasted row of compute).
-            if (len(active) - len(live)) * 4 >= len(active):
+            # (a graph's batch is fixed: its finished rows run on, masked out of the results)
+            if graph is None and (len(active) - len(live)) * 4 >= len(active):
                 if keeping:  # the finished rows' caches, before they leave the batch's
                     still = set(live)
                     done = [position for position in range(len(active)) if position not in still]
@@ -264,6 +276,10 @@ class HFEngine:
                 active = [active[position] for position in live]
             if step + 1 == params.max_new_tokens:
                 break
+            if graph is not None:
+                graph.feed(chosen)
+                logits = graph.run()[:batch]  # the graph's own output buffer: read before the next step
+                continue
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1)
             if lean is not None:
                 logits = lean.step(chosen[:, None], attention_mask, next_positions).float()  # (B_active, V)
@@ -279,6 +295,8 @@ class HFEngine:
                 logits = output.logits[:, -1, :].float()  # (B_active, V)
             next_positions = next_positions + 1
         if keeping:
+            if graph is not None:
+                cache, attention_mask = graph.written(batch)
             self.turns.keep_rows(cache, attention_mask, range(len(active)), [rows[row] + tokens[row] for row in active])
         outputs = []
         for row in range(batch):
@@ -621,6 +639,13 @@ class HFEngine:
         self.base_model = self.model.unload()
         self.model = self.base_model.eval()
         self._adapter = None
+        self._forget_graphs()
+
+    def _forget_graphs(self) -> None:
+        """Free the captured decoders (their buffers) once the model they recorded is gone; a stale one
+        would never replay anyway (`engines.graphs.signature`)."""
+        if self._graphs is not None:
+            self._graphs.clear()
 
     # --------------------------------------------- the trainer's loan (SharesWeights)
     def lend_base(self, *, heap_threshold_kib: int = 0) -> LentBase:
@@ -631,6 +656,7 @@ class HFEngine:
         self.unload_adapter()
         self._lent = True
         self.turns.clear()
+        self._forget_graphs()
         if heap_threshold_kib:
             cap_heap(heap_threshold_kib)
             self.packed_copies = False
@@ -660,6 +686,7 @@ class HFEngine:
         self.model = self.base_model = base.eval()
         self._lent = False
         self.turns.clear()
+        self._forget_graphs()
         self.packed_copies = True  # the engine's default again (the copies come at its next packing)
         if adapter:
             self.load_adapter(adapter)

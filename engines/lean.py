@@ -96,6 +96,58 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def covered(model: nn.Module) -> nn.Module | None:
+    """The causal LM inside `model` (itself, or what a peft model wraps) when a hand-written decode step
+    computes exactly its forward: a Llama architecture with SDPA attention, SiLU, no tensor-parallel
+    split or attention dropout, plain layers (no hooks or patched forwards), not in training mode.
+    None otherwise (the caller then calls the model as usual)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(causal_lm, "config", None)
+    if type(causal_lm).__name__ not in _ARCHITECTURES or config is None or causal_lm.training:
+        return None
+    if (
+        getattr(config, "_attn_implementation", None) != "sdpa"
+        or getattr(config, "hidden_act", None) != "silu"
+        or getattr(config, "pretraining_tp", 1) != 1
+        or getattr(config, "attention_dropout", 0.0) not in (0, 0.0)
+    ):
+        return None
+    inner = getattr(causal_lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or len(layers) != config.num_hidden_layers or not _plain(inner.norm, _LAYER_CLASSES["norm"]):
+        return None
+    for layer in layers:
+        if not (
+            _plain(layer, _LAYER_CLASSES["layer"])
+            and _plain(layer.self_attn, _LAYER_CLASSES["attention"])
+            and _plain(layer.mlp, _LAYER_CLASSES["mlp"])
+            and _plain(layer.input_layernorm, _LAYER_CLASSES["norm"])
+            and _plain(layer.post_attention_layernorm, _LAYER_CLASSES["norm"])
+        ):
+            return None
+    if inner._forward_hooks or inner._forward_pre_hooks or causal_lm._forward_hooks or causal_lm._forward_pre_hooks:
+        return None
+    return causal_lm
+
+
+def layer_parts(causal_lm: nn.Module) -> list[tuple]:
+    """Each decoder layer's parts as a decode step calls them: (input norm, q, k, v, o projections,
+    post-attention norm, gate, up, down projections, head_dim, query heads per key/value head,
+    scaling, layer index); the projections as `_caller` resolves them."""
+    parts = []
+    for layer in causal_lm.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        parts.append((
+            layer.input_layernorm,
+            _caller(attention.q_proj), _caller(attention.k_proj), _caller(attention.v_proj),
+            _caller(attention.o_proj),
+            layer.post_attention_layernorm,
+            _caller(mlp.gate_proj), _caller(mlp.up_proj), _caller(mlp.down_proj),
+            attention.head_dim, attention.num_key_value_groups, attention.scaling, attention.layer_idx,
+        ))
+    return parts
+
+
 class LeanDecoder:
     """The decode step of one model over one KV cache (the model's layers resolved once)."""
 
@@ -103,50 +155,17 @@ class LeanDecoder:
         self.inner = causal_lm.model
         self.cache = cache
         self.head = _caller(causal_lm.lm_head)
-        self.layers = []
-        for layer in self.inner.layers:
-            attention, mlp = layer.self_attn, layer.mlp
-            self.layers.append((
-                layer.input_layernorm,
-                _caller(attention.q_proj), _caller(attention.k_proj), _caller(attention.v_proj),
-                _caller(attention.o_proj),
-                layer.post_attention_layernorm,
-                _caller(mlp.gate_proj), _caller(mlp.up_proj), _caller(mlp.down_proj),
-                attention.head_dim, attention.num_key_value_groups, attention.scaling, attention.layer_idx,
-            ))
+        self.layers = layer_parts(causal_lm)
 
     @classmethod
     def build(cls, model: nn.Module, cache) -> LeanDecoder | None:
         """The lean step for `model` (a causal LM, or a peft model around one) decoding into `cache`
         (a transformers DynamicCache filled by a prefill), or None where it does not apply."""
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        config = getattr(causal_lm, "config", None)
-        if type(causal_lm).__name__ not in _ARCHITECTURES or config is None or causal_lm.training:
+        causal_lm = covered(model)
+        if causal_lm is None:
             return None
-        if (
-            getattr(config, "_attn_implementation", None) != "sdpa"
-            or getattr(config, "hidden_act", None) != "silu"
-            or getattr(config, "pretraining_tp", 1) != 1
-            or getattr(config, "attention_dropout", 0.0) not in (0, 0.0)
-        ):
-            return None
-        inner = getattr(causal_lm, "model", None)
-        layers = getattr(inner, "layers", None)
-        if layers is None or len(layers) != config.num_hidden_layers or not _plain(inner.norm, _LAYER_CLASSES["norm"]):
-            return None
-        for layer in layers:
-            if not (
-                _plain(layer, _LAYER_CLASSES["layer"])
-                and _plain(layer.self_attn, _LAYER_CLASSES["attention"])
-                and _plain(layer.mlp, _LAYER_CLASSES["mlp"])
-                and _plain(layer.input_layernorm, _LAYER_CLASSES["norm"])
-                and _plain(layer.post_attention_layernorm, _LAYER_CLASSES["norm"])
-            ):
-                return None
-        if type(cache).__name__ != "DynamicCache" or len(getattr(cache, "layers", ())) != len(layers) or getattr(
-                cache, "offloading", False):
-            return None
-        if inner._forward_hooks or inner._forward_pre_hooks or causal_lm._forward_hooks or causal_lm._forward_pre_hooks:
+        if type(cache).__name__ != "DynamicCache" or len(getattr(cache, "layers", ())) != len(
+                causal_lm.model.layers) or getattr(cache, "offloading", False):
             return None
         return cls(causal_lm, cache)
 

@@ -149,3 +149,72 @@ def test_a_killed_self_ema_fold_resumes_on_cuda(tiny_tokenizer, tmp_path):
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.allclose(expected[name], actual[name], rtol=1e-2, atol=1e-3), name
+
+
+def _fp32_engines(tokenizer):
+    """Two engines over the same fp32 tiny model weights on the GPU: decode graphs on, and off."""
+    engines = []
+    for graphs in (True, False):
+        model = build_model(tokenizer).to("cuda")
+        engines.append(HFEngine(model, tokenizer, model_name="tiny-cuda-fp32", batch_size=3, packed_weights=False,
+                                cuda_graphs=graphs))
+    return engines
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=12),
+                                    SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, stop=["apple"])],
+                         ids=["greedy", "sampled"])
+def test_decode_graphs_give_the_plain_decode(tiny_tokenizer, params):
+    from engines.graphs import CapturedDecoder
+
+    graphed, plain = _fp32_engines(tiny_tokenizer)
+    chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]  # 4 prompts: batches of 3 and 1
+    expected = plain.generate(chats, params)
+    got = graphed.generate(chats, params)
+    again = graphed.generate(chats, params)  # the captured graphs replayed for a second call
+    assert graphed._graphs.captures >= 1 and all(isinstance(decoder, CapturedDecoder)
+                                                 for decoder in graphed._graphs._decoders.values())
+    assert not graphed._graphs.failed
+    for one, other, third in zip(got, expected, again, strict=True):
+        assert one.token_ids == other.token_ids == third.token_ids
+        assert one.logprobs == pytest.approx(other.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("merging", [True, False], ids=["merged", "lora-branch"])
+def test_decode_graphs_read_a_trainers_in_place_updates(tiny_tokenizer, monkeypatch, merging):
+    """A trainer's optimizer writes the LoRA tensors in place between hand-offs: the captured graph replays
+    over the same tensors, so it decodes with the new values, as the plain path does. fp32 weights decode
+    with the adapter merged in (`HFEngine._decoding`); half-precision ones through the LoRA branch, which
+    `merging=False` takes here in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    if not merging:
+        monkeypatch.setattr("engines.hf.mergeable", lambda module: False)
+
+    graphed, plain = _fp32_engines(tiny_tokenizer)
+    params = SamplingParams(max_new_tokens=10)
+    chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS[:3]]
+    students = []
+    for engine in (graphed, plain):
+        torch.manual_seed(3)
+        student = get_peft_model(engine.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+        student.eval()
+        engine.serve_trained(student)
+        students.append(student)
+    before = graphed.generate(chats, params)
+    assert [g.token_ids for g in before] == [g.token_ids for g in plain.generate(chats, params)]
+    captures = graphed._graphs.captures
+    for student in students:  # the same in-place "optimizer step" on both
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for name, parameter in student.named_parameters():
+                if "lora_B" in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.5)
+        (graphed if student is students[0] else plain).serve_trained(student)
+    after = graphed.generate(chats, params)
+    expected = plain.generate(chats, params)
+    assert graphed._graphs.captures == captures  # replayed, not captured again
+    assert [g.token_ids for g in after] == [g.token_ids for g in expected]
+    assert [g.token_ids for g in after] != [g.token_ids for g in before]  # the update did change the decode
+    for one, other in zip(after, expected, strict=True):
+        assert one.logprobs == pytest.approx(other.logprobs, abs=1e-4)
