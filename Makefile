@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check --no-input
 
-.PHONY: install model vllm test unit integration demo bench lint clean
+.PHONY: install model vllm test unit integration demo bench lint clean gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,16 @@ bench: install model
 	$(BIN)/python benchmarks/bench_fold.py
 	$(BIN)/python benchmarks/bench_concurrency.py
 	$(BIN)/python benchmarks/bench_ui.py
+
+# The wheels benchmarks/gpu_check.py needs on the lent GPU machine beyond its image (Python 3.12, no
+# registry there): skillfold's records (pydantic) and TRL's SDFTTrainer with its datasets. They travel in
+# .whl (ignored) as the device tool's `carry`; docs/benchmarks.md ("GPU") has the command that uses them.
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	trl==1.16.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 lint: install
 	$(BIN)/ruff check .

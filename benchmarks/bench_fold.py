@@ -109,6 +109,16 @@ def fold_config(arguments):
     )
 
 
+def micro_batch_argument(value: str) -> int | None:
+    """--micro-batch: a count, or auto (FoldConfig's None: by the model's device)."""
+    if value in ("auto", "None"):
+        return None
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("--micro-batch takes 0 (the whole batch), a positive count, or auto")
+    return number
+
+
 def fold_default(name: str):
     from learners.fold import FoldConfig
 
@@ -343,7 +353,8 @@ def run_child(side: str, arguments, log_dir: Path) -> dict:
                "--trl-gradient-checkpointing", arguments.trl_gradient_checkpointing,
                "--gradient-checkpointing", arguments.gradient_checkpointing,
                "--fixed-length", arguments.fixed_length, "--heap", arguments.heap, "--trl-heap", arguments.trl_heap,
-               "--packed-weights", arguments.packed_weights, "--micro-batch", str(arguments.micro_batch)]
+               "--packed-weights", arguments.packed_weights,
+               "--micro-batch", "auto" if arguments.micro_batch is None else str(arguments.micro_batch)]
     thread_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
     environment = {**os.environ, **{name: str(arguments.threads) for name in thread_vars},
                    "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -381,9 +392,9 @@ def main() -> None:
                         help="TRL side: glibc as it is (default) or the same heap cap as ours")
     parser.add_argument("--packed-weights", choices=["on", "off"], default="on",
                         help="skillfold: frozen linear layers from oneDNN-prepacked weights (engines.onednn; our default)")
-    parser.add_argument("--micro-batch", type=int, default=fold_default("micro_batch"),
+    parser.add_argument("--micro-batch", type=micro_batch_argument, default=fold_default("micro_batch"),
                         help="skillfold: episodes per student forward/backward pass (FoldConfig.micro_batch; 0 = the "
-                        "whole batch in one pass)")
+                        "whole batch in one pass; auto = FoldConfig's default, by device: 1 on a CPU)")
     parser.add_argument("--out", type=Path, default=None, help="also write both sides' raw results as JSON here")
     parser.add_argument("--child", choices=["skillfold", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)

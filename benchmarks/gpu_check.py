@@ -2,13 +2,20 @@
 
 1. Runs the `cuda`-marked unit tests (`pytest -m cuda` on the files of tests/unit that use the mark)
    in a subprocess and prints pytest's summary line.
-2. For each shape x size (batch x completion tokens), runs fold steps on a Llama-shaped model built in
+2. The decode check (unless --no-decode): the HF engine's `generate` alone on each shape at the first
+   size, decode graphs (engines.graphs) on and off, the same prompts and seeds: tokens/s of each (a
+   second call, after one that includes the capture), the ratio, and how many rows came out the same
+   (bf16: a few may part ways on near-tied tokens).
+3. For each size x shape (batch x completion tokens; every shape at the first size before the next
+   size), runs fold steps on a Llama-shaped model built in
    code with random weights (nothing fetched) and the code-built BPE tokenizer of tests/tiny.py, padded
    with added tokens to the model's vocabulary, on each side in turn, in this process:
    - skillfold: `learners.fold.fold` through `engines.hf.HFEngine` with the settings of
      benchmarks/bench_fold.py (`fold_config`: method opsd, teacher self-frozen, loss reverse_kl, LoRA
      r16 alpha 32 on every linear layer, AdamW lr 5e-4, grad-norm clip 1, sampling temperature 1, every
-     completion exactly `completion` tokens);
+     completion exactly `completion` tokens; micro_batch by device unless --micro-batch, decode graphs
+     unless --cuda-graphs off); the step's phases (rollout, teacher pass, student passes and update) are
+     timed too;
    - TRL: `trl.experimental.sdft.SDFTTrainer` (teacher_model_kind base, distillation_mode full_logits,
      distillation_alpha 1.0: its reverse KL over the full vocabulary), the same LoRA, optimizer and lengths.
    Same model (same seed), prompts (the `toy` family's train items, in the order the fold drew them,
@@ -75,6 +82,7 @@ from benchmarks.bench_fold import (  # noqa: E402  (after the path fix; no side 
     RecordingFamily,
     fold_config,
     fold_default,
+    micro_batch_argument,
     summarise,
 )
 
@@ -86,6 +94,7 @@ SHAPES: dict[str, dict] = {
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H200 SXM datasheet (KINDS.md measured ~790e12 on 8192^3 matmuls)
 FAMILY = "toy"
 EXAMPLES = 3
+PHASES = ("rollout", "teacher", "update")  # the fold's per-step phase timings (record[f"{phase}_seconds"])
 
 
 # ----------------------------------------------------------------------------------- building blocks
@@ -202,7 +211,7 @@ def run_skillfold(name: str, batch: int, completion: int, arguments, tokenizer) 
     import torch
 
     from engines.hf import HFEngine
-    from learners.fold import FoldItem, fold
+    from learners.fold import FoldItem, fold, micro_batch
 
     cuda = not arguments.cpu
     family, indices, privileged = inputs()
@@ -213,13 +222,15 @@ def run_skillfold(name: str, batch: int, completion: int, arguments, tokenizer) 
     model = build_model(SHAPES[name], tokenizer, "cpu" if arguments.cpu else "cuda",
                         torch.float32 if arguments.cpu else torch.bfloat16, arguments.seed)
     parameters = flop_parameters(model)
-    engine = HFEngine(model, tokenizer, model_name=f"random-{name}", batch_size=batch, packed_weights=arguments.cpu)
+    engine = HFEngine(model, tokenizer, model_name=f"random-{name}", batch_size=batch, packed_weights=arguments.cpu,
+                      cuda_graphs=arguments.cuda_graphs == "on")
     memory.loaded()
     recorder = RecordingFamily(family)
     items = [FoldItem(family=family.name, index=index, context=context) for index in indices]
     config = fold_config(SimpleNamespace(
         steps=arguments.steps - 1, batch=batch, lr=arguments.lr, completion=completion, fixed_length="on",
-        seed=arguments.seed, gradient_checkpointing="off", heap="default", micro_batch=arguments.micro_batch))
+        seed=arguments.seed, gradient_checkpointing=arguments.gradient_checkpointing, heap="default",
+        micro_batch=arguments.micro_batch))
     marks, records = [time.perf_counter()], []
 
     def on_step(record) -> None:
@@ -232,6 +243,7 @@ def run_skillfold(name: str, batch: int, completion: int, arguments, tokenizer) 
     peak = memory.peak_mib()
     made = recorder.made
     prompts = [family.make("train", index).initial_observation()[-1].content for index in made]
+    graphs = engine._graphs.captures if engine._graphs is not None else None
     del engine, model
     return {
         "side": "skillfold", "load_mib": memory.load_mib, "peak_mib": peak, "flop_parameters": parameters,
@@ -239,9 +251,11 @@ def run_skillfold(name: str, batch: int, completion: int, arguments, tokenizer) 
         "generated": [record["generated_tokens"] for record in records],
         "trained": [record["trained_tokens"] for record in records],
         "loss": [record["loss"] for record in records],
+        "phases": {phase: [record.get(f"{phase}_seconds") for record in records] for phase in PHASES},
         "order": made, "prompts": [sorted(prompts[start:start + batch]) for start in range(0, len(prompts), batch)],
-        "settings": {"micro_batch": config.micro_batch, "gradient_checkpointing": config.gradient_checkpointing,
-                     "packed_weights": arguments.cpu},
+        "settings": {"micro_batch": micro_batch(config, torch.device("cpu" if arguments.cpu else "cuda")),
+                     "gradient_checkpointing": config.gradient_checkpointing, "packed_weights": arguments.cpu,
+                     "cuda_graphs": arguments.cuda_graphs, "graphs_captured": graphs},
     }
 
 
@@ -319,15 +333,62 @@ def run_trl(name: str, batch: int, completion: int, arguments, tokenizer, order:
     }
 
 
+def run_decode(name: str, batch: int, completion: int, arguments, tokenizer) -> dict:
+    """The HF engine's `generate` alone on shape `name`, decode graphs on and off (engines.graphs): `batch`
+    toy prompts, exactly `completion` sampled tokens each, the same seeds; each side's first call (the
+    graphs' capture included) and a second, timed, call. CPU mode runs the graphs' static decoder
+    uncaptured against the CPU's own decode (a check that the path runs, not a speed figure)."""
+    import torch
+
+    from engines.base import SamplingParams
+    from engines.graphs import DecodeGraphs
+    from engines.hf import HFEngine
+
+    family, indices, _ = inputs()
+    cuda = not arguments.cpu
+    model = build_model(SHAPES[name], tokenizer, "cpu" if arguments.cpu else "cuda",
+                        torch.float32 if arguments.cpu else torch.bfloat16, arguments.seed)
+    chats = [[message.as_dict() for message in family.make("train", index).initial_observation()]
+             for index in indices[:batch]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=completion, min_tokens=completion, seed=arguments.seed)
+    result: dict = {"shape": name, "batch": batch, "completion": completion}
+    tokens = {}
+    for graphs in ("on", "off"):
+        engine = HFEngine(model, tokenizer, model_name=f"random-{name}", batch_size=batch,
+                          packed_weights=arguments.cpu, turn_cache_mib=0, cuda_graphs=graphs == "on")
+        if arguments.cpu and graphs == "on":  # CPU mode: the graphs' static decoder, run without a capture
+            engine._graphs = DecodeGraphs(capture=False)
+        seconds = []
+        for _ in range(2):
+            synchronize(cuda)
+            started = time.perf_counter()
+            generations = engine.generate(chats, params)
+            synchronize(cuda)
+            seconds.append(time.perf_counter() - started)
+        generated = sum(len(generation.token_ids) for generation in generations)
+        tokens[graphs] = [generation.token_ids for generation in generations]
+        result[f"graphs_{graphs}"] = {"first_s": seconds[0], "timed_s": seconds[1], "generated": generated,
+                                      "tokens_per_s": generated / seconds[1],
+                                      "captured": engine._graphs.captures if engine._graphs is not None else None}
+        del engine
+    result["ratio"] = result["graphs_on"]["tokens_per_s"] / result["graphs_off"]["tokens_per_s"]
+    result["same_rows"] = sum(one == other for one, other in zip(tokens["on"], tokens["off"], strict=True))
+    del model
+    return result
+
+
 # ------------------------------------------------------------------------------------------- figures
 def figures(result: dict, parameters: int, peak_flops: float) -> dict:
     """bench_fold's per-step summary plus memory and MFU (the FLOP model of the module docstring)."""
     summary = summarise(result)
     seconds = summary["s_per_step"]
     flops = parameters * (2 * summary["generated_per_step"] + 8 * summary["trained_per_step"])
+    phases = {phase: values[1:] for phase, values in result.get("phases", {}).items()}  # the timed steps
+    phases = {phase: sum(values) / len(values) for phase, values in phases.items()
+              if values and all(value is not None for value in values)}
     return {**summary, "peak_mib": result["peak_mib"], "load_mib": result["load_mib"],
             "added_mib": result["peak_mib"] - result["load_mib"], "flops_per_step": flops,
-            "mfu": flops / seconds / peak_flops}
+            "mfu": flops / seconds / peak_flops, "phase_s": phases}
 
 
 def cpu_peak_flops() -> float:
@@ -381,7 +442,7 @@ def versions() -> dict[str, str]:
 def table(case: dict, memory_unit: str) -> list[str]:
     scale = 1024 if memory_unit == "GiB" else 1
     lines = [f"\n### {case['shape']} ({case['parameters'] / 1e6:.3g}M parameters), batch {case['batch']} x "
-             f"{case['completion']} completion tokens",
+             f"{case['completion']} completion tokens{', ' + case['variant'] if case.get('variant') else ''}",
              f"| side | s/step | generated tok/step | trained tok/step | tokens/s | peak {memory_unit} "
              f"| load {memory_unit} | peak - load {memory_unit} | MFU |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -401,6 +462,9 @@ def table(case: dict, memory_unit: str) -> list[str]:
                      f"({'met' if ratios['tokens_per_s'] >= TARGET_THROUGHPUT else 'missed'}), peak memory <= "
                      f"{TARGET_MEMORY}x ({'met' if ratios['peak'] <= TARGET_MEMORY else 'missed'}); same prompts per "
                      f"step on both sides: {'yes' if case['same_prompts'] else 'NO'}")
+    phases = case.get("skillfold", {}).get("phase_s") if isinstance(case.get("skillfold"), dict) else None
+    if phases:
+        lines.append("- skillfold s/step by phase: " + ", ".join(f"{phase} {value:.2f}" for phase, value in phases.items()))
     if case.get("loss"):
         lines.append(f"- loss per step: {case['loss']}")
     return lines
@@ -421,8 +485,18 @@ def parse(argv):
                         help="start no further side after this many seconds (default: 360 on CUDA, none on CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="MFU's peak (default: 989, H200 dense bf16; CPU: a measured fp32 matmul rate)")
-    parser.add_argument("--micro-batch", type=int, default=fold_default("micro_batch"),
-                        help="skillfold: FoldConfig.micro_batch (episodes per student pass; 0 = the whole batch)")
+    parser.add_argument("--micro-batch", type=micro_batch_argument, default=fold_default("micro_batch"),
+                        help="skillfold: FoldConfig.micro_batch (episodes per student pass; 0 = the whole batch; "
+                        "auto = by device: 0 on a GPU, 1 on a CPU)")
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off",
+                        help="skillfold: FoldConfig.gradient_checkpointing")
+    parser.add_argument("--cuda-graphs", choices=["on", "off"], default="on",
+                        help="skillfold: the HF engine's decode graphs (EngineConfig.cuda_graphs)")
+    parser.add_argument("--checkpointing-variant", choices=["on", "off"], default=None,
+                        help="after the first size, the largest shape again with our gradient checkpointing flipped "
+                        "(ours alone, against that case's TRL side; default: on on CUDA, off on CPU)")
+    parser.add_argument("--no-decode", action="store_true",
+                        help="skip the decode check (generate alone, graphs on and off, each shape at the first size)")
     parser.add_argument("--trl-gradient-checkpointing", choices=["on", "off"], default="on",
                         help="TRL side; SDFTConfig default on")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -442,6 +516,8 @@ def parse(argv):
         parser.error("--sizes takes BATCHxCOMPLETION[,...], e.g. 8x256,32x512")
     if arguments.steps < 2:
         parser.error("--steps must be at least 2 (one warm-up, one timed)")
+    arguments.checkpointing_variant = (not arguments.cpu if arguments.checkpointing_variant is None
+                                       else arguments.checkpointing_variant == "on")
     if arguments.budget_s is None:
         arguments.budget_s = 0.0 if arguments.cpu else 360.0
     return arguments
@@ -485,6 +561,34 @@ def main(argv: list[str] | None = None) -> dict:
             report["failed"].append("cuda tests")
             print(tests.get("tail", ""), flush=True)
         save()
+    tokenizers: dict[int, object] = {}
+
+    def tokenizer_for(name: str):
+        vocab = SHAPES[name]["vocab"]
+        if vocab not in tokenizers:
+            tokenizers[vocab] = build_tokenizer(vocab)
+        return copy.deepcopy(tokenizers[vocab])
+
+    if not arguments.no_decode:
+        batch, completion = arguments.sizes[0]
+        report["decode"] = []
+        for name in arguments.shapes:
+            print(f"decode {name} {batch}x{completion}: generate, graphs on and off ...", flush=True)
+            try:
+                check = run_decode(name, batch, completion, arguments, tokenizer_for(name))
+            except Exception:  # noqa: BLE001
+                report["failed"].append(f"decode {name}")
+                report["decode"].append({"shape": name, "error": traceback.format_exc()})
+                print(report["decode"][-1]["error"][-3000:], flush=True)
+                continue
+            finally:
+                free(not arguments.cpu)
+            report["decode"].append(check)
+            on, off = check["graphs_on"], check["graphs_off"]
+            print(f"  graphs on {on['tokens_per_s']:.0f} tok/s ({on['timed_s']:.2f} s; first call {on['first_s']:.2f} s, "
+                  f"{on['captured']} {'built, uncaptured on a CPU' if arguments.cpu else 'captured'}), off {off['tokens_per_s']:.0f} tok/s ({off['timed_s']:.2f} s): "
+                  f"**{check['ratio']:.2f}x**; rows identical {check['same_rows']}/{batch}", flush=True)
+        save()
     trl_side = not arguments.no_trl
     if trl_side:
         try:
@@ -494,60 +598,72 @@ def main(argv: list[str] | None = None) -> dict:
             report["trl_missing"] = str(error)
             print(f"TRL is not installed here ({error}): skillfold's figures alone, no ratios", flush=True)
 
-    tokenizers: dict[int, object] = {}
-    for name in arguments.shapes:
-        vocab = SHAPES[name]["vocab"]
-        for batch, completion in arguments.sizes:
-            case: dict = {"shape": name, "batch": batch, "completion": completion}
-            report["cases"].append(case)
-            results: dict = {}
-            sides = ["skillfold", "trl"] if trl_side else ["skillfold"]
-            for side in sides:
-                elapsed = time.perf_counter() - started
-                if arguments.budget_s and elapsed > arguments.budget_s:
-                    case[f"{side}_error"] = f"skipped: {elapsed:.0f} s spent, over the --budget-s {arguments.budget_s:.0f}"
-                    continue
-                if side == "trl" and "skillfold" not in results:
-                    case["trl_error"] = "skipped: it needs the prompt order of our side, which failed"
-                    continue
-                print(f"{name} {batch}x{completion}: {side} ({arguments.steps} steps) ...", flush=True)
-                if vocab not in tokenizers:
-                    tokenizers[vocab] = build_tokenizer(vocab)
-                tokenizer = copy.deepcopy(tokenizers[vocab])
-                side_started = time.perf_counter()
-                try:
-                    if side == "skillfold":
-                        results[side] = run_skillfold(name, batch, completion, arguments, tokenizer)
-                    else:
-                        results[side] = run_trl(name, batch, completion, arguments, tokenizer, results["skillfold"]["order"])
-                except Exception:  # noqa: BLE001  (a GPU run is precious: report it, go on with the rest)
-                    case[f"{side}_error"] = traceback.format_exc()
-                    report["failed"].append(f"{name} {batch}x{completion} {side}")
-                    print(case[f"{side}_error"][-3000:], flush=True)
-                finally:
-                    free(not arguments.cpu)
-                if side in results:
-                    results[side]["wall_s"] = time.perf_counter() - side_started
-                    print(f"  done in {results[side]['wall_s']:.0f} s", flush=True)
-            if "skillfold" in results:
-                case["parameters"] = results["skillfold"]["flop_parameters"]
-                for side, result in results.items():
-                    case[side] = figures(result, case["parameters"], peak_flops)
-                    case[f"{side}_raw"] = result
-                case["loss"] = {side: [round(value, 4) for value in result["loss"]] for side, result in results.items()}
-            if "skillfold" in results and "trl" in results:
-                ours, theirs = case["skillfold"], case["trl"]
-                case["ratios"] = {"tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
-                                  "peak": ours["peak_mib"] / theirs["peak_mib"],
-                                  "added": ours["added_mib"] / max(theirs["added_mib"], 1e-9),
-                                  "mfu": ours["mfu"] / theirs["mfu"]}
-                steps_prompts = results["skillfold"]["prompts"]
-                case["same_prompts"] = steps_prompts == results["trl"]["prompts"]
-                if not case["same_prompts"]:
-                    report["failed"].append(f"{name} {batch}x{completion}: different prompts on the two sides")
-            if "parameters" in case:
-                print("\n".join(table(case, "MiB" if arguments.cpu else "GiB")), flush=True)
-            save()
+    # every shape at the first size before any at the next; after the first size, the largest shape again
+    # with our gradient checkpointing flipped (ours alone, against that case's TRL side)
+    plan = [(batch, completion, name, None) for batch, completion in arguments.sizes[:1] for name in arguments.shapes]
+    if arguments.checkpointing_variant:
+        plan.append((*arguments.sizes[0], arguments.shapes[-1], "checkpointing"))
+    plan += [(batch, completion, name, None) for batch, completion in arguments.sizes[1:] for name in arguments.shapes]
+    for batch, completion, name, variant in plan:
+        case: dict = {"shape": name, "batch": batch, "completion": completion}
+        side_arguments = arguments
+        if variant:
+            flipped = "off" if arguments.gradient_checkpointing == "on" else "on"
+            side_arguments = argparse.Namespace(**{**vars(arguments), "gradient_checkpointing": flipped})
+            case["variant"] = f"skillfold gradient checkpointing {flipped}"
+        report["cases"].append(case)
+        results: dict = {}
+        sides = ["skillfold", "trl"] if trl_side and not variant else ["skillfold"]
+        for side in sides:
+            elapsed = time.perf_counter() - started
+            if arguments.budget_s and elapsed > arguments.budget_s:
+                case[f"{side}_error"] = f"skipped: {elapsed:.0f} s spent, over the --budget-s {arguments.budget_s:.0f}"
+                continue
+            if side == "trl" and "skillfold" not in results:
+                case["trl_error"] = "skipped: it needs the prompt order of our side, which failed"
+                continue
+            print(f"{name} {batch}x{completion}{f' ({variant})' if variant else ''}: {side} ({arguments.steps} steps) ...",
+                  flush=True)
+            tokenizer = tokenizer_for(name)
+            side_started = time.perf_counter()
+            try:
+                if side == "skillfold":
+                    results[side] = run_skillfold(name, batch, completion, side_arguments, tokenizer)
+                else:
+                    results[side] = run_trl(name, batch, completion, arguments, tokenizer, results["skillfold"]["order"])
+            except Exception:  # noqa: BLE001  (a GPU run is precious: report it, go on with the rest)
+                case[f"{side}_error"] = traceback.format_exc()
+                report["failed"].append(f"{name} {batch}x{completion}{f' {variant}' if variant else ''} {side}")
+                print(case[f"{side}_error"][-3000:], flush=True)
+            finally:
+                free(not arguments.cpu)
+            if side in results:
+                results[side]["wall_s"] = time.perf_counter() - side_started
+                print(f"  done in {results[side]['wall_s']:.0f} s", flush=True)
+        if variant and "skillfold" in results:  # TRL's side of the same shape and size, run above
+            base = next((other for other in report["cases"] if not other.get("variant") and other["shape"] == name
+                         and (other["batch"], other["completion"]) == (batch, completion) and "trl_raw" in other), None)
+            if base is not None:
+                results["trl"] = base["trl_raw"]
+        if "skillfold" in results:
+            case["parameters"] = results["skillfold"]["flop_parameters"]
+            for side, result in results.items():
+                case[side] = figures(result, case["parameters"], peak_flops)
+                case[f"{side}_raw"] = result
+            case["loss"] = {side: [round(value, 4) for value in result["loss"]] for side, result in results.items()}
+        if "skillfold" in results and "trl" in results:
+            ours, theirs = case["skillfold"], case["trl"]
+            case["ratios"] = {"tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                              "peak": ours["peak_mib"] / theirs["peak_mib"],
+                              "added": ours["added_mib"] / max(theirs["added_mib"], 1e-9),
+                              "mfu": ours["mfu"] / theirs["mfu"]}
+            steps_prompts = results["skillfold"]["prompts"]
+            case["same_prompts"] = steps_prompts == results["trl"]["prompts"]
+            if not case["same_prompts"]:
+                report["failed"].append(f"{name} {batch}x{completion}: different prompts on the two sides")
+        if "parameters" in case:
+            print("\n".join(table(case, "MiB" if arguments.cpu else "GiB")), flush=True)
+        save()
 
     report["seconds"] = time.perf_counter() - started
     print(f"\n- FLOP model: 2N·generated + 2N·trained (teacher) + 6N·trained (student), N = parameters less the "
@@ -557,7 +673,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"after 1 warm-up; peak = {'peak RSS (VmHWM) of the process' if arguments.cpu else 'torch.cuda.max_memory_allocated'}"
           f" per side, warm-up included; toy family prompts, privileged context of {EXAMPLES} solved examples")
     print(f"- skillfold: bench_fold.fold_config (opsd, self-frozen teacher, reverse_kl), micro_batch "
-          f"{arguments.micro_batch}, no gradient checkpointing; TRL: SDFTTrainer full_logits reverse KL, gradient "
+          f"{'auto (0 on a GPU, 1 on a CPU)' if arguments.micro_batch is None else arguments.micro_batch}, gradient "
+          f"checkpointing {arguments.gradient_checkpointing}, decode graphs {arguments.cuda_graphs}"
+          f"{' (CUDA only)' if arguments.cpu else ''}; TRL: SDFTTrainer full_logits reverse KL, gradient "
           f"checkpointing {arguments.trl_gradient_checkpointing}{', bf16 autocast' if not arguments.cpu else ''}")
     print(f"- total {report['seconds']:.0f} s; failed: {', '.join(report['failed']) or 'nothing'}", flush=True)
     save()

@@ -34,7 +34,7 @@ from tests.unit.faults import Faults, Killed, faults, scope, site_of
 from tests.unit.test_evolve import World
 
 runner = CliRunner()
-TIMINGS = ("seconds", "tokens_per_second", "handoff_seconds")
+TIMINGS = ("seconds", "tokens_per_second", "handoff_seconds", "rollout_seconds", "teacher_seconds", "update_seconds")
 GONE = 4_194_303  # a pid no process has (Linux's pid_max is at most 2^22)
 
 

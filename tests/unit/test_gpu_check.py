@@ -18,6 +18,11 @@ def test_cpu_mode_reports_finite_positive_figures(tmp_path):
     assert "| skillfold `fold` |" in completed.stdout
     report = json.loads(out.read_text())
     assert report["failed"] == []
+    [decode] = report["decode"]  # generate through the graphs' static decoder (uncaptured on a CPU) and without
+    assert decode["graphs_on"]["captured"] >= 1 and decode["graphs_off"]["captured"] is None
+    assert decode["graphs_on"]["generated"] == decode["graphs_off"]["generated"] == 2 * 16
+    assert decode["same_rows"] == 2  # fp32: the same sampled tokens both ways
+    assert set(report["cases"][0]["skillfold"]["phase_s"]) == {"rollout", "teacher", "update"}
     [case] = report["cases"]
     sides = ["skillfold"] + ([] if "trl_missing" in report else ["trl"])
     for side in sides:

@@ -30,7 +30,7 @@ from learners.sft import SftConfig, sft
 from tests.tiny import build_model
 
 CONTEXT = [Message(role="user", content="Say the word: apple"), Message(role="assistant", content="apple")]
-TIMINGS = ("seconds", "tokens_per_second", "handoff_seconds")
+TIMINGS = ("seconds", "tokens_per_second", "handoff_seconds", "rollout_seconds", "teacher_seconds", "update_seconds")
 fold_module = importlib.import_module("learners.fold")
 
 
