@@ -164,9 +164,13 @@ class StaticDecoder:
         self.positions.add_(1)
         return logits
 
-    def feed(self, chosen: torch.Tensor) -> None:
-        """The next step's input: `chosen` (B,) for the first B rows (padding rows keep theirs)."""
-        self.ids[:len(chosen), 0].copy_(chosen)
+    def feed(self, chosen: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """The next step's input: `chosen` (B,) for the first B rows, or for the graph rows `rows` (B,) (a
+        device index: the rows still decoding); the others keep theirs."""
+        if rows is None:
+            self.ids[:len(chosen), 0].copy_(chosen)
+        else:
+            self.ids.index_copy_(0, rows, chosen.reshape(-1, 1))
 
     def run(self) -> torch.Tensor:
         """One step; the logits (rows, V)."""
@@ -230,12 +234,13 @@ class DecodeGraphs:
         self.captures = 0  # graphs captured (each costs a few forward passes)
         self.failed: set[tuple] = set()  # models whose capture raised: they decode as before
 
-    def decoder(self, model: nn.Module, batch: int, positions: int) -> StaticDecoder | None:
+    def decoder(self, model: nn.Module, batch: int, positions: int, role: str = "") -> StaticDecoder | None:
         """A decoder for `batch` rows and `positions` cache positions (prompt width + new tokens), or None
-        where the model is not covered (the caller decodes as before)."""
+        where the model is not covered (the caller decodes as before). `role` keeps apart decoders that
+        are in use at once on the same model (a guided rollout's student and teacher views)."""
         if graphable(model) is None:
             return None
-        key = (rows_for(batch), capacity_for(positions + 1), signature(model))
+        key = (rows_for(batch), capacity_for(positions + 1), signature(model), role)
         if key[2] in self.failed:
             return None
         found = self._decoders.get(key)

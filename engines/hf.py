@@ -396,9 +396,9 @@ class HFEngine:
         teacher_model,
     ) -> list[GuidedGeneration]:
         batch = len(student_rows)
-        student = _DecodeView(self, self.model, student_rows, None)
+        student = _DecodeView(self, self.model, student_rows, None, params.max_new_tokens, "student")
         teacher = _DecodeView(self, teacher_model if teacher_model is not None else self.model, teacher_rows,
-                              teacher_scope)
+                              teacher_scope, params.max_new_tokens, "teacher")
         generators = None
         if params.temperature > 0:
             generators = []
@@ -693,14 +693,18 @@ class HFEngine:
 
 
 class _DecodeView:
-    """One left-padded batch decoding through one model with its own KV cache (a view of a guided rollout)."""
+    """One left-padded batch decoding through one model with its own KV cache (a view of a guided rollout);
+    on CUDA through a captured graph (`engines.graphs`, one per view: `role`), where it applies."""
 
-    def __init__(self, engine: HFEngine, model, rows: list[list[int]], scope) -> None:
+    def __init__(self, engine: HFEngine, model, rows: list[list[int]], scope, room: int, role: str) -> None:
         self.model = model
         self.scope = scope
         self.device = next(model.parameters()).device
         self.pad_id = engine.pad_id
         self.use_lean = engine._lean
+        self.graphs, self.room, self.role = engine._graphs, room, role
+        self.graph = None
+        self.graph_rows: torch.Tensor | None = None  # the graph rows still decoding, in the view's order
         # the engine's model, or another one (an external teacher), under a peft wrapper or not
         self.cache_kwarg = engine._cache_kwarg if model is engine.model else cache_kwarg(
             model.get_base_model() if hasattr(model, "get_base_model") else model)
@@ -718,8 +722,17 @@ class _DecodeView:
                 self.rows = None
                 self.cache, self.attention_mask = prefilled.cache, prefilled.attention_mask
                 self.next_positions = prefilled.next_positions
-                self.lean = LeanDecoder.build(self.model, self.cache) if self.use_lean else None
+                if self.graphs is not None and self.room > 1:
+                    batch, width = self.attention_mask.shape
+                    self.graph = self.graphs.decoder(self.model, batch, width + self.room, role=self.role)
+                if self.graph is not None:
+                    self.graph.load(self.cache, self.attention_mask, self.next_positions, self.pad_id)
+                    self.graph_rows = torch.arange(len(self.attention_mask), device=self.device)
+                    self.cache = None
+                self.lean = LeanDecoder.build(self.model, self.cache) if self.use_lean and self.graph is None else None
                 return prefilled.logits
+            if self.graph is not None:
+                return self.graph.run().index_select(0, self.graph_rows)
             if self.lean is not None:
                 return self.lean.step(self.step_input, self.attention_mask, self.step_positions).float()
             output = self.model(
@@ -735,6 +748,12 @@ class _DecodeView:
     def advance(self, chosen: torch.Tensor, keep: torch.Tensor | None) -> None:
         """Drop the finished rows (all but `keep`, when given) and queue the chosen tokens."""
         chosen = chosen.to(self.device)
+        if self.graph is not None:  # a graph's rows stay: the finished ones run on, unread
+            if keep is not None:
+                keep = keep.to(self.device)
+                self.graph_rows, chosen = self.graph_rows[keep], chosen[keep]
+            self.graph.feed(chosen, self.graph_rows)
+            return
         if keep is not None:
             keep = keep.to(self.device)
             self.cache.batch_select_indices(keep)

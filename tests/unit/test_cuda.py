@@ -218,3 +218,25 @@ def test_decode_graphs_read_a_trainers_in_place_updates(tiny_tokenizer, monkeypa
     assert [g.token_ids for g in after] != [g.token_ids for g in before]  # the update did change the decode
     for one, other in zip(after, expected, strict=True):
         assert one.logprobs == pytest.approx(other.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["speculative", "mixture"])
+def test_guided_rollouts_through_decode_graphs(tiny_tokenizer, policy):
+    """A guided rollout's two views (student; teacher = another model) each replay their own graph."""
+    from engines.graphs import CapturedDecoder
+
+    graphed, plain = _fp32_engines(tiny_tokenizer)
+    teacher = build_model(tiny_tokenizer, seed=1).to("cuda")
+    chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
+    teacher_chats = [[{"role": "user", "content": "say the word : apple"}, *chat] for chat in chats]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=2, stop=["e"])
+    options = dict(policy=policy, top_k=3, mix=0.5, teacher_model=teacher)
+    expected = plain.generate_guided(chats, teacher_chats, params, **options)
+    got = graphed.generate_guided(chats, teacher_chats, params, **options)
+    decoders = graphed._graphs._decoders
+    assert {key[3] for key in decoders} == {"student", "teacher"}
+    assert all(isinstance(decoder, CapturedDecoder) for decoder in decoders.values())
+    for one, other in zip(got, expected, strict=True):
+        assert one.token_ids == other.token_ids and one.sources == other.sources
+        assert one.logprobs == pytest.approx(other.logprobs, abs=1e-4)
+        assert one.teacher_logprobs == pytest.approx(other.teacher_logprobs, abs=1e-4)

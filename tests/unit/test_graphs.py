@@ -127,7 +127,8 @@ def _with_graphs(engine):
     SamplingParams(max_new_tokens=9),
     SamplingParams(max_new_tokens=9, temperature=1.0, seed=5, stop=["apple"]),
     SamplingParams(max_new_tokens=7, temperature=0.8, top_p=0.9, seed=3, min_tokens=3),
-], ids=["greedy", "sampled-stops", "top-p-min-tokens"])
+    SamplingParams(max_new_tokens=10, temperature=1.0, seed=0, stop=["e"]),
+], ids=["greedy", "sampled-stops", "top-p-min-tokens", "rows-stop-mid-batch"])
 def test_generate_is_the_same_through_the_static_decoder(tiny_tokenizer, params):
     from engines.hf import HFEngine
     from tests.tiny import build_model
@@ -140,6 +141,8 @@ def test_generate_is_the_same_through_the_static_decoder(tiny_tokenizer, params)
     plain = plain_engine.generate(PROMPTS, params)
     static = static_engine.generate(PROMPTS, params)
     assert static_engine._graphs.captures >= 1  # it did decode through the static decoder (4 prompts: 3 + 1 rows)
+    if params.stop == ["e"]:  # rows that stop while others go on (finished rows run on in a graph, unread)
+        assert len({len(generation.token_ids) for generation in plain}) > 1
     for one, other in zip(static, plain, strict=True):
         assert one.token_ids == other.token_ids and one.finish_reason == other.finish_reason and one.text == other.text
         assert one.logprobs == pytest.approx(other.logprobs, abs=1e-5)
@@ -224,3 +227,40 @@ def test_buckets_and_what_is_not_covered(tiny_engine):
     kept = DecodeGraphs(capture=False, kept=2)
     decoders = [kept.decoder(model, 1, CAPACITY_STEP * size) for size in (1, 2, 3)]
     assert len(kept._decoders) == 2 and decoders[0] not in kept._decoders.values()  # the oldest went
+
+
+@pytest.mark.parametrize("policy", ["speculative", "mixture", "pedagogical"])
+@pytest.mark.parametrize("teacher", ["scope", "model", "same"])
+def test_guided_rollouts_are_the_same_through_static_decoders(tiny_tokenizer, policy, teacher):
+    """Both views of a guided rollout (student, teacher) decode through their own static decoders: the same
+    tokens, sources and log-probs as without, with the teacher's weights swapped in by a scope, as another
+    model, or the same model on its own prompts (the two views' decoders kept apart)."""
+    from engines.hf import HFEngine
+    from tests.tiny import build_model
+    from tests.unit.test_guided import PROMPTS as GUIDED_PROMPTS
+    from tests.unit.test_guided import swapped, teacher_prompts
+
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=0, stop=["e"], min_tokens=1)
+    options = {"speculative": dict(top_k=3), "mixture": dict(mix=0.5), "pedagogical": dict(surprisal=4.0)}[policy]
+    outputs = []
+    for graphs in (False, True):
+        engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, batch_size=4, packed_weights=False)
+        engine._lean = False
+        if graphs:
+            _with_graphs(engine)
+        other = build_model(tiny_tokenizer, seed=1).eval()
+        extra = {"scope": dict(teacher_scope=lambda engine=engine, other=other: swapped(engine.model, other)),
+                 "model": dict(teacher_model=other), "same": {}}[teacher]
+        outputs.append(engine.generate_guided(GUIDED_PROMPTS, teacher_prompts(), params, policy=policy, **options,
+                                              **extra))
+        if graphs:
+            roles = {key[3] for key in engine._graphs._decoders}
+            assert roles == {"student", "teacher"}  # each view decoded through its own decoder
+    plain, static = outputs
+    lengths = [len(generation.token_ids) for generation in plain]
+    assert any(later > earlier for earlier, later in zip(lengths, lengths[1:], strict=False))  # rows left mid-batch
+    for one, other in zip(static, plain, strict=True):
+        assert one.token_ids == other.token_ids and one.sources == other.sources and one.text == other.text
+        assert one.logprobs == pytest.approx(other.logprobs, abs=1e-5)
+        assert one.behaviour_logprobs == pytest.approx(other.behaviour_logprobs, abs=1e-5)
+        assert one.teacher_logprobs == pytest.approx(other.teacher_logprobs, abs=1e-5)
