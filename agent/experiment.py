@@ -85,10 +85,11 @@ ALL_ARMS: tuple[Arm, ...] = (*ARMS, "grpo", "routed")
 MEMORY_ON: dict[str, bool] = {"base": False, "memory": True, "sft": False, "fold": True, "skillfold": True,
                               "grpo": False, "routed": False}
 FOLDING = ("fold", "skillfold")
-HOW_NOT_WHAT = ("threads", "batch_size", "device")  # model settings a resumed run may change
+HOW_NOT_WHAT = ("threads", "batch_size", "device", "cuda_graphs")  # model settings a resumed run may change
 # fold settings that change time and memory, not the update (gradient checkpointing: the same
-# gradients, tested; the heap threshold: the allocator)
-FOLD_HOW_NOT_WHAT = ("gradient_checkpointing", "heap_threshold_kib")
+# gradients, tested; the heap threshold: the allocator; micro_batch: the same gradients, summed over
+# passes, and a run saved before its default became None = by device resumes)
+FOLD_HOW_NOT_WHAT = ("gradient_checkpointing", "heap_threshold_kib", "micro_batch")
 
 
 class RoutingSettings(BaseModel):

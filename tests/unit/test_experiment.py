@@ -602,6 +602,11 @@ def test_a_run_saved_by_an_older_version_or_with_other_fold_mechanics_resumes(tm
     prepare_out(tmp_path, config)
     fold = config.stream.fold.model_copy(update={"gradient_checkpointing": True, "heap_threshold_kib": 128})
     prepare_out(tmp_path, config.model_copy(update={"stream": config.stream.model_copy(update={"fold": fold})}))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["stream"]["fold"]["micro_batch"] = 1  # written before micro_batch's default became None (by device)
+    saved["model"].pop("cuda_graphs", None)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    prepare_out(tmp_path, config.model_copy(update={"model": config.model.model_copy(update={"cuda_graphs": False})}))
     other = config.stream.fold.model_copy(update={"steps": config.stream.fold.steps + 1})  # what is learned: refused
     with pytest.raises(ConfigError, match="another config"):
         prepare_out(tmp_path, config.model_copy(update={"stream": config.stream.model_copy(update={"fold": other})}))
