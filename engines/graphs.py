@@ -33,9 +33,8 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torch.nn import functional
 
-from engines.lean import _caller, _rms_norm, _rotate_half, covered, layer_parts
+from engines.lean import _caller, _rms_norm, covered, layer_parts, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -132,37 +131,23 @@ class StaticDecoder:
     def step(self) -> torch.Tensor:
         """Feed `ids` at `positions` into slot `slot`: the next-token logits (rows, V) in fp32; the slot
         and the positions move on by one. Nothing here reads a value back to the host."""
-        rows = self.rows
         self.mask.index_fill_(1, self.slot, True)
         hidden = self.inner.embed_tokens(self.ids)  # (R, 1, D)
         cos, sin = self.inner.rotary_emb(hidden, self.positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (R, 1, 1, d)
-        mask = self.mask[:, None, None, :]
-        for (norm_in, q_proj, k_proj, v_proj, o_proj, norm_post, gate_proj, up_proj, down_proj,
-             head_dim, groups, scaling, index) in self.layers:
-            residual = hidden
-            x = _rms_norm(hidden, norm_in)
-            query = q_proj(x).view(rows, 1, -1, head_dim).transpose(1, 2)  # (R, H, 1, d)
-            key = k_proj(x).view(rows, 1, -1, head_dim).transpose(1, 2)  # (R, KVH, 1, d)
-            value = v_proj(x).view(rows, 1, -1, head_dim).transpose(1, 2)
-            query = (query * cos) + (_rotate_half(query) * sin)
-            key = (key * cos) + (_rotate_half(key) * sin)
-            keys, values = self.keys[index], self.values[index]
-            keys.index_copy_(2, self.slot, key)
-            values.index_copy_(2, self.slot, value)
-            if groups > 1:  # the query heads of each key/value head as its query positions
-                query = query.reshape(rows, query.shape[1] // groups, groups, head_dim)
-            attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
-            attended = attended.reshape(rows, -1, 1, head_dim).transpose(1, 2).reshape(rows, 1, -1)
-            hidden = residual + o_proj(attended)
-            residual = hidden
-            x = _rms_norm(hidden, norm_post)
-            hidden = residual + down_proj(functional.silu(gate_proj(x)) * up_proj(x))
+        hidden = run_layers(self.layers, hidden, cos, sin, self.mask[:, None, None, :], self._store)
         hidden = _rms_norm(hidden, self.inner.norm)
         logits = self.head(hidden)[:, -1, :].float()
         self.slot.add_(1)
         self.positions.add_(1)
         return logits
+
+    def _store(self, key: torch.Tensor, value: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's keys and values into layer `index`'s buffers at the slot; the whole buffers."""
+        keys, values = self.keys[index], self.values[index]
+        keys.index_copy_(2, self.slot, key)
+        values.index_copy_(2, self.slot, value)
+        return keys, values
 
     def feed(self, chosen: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """The next step's input: `chosen` (B,) for the first B rows, or for the graph rows `rows` (B,) (a

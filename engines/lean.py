@@ -148,6 +148,38 @@ def layer_parts(causal_lm: nn.Module) -> list[tuple]:
     return parts
 
 
+def run_layers(layers: list[tuple], hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor | None, store) -> torch.Tensor:
+    """One token through every decoder layer (`layer_parts`), as transformers' Llama forward with SDPA:
+    `hidden` (B, 1, D), rotary `cos`/`sin` (B, 1, 1, d), `mask` (B, 1, 1, L) boolean or None (nothing
+    hidden: SDPA expands the key/value heads itself), `store(key, value, layer index)` writes the
+    token's keys and values (B, KVH, 1, d) into the cache and returns the layer's whole (B, KVH, L, d)."""
+    batch = hidden.shape[0]
+    for (norm_in, q_proj, k_proj, v_proj, o_proj, norm_post, gate_proj, up_proj, down_proj,
+         head_dim, groups, scaling, index) in layers:
+        residual = hidden
+        x = _rms_norm(hidden, norm_in)
+        query = q_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, d)
+        key = k_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, KVH, 1, d)
+        value = v_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
+        query = (query * cos) + (_rotate_half(query) * sin)
+        key = (key * cos) + (_rotate_half(key) * sin)
+        keys, values = store(key, value, index)
+        if groups > 1 and mask is None:
+            attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=None,
+                                                               scale=scaling, enable_gqa=True)
+        else:
+            if groups > 1:  # the query heads of each key/value head as its query positions
+                query = query.reshape(batch, query.shape[1] // groups, groups, head_dim)
+            attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+        attended = attended.reshape(batch, -1, 1, head_dim).transpose(1, 2).reshape(batch, 1, -1)
+        hidden = residual + o_proj(attended)
+        residual = hidden
+        x = _rms_norm(hidden, norm_post)
+        hidden = residual + down_proj(functional.silu(gate_proj(x)) * up_proj(x))
+    return hidden
+
+
 class LeanDecoder:
     """The decode step of one model over one KV cache (the model's layers resolved once)."""
 
@@ -173,35 +205,12 @@ class LeanDecoder:
         """Logits (B, V) of the next token after `input_ids` (B, 1), as `model(input_ids=...,
         attention_mask=..., position_ids=..., use_cache=True, logits_to_keep=1).logits[:, -1]`; the
         step's keys and values go into the cache. `attention_mask` (B, L) covers the cache and this token."""
-        batch = input_ids.shape[0]
         hidden = self.inner.embed_tokens(input_ids)  # (B, 1, D)
         cos, sin = self.inner.rotary_emb(hidden, position_ids[:, None] if position_ids.dim() == 1 else position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, d): broadcast over heads
         # transformers drops an all-ones mask for one query token (nothing to hide) and lets SDPA expand
         # the key/value heads itself; a padded batch keeps its boolean mask and packs the query instead
         mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
-        cache = self.cache
-        for (norm_in, q_proj, k_proj, v_proj, o_proj, norm_post, gate_proj, up_proj, down_proj,
-             head_dim, groups, scaling, index) in self.layers:
-            residual = hidden
-            x = _rms_norm(hidden, norm_in)
-            query = q_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, d)
-            key = k_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, KVH, 1, d)
-            value = v_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
-            query = (query * cos) + (_rotate_half(query) * sin)
-            key = (key * cos) + (_rotate_half(key) * sin)
-            keys, values = cache.update(key, value, index)
-            if groups > 1 and mask is None:
-                attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=None,
-                                                                   scale=scaling, enable_gqa=True)
-            else:
-                if groups > 1:
-                    query = query.reshape(batch, query.shape[1] // groups, groups, head_dim)
-                attended = functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
-            attended = attended.reshape(batch, -1, 1, head_dim).transpose(1, 2).reshape(batch, 1, -1)
-            hidden = residual + o_proj(attended)
-            residual = hidden
-            x = _rms_norm(hidden, norm_post)
-            hidden = residual + down_proj(functional.silu(gate_proj(x)) * up_proj(x))
+        hidden = run_layers(self.layers, hidden, cos, sin, mask, self.cache.update)
         hidden = _rms_norm(hidden, self.inner.norm)
         return self.head(hidden)[:, -1, :]

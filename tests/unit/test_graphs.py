@@ -118,8 +118,16 @@ def test_static_step_reads_nothing_back_to_the_host(tiny_engine):
         assert reads.seen
 
 
-def _with_graphs(engine):
-    engine._graphs = DecodeGraphs(capture=False)  # the CUDA path's decoder, run on the CPU
+def _engine(tokenizer, graphs: bool, batch_size: int = 4):
+    """A CPU engine over a fresh tiny model without the CPU's own lean step (which the graphs replace on
+    CUDA); with `graphs`, the CUDA path's static decoders, run uncaptured."""
+    from engines.hf import HFEngine
+    from tests.tiny import build_model
+
+    engine = HFEngine(build_model(tokenizer), tokenizer, batch_size=batch_size, packed_weights=False)
+    engine._lean = False
+    if graphs:
+        engine._graphs = DecodeGraphs(capture=False)
     return engine
 
 
@@ -130,14 +138,7 @@ def _with_graphs(engine):
     SamplingParams(max_new_tokens=10, temperature=1.0, seed=0, stop=["e"]),
 ], ids=["greedy", "sampled-stops", "top-p-min-tokens", "rows-stop-mid-batch"])
 def test_generate_is_the_same_through_the_static_decoder(tiny_tokenizer, params):
-    from engines.hf import HFEngine
-    from tests.tiny import build_model
-
-    plain_engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, batch_size=3, packed_weights=False)
-    plain_engine._lean = False
-    static_engine = _with_graphs(HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, batch_size=3,
-                                          packed_weights=False))
-    static_engine._lean = False
+    plain_engine, static_engine = _engine(tiny_tokenizer, False, 3), _engine(tiny_tokenizer, True, 3)
     plain = plain_engine.generate(PROMPTS, params)
     static = static_engine.generate(PROMPTS, params)
     assert static_engine._graphs.captures >= 1  # it did decode through the static decoder (4 prompts: 3 + 1 rows)
@@ -151,16 +152,10 @@ def test_generate_is_the_same_through_the_static_decoder(tiny_tokenizer, params)
 def test_kept_turns_continue_the_same_from_the_static_decoder(tiny_tokenizer):
     """A multi-turn episode's second turn reuses the rows the first turn kept: the same results whether the
     first turn's rows were kept from the static buffers or from the plain cache."""
-    from engines.hf import HFEngine
-    from tests.tiny import build_model
-
     params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=2)
     outputs = []
     for graphs in (False, True):
-        engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, batch_size=4, packed_weights=False)
-        engine._lean = False
-        if graphs:
-            _with_graphs(engine)
+        engine = _engine(tiny_tokenizer, graphs)
         first_chats = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
         first = engine.generate(first_chats, params)
         assert engine.turns.stats()["kept_rows"] > 0
@@ -235,7 +230,6 @@ def test_guided_rollouts_are_the_same_through_static_decoders(tiny_tokenizer, po
     """Both views of a guided rollout (student, teacher) decode through their own static decoders: the same
     tokens, sources and log-probs as without, with the teacher's weights swapped in by a scope, as another
     model, or the same model on its own prompts (the two views' decoders kept apart)."""
-    from engines.hf import HFEngine
     from tests.tiny import build_model
     from tests.unit.test_guided import PROMPTS as GUIDED_PROMPTS
     from tests.unit.test_guided import swapped, teacher_prompts
@@ -244,10 +238,7 @@ def test_guided_rollouts_are_the_same_through_static_decoders(tiny_tokenizer, po
     options = {"speculative": dict(top_k=3), "mixture": dict(mix=0.5), "pedagogical": dict(surprisal=4.0)}[policy]
     outputs = []
     for graphs in (False, True):
-        engine = HFEngine(build_model(tiny_tokenizer), tiny_tokenizer, batch_size=4, packed_weights=False)
-        engine._lean = False
-        if graphs:
-            _with_graphs(engine)
+        engine = _engine(tiny_tokenizer, graphs)
         other = build_model(tiny_tokenizer, seed=1).eval()
         extra = {"scope": dict(teacher_scope=lambda engine=engine, other=other: swapped(engine.model, other)),
                  "model": dict(teacher_model=other), "same": {}}[teacher]
