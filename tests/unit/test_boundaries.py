@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEED_LAYER = ("engines.onednn", "engines.lean", "engines.small_linear", "engines.prefix", "engines.turns",
-               "engines.allocator", "learners.allocator")
+               "engines.allocator", "learners.allocator", "engines.graphs")
 
 
 def imported_names(path: Path, root: Path = ROOT) -> set[str]:

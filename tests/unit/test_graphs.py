@@ -255,3 +255,36 @@ def test_guided_rollouts_are_the_same_through_static_decoders(tiny_tokenizer, po
         assert one.logprobs == pytest.approx(other.logprobs, abs=1e-5)
         assert one.behaviour_logprobs == pytest.approx(other.behaviour_logprobs, abs=1e-5)
         assert one.teacher_logprobs == pytest.approx(other.teacher_logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_fold_through_the_static_decoder_trains_the_same_adapter(tiny_tokenizer, tmp_path, checkpointing):
+    """The fold's rollouts through the graphs' decoders (the trainer's live module served, its optimizer
+    stepping the LoRA tensors in place between steps, multi-turn rows kept) train the adapter the plain
+    decode trains: the same losses and tensors."""
+    from safetensors.torch import load_file
+
+    from envs import make_family
+    from envs.base import Message
+    from learners.fold import FoldConfig, FoldItem, fold
+
+    family = make_family("toy")
+    items = [FoldItem(family=family.name, index=index, context=[Message(role="user", content="Say the word: apple"),
+                                                                Message(role="assistant", content="apple")])
+             for index in range(8)]
+    config = FoldConfig(steps=3, batch_size=4, learning_rate=5e-3, lora_rank=4, lora_alpha=8, checkpoint_every=3,
+                        anchor_fraction=0.0, gradient_checkpointing=checkpointing,
+                        sampling={"temperature": 1.0, "max_new_tokens": 8})
+    runs = []
+    for graphs in (False, True):
+        engine = _engine(tiny_tokenizer, graphs)
+        records = []
+        result = fold(engine, {family.name: family}, items, config, tmp_path / f"run-{graphs}", on_step=records.append)
+        if graphs:
+            assert engine._graphs.captures >= 1
+        runs.append(([record["loss"] for record in records], load_file(f"{result.adapter}/adapter_model.safetensors")))
+    (plain_loss, plain_adapter), (graph_loss, graph_adapter) = runs
+    assert graph_loss == pytest.approx(plain_loss, rel=1e-4, abs=1e-6)
+    assert plain_adapter.keys() == graph_adapter.keys()
+    for name in plain_adapter:
+        assert torch.allclose(plain_adapter[name], graph_adapter[name], atol=1e-5), name

@@ -18,7 +18,8 @@ from tests.tiny import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTEXT = [Message(role="user", content="Say the word: apple"), Message(role="assistant", content="apple")]
-SPEED_LAYER = {"engines.onednn", "engines.lean", "engines.small_linear", "engines.prefix", "engines.allocator"}
+SPEED_LAYER = {"engines.onednn", "engines.lean", "engines.small_linear", "engines.prefix", "engines.allocator",
+               "engines.graphs"}
 
 
 class ProtocolEngine:
