@@ -211,7 +211,8 @@ def run_skillfold(name: str, batch: int, completion: int, arguments, tokenizer) 
     import torch
 
     from engines.hf import HFEngine
-    from learners.fold import FoldItem, fold, micro_batch
+    from learners.fold import FoldItem, fold
+    from learners.passes import rows_per_pass
 
     cuda = not arguments.cpu
     family, indices, privileged = inputs()
@@ -253,7 +254,7 @@ def run_skillfold(name: str, batch: int, completion: int, arguments, tokenizer) 
         "loss": [record["loss"] for record in records],
         "phases": {phase: [record.get(f"{phase}_seconds") for record in records] for phase in PHASES},
         "order": made, "prompts": [sorted(prompts[start:start + batch]) for start in range(0, len(prompts), batch)],
-        "settings": {"micro_batch": micro_batch(config, torch.device("cpu" if arguments.cpu else "cuda")),
+        "settings": {"micro_batch": rows_per_pass(config.micro_batch, torch.device("cpu" if arguments.cpu else "cuda")),
                      "gradient_checkpointing": config.gradient_checkpointing, "packed_weights": arguments.cpu,
                      "cuda_graphs": arguments.cuda_graphs, "graphs_captured": graphs},
     }

@@ -374,15 +374,6 @@ def _lag(trajectories: Sequence[Trajectory], trained_at: dict[Any, int], step: i
     return max((step - trained_at[version] for version in versions if version in trained_at), default=0)
 
 
-def micro_batch(config: FoldConfig, device: torch.device) -> int:
-    """Episodes per student pass: `config.micro_batch`, or by device where it is None (1 on a CPU, where
-    a pass's activations are most of the memory; 0, the whole batch, on a GPU, where each pass costs its
-    launches)."""
-    if config.micro_batch is not None:
-        return config.micro_batch
-    return 1 if device.type == "cpu" else 0
-
-
 def _wait_for(device: torch.device) -> None:
     """Wait for a GPU's queued work (for a phase's time); nothing on a CPU."""
     if device.type == "cuda":
@@ -473,7 +464,7 @@ def fold_step(engine: Engine, student, teacher: Teacher, families, batch: Sequen
 
     with attention(student):  # the batch's shared prompt prefix runs once
         backward_in_passes(student, [v.student.input_ids for v in views],
-                           [v.student.trained_positions for v in views], micro_batch(config, weight.device), loss_of)
+                           [v.student.trained_positions for v in views], config.micro_batch, loss_of)
     parameters = [parameter for _, parameter in adapter_parameters(student)]
     if totals["weight"] > 0:
         for parameter in parameters:

@@ -109,7 +109,8 @@ class GrpoConfig(GrpoSettings):
     max_turns: int = Field(default=3, ge=1)
     checkpoint_every: int = Field(default=5, ge=1)
     chunk_size: int = Field(default=128, ge=1, description="positions per logits chunk")
-    micro_batch: int = Field(default=1, ge=0, description="episodes per forward/backward pass (0 = all at once)")
+    micro_batch: int | None = Field(default=None, ge=0, description="episodes per forward/backward pass (0 = all at "
+                                    "once; None = by device: 1 on a CPU, all at once on a GPU, as the fold's)")
     gradient_checkpointing: bool = False
     heap_threshold_kib: int = Field(default=0, ge=0, description="as FoldConfig.heap_threshold_kib")
     seed: int = 0

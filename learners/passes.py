@@ -110,12 +110,23 @@ def _kept_prefix(network, cache_name: str, tokens: tuple[int, ...], rows: int, k
     return expanded_cache(layers, rows)
 
 
+def rows_per_pass(setting: int | None, device: torch.device) -> int:
+    """Rows (episodes) per forward/backward pass for a trainer's `micro_batch` setting: itself, or where it
+    is None by device: 1 on a CPU, where a pass's activations are most of a step's memory; 0 (the whole
+    batch) on a GPU, where each pass costs its kernel launches (one H200, 135M, 8 x 256: 13.9 s a step
+    at 0, 22-25 s at 1, the same peak memory; docs/benchmarks.md "GPU")."""
+    if setting is not None:
+        return setting
+    return 1 if device.type == "cpu" else 0
+
+
 def backward_in_passes(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                       rows_per_pass: int, loss_of: Callable[[list[int], torch.Tensor], torch.Tensor],
+                       micro_batch: int | None, loss_of: Callable[[list[int], torch.Tensor], torch.Tensor],
                        min_prefix: int = MIN_PREFIX) -> None:
     """Forward and backward the model over the rows a few at a time, sharing their prompt prefix.
 
-    The batch is cut into passes of at most `rows_per_pass` rows (0: all in one pass), within groups of
+    The batch is cut into passes of at most `micro_batch` rows (0: all in one pass; None: by the model's
+    device, `rows_per_pass`), within groups of
     rows that share a prefix (`engines.prefix.prefix_groups`). Each pass computes the final hidden
     states at its rows' positions (as `hidden_at`), calls `loss_of(rows, hidden)` (rows: indices into
     `sequences`; hidden (n, H): those rows' positions in order, with grad) and backpropagates the scalar
@@ -128,12 +139,12 @@ def backward_in_passes(model, sequences: Sequence[Sequence[int]], positions: Seq
     checkpointing on (in training mode) the model keeps no cache: the passes run without prefix sharing.
     """
     network = causal_lm(model)
-    rows_per_pass = rows_per_pass if rows_per_pass > 0 else len(sequences)
+    per_pass = rows_per_pass(micro_batch, next(network.parameters()).device) or len(sequences)
     share = not (network.training and checkpointing(network))
     groups = _groups(sequences, positions, min_prefix) if share else [(list(range(len(sequences))), 0)]
     cache_name = cache_kwarg(network.model)
     for rows, prefix in groups:
-        passes = [rows[start:start + rows_per_pass] for start in range(0, len(rows), rows_per_pass)]
+        passes = [rows[start:start + per_pass] for start in range(0, len(rows), per_pass)]
         if prefix == 0:
             for part in passes:
                 hidden = hidden_at(model, [sequences[row] for row in part], [positions[row] for row in part])
