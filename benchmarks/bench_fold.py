@@ -204,6 +204,8 @@ def run_skillfold(arguments) -> dict:
         "generated": [record["generated_tokens"] for record in records],
         "trained": [record["trained_tokens"] for record in records],
         "loss": [record["loss"] for record in records],
+        "phases": {phase: [record.get(f"{phase}_seconds") for record in records]
+                   for phase in ("rollout", "teacher", "update")},
         "prompts": [prompts[start:start + batch] for start in range(0, len(prompts), batch)],
         "student_prompt_tokens": sum(student_tokens) / len(student_tokens),
         "teacher_prompt_tokens": sum(teacher_tokens) / len(teacher_tokens),
@@ -456,6 +458,11 @@ def main() -> None:
           f"(TRL): {', '.join(f'{value:.3f}' for value in theirs['loss'])}")
     print(f"- s/step each (warm-up first): skillfold {', '.join(f'{v:.1f}' for v in ours['seconds'])}; "
           f"TRL {', '.join(f'{v:.1f}' for v in theirs['seconds'])}")
+    timed = {phase: values[1:] for phase, values in ours.get("phases", {}).items()
+             if len(values) > 1 and None not in values}
+    if timed:
+        print("- skillfold s/step by phase (timed steps): " + ", ".join(
+            f"{phase} {sum(values) / len(values):.2f}" for phase, values in timed.items()))
     print(f"- versions: {ours['versions']}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
 
 
