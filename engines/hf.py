@@ -702,7 +702,9 @@ class _DecodeView:
         self.device = next(model.parameters()).device
         self.pad_id = engine.pad_id
         self.use_lean = engine._lean
-        self.graphs, self.room, self.role = engine._graphs, room, role
+        # graphs on the engine's own device only (a teacher elsewhere decodes as before)
+        self.graphs = engine._graphs if self.device == engine.device else None
+        self.room, self.role = room, role
         self.graph = None
         self.graph_rows: torch.Tensor | None = None  # the graph rows still decoding, in the view's order
         # the engine's model, or another one (an external teacher), under a peft wrapper or not
