@@ -5,7 +5,9 @@
     .venv/bin/python benchmarks/bench_linear.py [--threads 2] [--rows 1 8 128 1000]
 
 Prints, per row count: the 30 layers' 7 matmuls (weights streamed from memory, as in a decode step),
-the 49k x 576 output head alone, and the ratios (F.linear / packed; packed / kernel). Random fp32
+the 49k x 576 output head alone, and the ratios (F.linear / packed; packed / kernel, the kernel on the
+path it takes here). Where the CPU has AVX-512, a second table times the kernel's two paths side by
+side (AVX2 / AVX-512, `small_linear.WIDE`). Random fp32
 weights of the model's shapes; the numbers are timing only (the results agree to ~1e-6 relative;
 tests/unit/test_onednn.py and test_small_linear.py check the outputs).
 """
@@ -78,6 +80,21 @@ def main() -> None:
             layers_kernel = head_kernel = "- | -"
         print(f"| {rows} | {plain:.1f} | {packed:.1f} | **{plain / packed:.2f}x** | {layers_kernel} | "
               f"{head_plain:.1f} | {head_packed:.1f} | **{head_plain / head_packed:.2f}x** | {head_kernel} |")
+    if kernel and small_linear.wide():
+        print("\nThe kernel's paths, same weights (AVX2 = `small_linear.WIDE = False`):")
+        print("| rows | 30 layers AVX2 ms | AVX-512 ms | ratio | head AVX2 ms | AVX-512 ms | ratio |")
+        print("|---|---|---|---|---|---|---|")
+        for rows in [count for count in arguments.rows if count <= small_linear.ROWS]:
+            narrow, wide = torch.randn(rows, HIDDEN), torch.randn(rows, INTERMEDIATE)
+            times = {}
+            for path in (False, None):  # interleaved per row count, so both see the same machine
+                small_linear.WIDE = path
+                times[path] = (timed(lambda: run(small_linear.linear, layers, narrow, wide), arguments.repeats),
+                               timed(lambda x=narrow: small_linear.linear(x, head), arguments.repeats))
+            small_linear.WIDE = None
+            (layers_avx2, head_avx2), (layers_avx512, head_avx512) = times[False], times[None]
+            print(f"| {rows} | {layers_avx2:.1f} | {layers_avx512:.1f} | **{layers_avx2 / layers_avx512:.2f}x** | "
+                  f"{head_avx2:.2f} | {head_avx512:.2f} | **{head_avx2 / head_avx512:.2f}x** |")
 
 
 if __name__ == "__main__":

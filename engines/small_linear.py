@@ -6,8 +6,12 @@ each: its speed is how fast the weights stream from memory. On the 2-core AVX2 m
 weights in a batch-8 step at 9-10 GB/s (41-46 ms) and MKL's `F.linear` at 5 GB/s;
 `csrc/small_linear.c` (one weight row against 8 input rows in registers, a software prefetch ahead
 of the weight stream, rows split over PyTorch's own OpenMP threads) at 13-14 GB/s (30-32 ms), and
-20 GB/s for 1-4 rows (`benchmarks/bench_linear.py`, docs/benchmarks.md). The sums run in another
-order than oneDNN's or MKL's (~1e-6 relative).
+20 GB/s for 1-4 rows (`benchmarks/bench_linear.py`, docs/benchmarks.md). Where the CPU has AVX-512
+the kernel takes a second path (16 floats a load, two weight rows at a time): on the 2-core Xeon
+measured (AVX-512, AMX) 12-20% less time than its AVX2 path for 1-8 rows. `WIDE` picks it: None (the
+default) where the CPU runs it, False never (the AVX2 path everywhere: tests, side-by-side figures;
+`SKILLFOLD_SMALL_LINEAR=avx2` when the process starts).
+The sums run in another order than oneDNN's or MKL's, and the two paths' orders differ (~1e-6 relative).
 
 The kernel is compiled once per machine with the system's C compiler (`$CC`, else `cc` or `gcc`;
 `-O3 -mavx2 -mfma -fopenmp`) into `$SKILLFOLD_CACHE/kernels/` (default `~/.cache/skillfold/`),
@@ -53,6 +57,9 @@ def _switched_off() -> bool:
 
 
 ENABLED = not _switched_off()  # SKILLFOLD_SMALL_LINEAR=0 when the process starts: off (settable at run time)
+# the AVX-512 path: None where this CPU runs it, False never (SKILLFOLD_SMALL_LINEAR=avx2 at start; settable)
+WIDE: bool | None = False if os.environ.get(_SWITCH, "").strip().lower() == "avx2" else None
+_wide = False  # this CPU runs the AVX-512 path (asked of the built kernel)
 
 
 @functools.cache
@@ -116,7 +123,7 @@ def _open(path: Path) -> ctypes.CDLL:
 
 def _load():
     """The kernel function, building it on first use; None where it cannot be had."""
-    global _function, _tried
+    global _function, _tried, _wide
     if _function is not None or _tried or not ENABLED:
         return _function
     with _lock:
@@ -126,10 +133,13 @@ def _load():
             if _cpu_supported():
                 # torch is imported first, so the library's libgomp.so.1 resolves to the OpenMP runtime
                 # PyTorch already loaded: one thread pool, not two fighting over the cores
-                function = _open(build()).sf_small_linear
+                library = _open(build())
+                function = library.sf_small_linear
                 function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
-                                     ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int]
+                                     ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
                 function.restype = None
+                library.sf_small_linear_wide.restype = ctypes.c_int
+                _wide = bool(library.sf_small_linear_wide())
                 _function = function
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             log.warning("the small-batch linear kernel is unavailable, decoding uses oneDNN/MKL instead: %s", error)
@@ -141,6 +151,12 @@ def available() -> bool:
     """Whether `linear` computes (the kernel is enabled, this CPU runs it, and it is built), building
     it if needed."""
     return ENABLED and _load() is not None
+
+
+def wide() -> bool:
+    """Whether `linear` takes the AVX-512 path now (the kernel is available, the CPU has AVX-512, and
+    `WIDE` is not False)."""
+    return available() and _wide and WIDE is not False
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -174,7 +190,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     outputs = weight.shape[0]
     out = torch.empty((*x.shape[:-1], outputs), dtype=torch.float32)
     function(source.data_ptr(), rows, stride, weight.data_ptr(), outputs, features, out.data_ptr(),
-             torch.get_num_threads())
+             torch.get_num_threads(), _wide and WIDE is not False)
     if bias is not None:
         out += bias
     return out

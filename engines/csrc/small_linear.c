@@ -6,7 +6,13 @@
  * once, straight from its plain layout, with 8 accumulators in registers (one weight row against 8
  * input rows) and a software prefetch a few rows ahead, the rows split across OpenMP threads (the
  * runtime PyTorch itself loaded, so its thread pool). Built by engines/small_linear.py with
- * -O3 -mavx2 -mfma for x86-64 CPUs that have AVX2 and FMA. */
+ * -O3 -mavx2 -mfma for x86-64 CPUs that have AVX2 and FMA.
+ *
+ * Where the CPU has AVX-512 (asked at run time: `sf_small_linear_wide`), a second path reads 16 floats
+ * a load and takes two weight rows at a time against the input rows (2R accumulators of 32 registers),
+ * so each input load feeds two multiply-adds: 12-20% less time for 1-8 rows on the AVX-512 machine
+ * measured (docs/benchmarks.md). Its functions alone are compiled for AVX-512 (`target` attribute); the
+ * caller picks the path (`wide`), and only a CPU that has it is ever asked to run it. */
 #include <immintrin.h>
 #include <omp.h>
 
@@ -74,17 +80,78 @@ static void rows(const float *x, long M, long ldx, const float *w, long N, long 
     }
 }
 
-/* y (M x N, contiguous) = x (M x K, rows `ldx` apart) @ w (N x K, contiguous)ᵀ, on up to `threads` threads */
-void sf_small_linear(const float *x, long M, long ldx, const float *w, long N, long K, float *y, int threads) {
+/* ------------------------------------------------------------------ AVX-512: 16 floats a load */
+#define WIDE_TARGET __attribute__((target("avx512f")))
+
+/* J weight rows (J = 1 or 2) against R input rows (R = 1, 2, 4 or 8), constants once inlined:
+ * y[m * ldy + j] = x_m . w_j, J*R accumulators in registers, a masked load for the last K % 16 */
+static inline __attribute__((always_inline)) WIDE_TARGET void rows_by_wide(const int J, const int R, const float *x,
+                                                                        long ldx, const float *w, long K, float *y,
+                                                                        long ldy) {
+    __m512 a[16];
+    for (int i = 0; i < J * R; i++) a[i] = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 v[2];
+        for (int j = 0; j < J; j++) {
+            _mm_prefetch((const char *)(w + j * K + k + PREFETCH), _MM_HINT_T0);
+            v[j] = _mm512_loadu_ps(w + j * K + k);
+        }
+        for (int m = 0; m < R; m++) {
+            __m512 u = _mm512_loadu_ps(x + m * ldx + k);
+            for (int j = 0; j < J; j++) a[j * R + m] = _mm512_fmadd_ps(v[j], u, a[j * R + m]);
+        }
+    }
+    if (k < K) {
+        __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
+        __m512 v[2];
+        for (int j = 0; j < J; j++) v[j] = _mm512_maskz_loadu_ps(tail, w + j * K + k);
+        for (int m = 0; m < R; m++) {
+            __m512 u = _mm512_maskz_loadu_ps(tail, x + m * ldx + k);
+            for (int j = 0; j < J; j++) a[j * R + m] = _mm512_fmadd_ps(v[j], u, a[j * R + m]);
+        }
+    }
+    for (int m = 0; m < R; m++)
+        for (int j = 0; j < J; j++) y[m * ldy + j] = _mm512_reduce_add_ps(a[j * R + m]);
+}
+
+/* weight rows n0..n1 against every input row, J at a time */
+#define WIDE_ROWS(J)                                                                                   \
+    do {                                                                                               \
+        long m = 0;                                                                                    \
+        for (; m + 8 <= M; m += 8) rows_by_wide(J, 8, x + m * ldx, ldx, w + n * K, K, y + m * N + n, N); \
+        if (m + 4 <= M) { rows_by_wide(J, 4, x + m * ldx, ldx, w + n * K, K, y + m * N + n, N); m += 4; } \
+        if (m + 2 <= M) { rows_by_wide(J, 2, x + m * ldx, ldx, w + n * K, K, y + m * N + n, N); m += 2; } \
+        if (m < M) rows_by_wide(J, 1, x + m * ldx, ldx, w + n * K, K, y + m * N + n, N);               \
+    } while (0)
+
+WIDE_TARGET static void rows_wide(const float *x, long M, long ldx, const float *w, long N, long K, float *y,
+                                  long n0, long n1) {
+    long n = n0;
+    for (; n + 2 <= n1; n += 2) WIDE_ROWS(2);
+    for (; n < n1; n++) WIDE_ROWS(1);
+}
+
+/* whether this CPU (and its operating system) runs the AVX-512 path */
+int sf_small_linear_wide(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+/* y (M x N, contiguous) = x (M x K, rows `ldx` apart) @ w (N x K, contiguous)ᵀ, on up to `threads` threads;
+ * `wide`: the AVX-512 path (only where sf_small_linear_wide says so) */
+void sf_small_linear(const float *x, long M, long ldx, const float *w, long N, long K, float *y, int threads,
+                     int wide) {
+    void (*block)(const float *, long, long, const float *, long, long, float *, long, long) = wide ? rows_wide : rows;
     if (threads > 1 && N >= 2 * threads && N * K >= 65536) {
         long per = (N + threads - 1) / threads;
         #pragma omp parallel num_threads(threads)
         {
             long t = omp_get_thread_num();
             long n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-            if (n0 < n1) rows(x, M, ldx, w, N, K, y, n0, n1);
+            if (n0 < n1) block(x, M, ldx, w, N, K, y, n0, n1);
         }
     } else {
-        rows(x, M, ldx, w, N, K, y, 0, N);
+        block(x, M, ldx, w, N, K, y, 0, N);
     }
 }

@@ -12,12 +12,22 @@ from torch.nn import functional
 from engines import small_linear
 
 needs_kernel = pytest.mark.skipif(not small_linear.available(), reason="no small-batch linear kernel here")
+PATHS = [False, pytest.param(None, marks=pytest.mark.skipif(
+    not (small_linear.available() and small_linear._wide), reason="no AVX-512 on this CPU"))]  # AVX2, AVX-512
+
+
+@pytest.fixture(params=PATHS, ids=["avx2", "avx512"])
+def path(request, monkeypatch):
+    """Each of the kernel's paths this CPU runs: the AVX2 one everywhere, the AVX-512 one where it has it."""
+    monkeypatch.setattr(small_linear, "WIDE", request.param)
+    assert small_linear.wide() is (request.param is None)
+    return request.param
 
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8])
-@pytest.mark.parametrize("out_features, in_features", [(5, 7), (577, 131), (1536, 576), (96, 1536)])
-def test_matches_f_linear(rows, out_features, in_features):
+@pytest.mark.parametrize("out_features, in_features", [(5, 7), (577, 131), (1536, 576), (96, 1536), (3, 16), (33, 48)])
+def test_matches_f_linear(rows, out_features, in_features, path):
     torch.manual_seed(rows)
     x = torch.randn(rows, in_features)
     weight = torch.randn(out_features, in_features)
@@ -27,7 +37,20 @@ def test_matches_f_linear(rows, out_features, in_features):
 
 
 @needs_kernel
-def test_batched_input_strided_rows_and_bias():
+@pytest.mark.skipif(not (small_linear.available() and small_linear._wide), reason="no AVX-512 on this CPU")
+def test_the_avx512_path_is_the_default_where_the_cpu_has_it(monkeypatch):
+    torch.manual_seed(0)
+    x, weight = torch.randn(8, 576), torch.randn(1536, 576)
+    assert small_linear.WIDE is None and small_linear.wide()
+    wide = small_linear.linear(x, weight)
+    monkeypatch.setattr(small_linear, "WIDE", False)
+    narrow = small_linear.linear(x, weight)
+    # two summation orders: close, and not the same bits (so the switch does pick another path)
+    assert torch.allclose(wide, narrow, rtol=1e-5, atol=1e-4) and not torch.equal(wide, narrow)
+
+
+@needs_kernel
+def test_batched_input_strided_rows_and_bias(path):
     torch.manual_seed(0)
     wide = torch.randn(2, 3, 2 * 200)
     x = wide[..., :200]  # rows 400 floats apart
@@ -38,7 +61,7 @@ def test_batched_input_strided_rows_and_bias():
 
 
 @needs_kernel
-def test_the_same_on_one_thread_or_two():
+def test_the_same_on_one_thread_or_two(path):
     torch.manual_seed(0)
     x, weight = torch.randn(8, 576), torch.randn(1536, 576)
     threads = torch.get_num_threads()
@@ -76,6 +99,11 @@ def test_the_environment_switch_is_read_at_start():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                           cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert done.stdout.split() == ["False", "False"], done.stderr
+    narrow = "from engines import small_linear; print(small_linear.ENABLED, small_linear.WIDE, small_linear.wide())"
+    done = subprocess.run([sys.executable, "-c", narrow], capture_output=True, text=True,
+                          env={**os.environ, "SKILLFOLD_SMALL_LINEAR": "avx2"},
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.stdout.split() == ["True", "False", "False"], done.stderr  # on, on its AVX2 path
 
 
 @needs_kernel
