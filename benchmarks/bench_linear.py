@@ -89,7 +89,7 @@ def main() -> None:
             times = {}
             for path in (False, None):  # interleaved per row count, so both see the same machine
                 small_linear.WIDE = path
-                times[path] = (timed(lambda: run(small_linear.linear, layers, narrow, wide), arguments.repeats),
+                times[path] = (timed(lambda n=narrow, w=wide: run(small_linear.linear, layers, n, w), arguments.repeats),
                                timed(lambda x=narrow: small_linear.linear(x, head), arguments.repeats))
             small_linear.WIDE = None
             (layers_avx2, head_avx2), (layers_avx512, head_avx512) = times[False], times[None]

@@ -8,10 +8,9 @@ weights in a batch-8 step at 9-10 GB/s (41-46 ms) and MKL's `F.linear` at 5 GB/s
 of the weight stream, rows split over PyTorch's own OpenMP threads) at 13-14 GB/s (30-32 ms), and
 20 GB/s for 1-4 rows (`benchmarks/bench_linear.py`, docs/benchmarks.md). Where the CPU has AVX-512
 the kernel takes a second path (16 floats a load, two weight rows at a time): on the 2-core Xeon
-measured (AVX-512, AMX) 12-20% less time than its AVX2 path for 1-8 rows. `WIDE` picks it: None (the
-default) where the CPU runs it, False never (the AVX2 path everywhere: tests, side-by-side figures;
-`SKILLFOLD_SMALL_LINEAR=avx2` when the process starts).
-The sums run in another order than oneDNN's or MKL's, and the two paths' orders differ (~1e-6 relative).
+measured (AVX-512, AMX) 1.13-1.27x its AVX2 path for 1-8 rows. `WIDE` picks it: None (the default)
+where the CPU runs it, False never (the AVX2 path everywhere: tests, side-by-side figures;
+`SKILLFOLD_SMALL_LINEAR=avx2` when the process starts). The sums run in another order than oneDNN's or MKL's, and the two paths' orders differ (~1e-6 relative).
 
 The kernel is compiled once per machine with the system's C compiler (`$CC`, else `cc` or `gcc`;
 `-O3 -mavx2 -mfma -fopenmp`) into `$SKILLFOLD_CACHE/kernels/` (default `~/.cache/skillfold/`),

@@ -10,9 +10,9 @@
  *
  * Where the CPU has AVX-512 (asked at run time: `sf_small_linear_wide`), a second path reads 16 floats
  * a load and takes two weight rows at a time against the input rows (2R accumulators of 32 registers),
- * so each input load feeds two multiply-adds: 12-20% less time for 1-8 rows on the AVX-512 machine
- * measured (docs/benchmarks.md). Its functions alone are compiled for AVX-512 (`target` attribute); the
- * caller picks the path (`wide`), and only a CPU that has it is ever asked to run it. */
+ * so each input load feeds two multiply-adds: 1.13-1.27x the AVX2 path for 1-8 rows on the AVX-512
+ * machine measured (docs/benchmarks.md). Its functions alone are compiled for AVX-512 (`target`
+ * attribute); the caller picks the path (`wide`), and only a CPU that has it is ever asked to run it. */
 #include <immintrin.h>
 #include <omp.h>
 
