@@ -10,7 +10,8 @@ of the weight stream, rows split over PyTorch's own OpenMP threads) at 13-14 GB/
 the kernel takes a second path (16 floats a load, two weight rows at a time): on the 2-core Xeon
 measured (AVX-512, AMX) 1.13-1.27x its AVX2 path for 1-8 rows. `WIDE` picks it: None (the default)
 where the CPU runs it, False never (the AVX2 path everywhere: tests, side-by-side figures;
-`SKILLFOLD_SMALL_LINEAR=avx2` when the process starts). The sums run in another order than oneDNN's or MKL's, and the two paths' orders differ (~1e-6 relative).
+`SKILLFOLD_SMALL_LINEAR=avx2` when the process starts). The sums run in another order than oneDNN's
+or MKL's, and the two paths' orders differ (~1e-6 relative).
 
 The kernel is compiled once per machine with the system's C compiler (`$CC`, else `cc` or `gcc`;
 `-O3 -mavx2 -mfma -fopenmp`) into `$SKILLFOLD_CACHE/kernels/` (default `~/.cache/skillfold/`),
@@ -140,7 +141,7 @@ def _load():
                 library.sf_small_linear_wide.restype = ctypes.c_int
                 _wide = bool(library.sf_small_linear_wide())
                 _function = function
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as error:  # (a symbol missing)
             log.warning("the small-batch linear kernel is unavailable, decoding uses oneDNN/MKL instead: %s", error)
         _tried = True
     return _function
