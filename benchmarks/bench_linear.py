@@ -6,8 +6,8 @@
 
 Prints, per row count: the 30 layers' 7 matmuls (weights streamed from memory, as in a decode step),
 the 49k x 576 output head alone, and the ratios (F.linear / packed; packed / kernel, the kernel on the
-path it takes here). Where the CPU has AVX-512, a second table times the kernel's two paths side by
-side (AVX2 / AVX-512, `small_linear.WIDE`). Random fp32
+path it takes here: AVX2 unless SKILLFOLD_SMALL_LINEAR=avx512). Where the CPU has AVX-512, a second
+table times the kernel's two paths side by side (AVX2 / AVX-512, `small_linear.WIDE`). Random fp32
 weights of the model's shapes; the numbers are timing only (the results agree to ~1e-6 relative;
 tests/unit/test_onednn.py and test_small_linear.py check the outputs).
 """
@@ -80,19 +80,20 @@ def main() -> None:
             layers_kernel = head_kernel = "- | -"
         print(f"| {rows} | {plain:.1f} | {packed:.1f} | **{plain / packed:.2f}x** | {layers_kernel} | "
               f"{head_plain:.1f} | {head_packed:.1f} | **{head_plain / head_packed:.2f}x** | {head_kernel} |")
-    if kernel and small_linear.wide():
-        print("\nThe kernel's paths, same weights (AVX2 = `small_linear.WIDE = False`):")
+    if kernel and small_linear.wide_available():
+        print("\nThe kernel's paths, same weights (`small_linear.WIDE` False: AVX2, True: AVX-512):")
         print("| rows | 30 layers AVX2 ms | AVX-512 ms | ratio | head AVX2 ms | AVX-512 ms | ratio |")
+        chosen = small_linear.WIDE
         print("|---|---|---|---|---|---|---|")
         for rows in [count for count in arguments.rows if count <= small_linear.ROWS]:
             narrow, wide = torch.randn(rows, HIDDEN), torch.randn(rows, INTERMEDIATE)
             times = {}
-            for path in (False, None):  # interleaved per row count, so both see the same machine
+            for path in (False, True):  # interleaved per row count, so both see the same machine
                 small_linear.WIDE = path
                 times[path] = (timed(lambda n=narrow, w=wide: run(small_linear.linear, layers, n, w), arguments.repeats),
                                timed(lambda x=narrow: small_linear.linear(x, head), arguments.repeats))
-            small_linear.WIDE = None
-            (layers_avx2, head_avx2), (layers_avx512, head_avx512) = times[False], times[None]
+            small_linear.WIDE = chosen
+            (layers_avx2, head_avx2), (layers_avx512, head_avx512) = times[False], times[True]
             print(f"| {rows} | {layers_avx2:.1f} | {layers_avx512:.1f} | **{layers_avx2 / layers_avx512:.2f}x** | "
                   f"{head_avx2:.2f} | {head_avx512:.2f} | **{head_avx2 / head_avx512:.2f}x** |")
 

@@ -12,7 +12,7 @@
  * a load and takes two weight rows at a time against the input rows (2R accumulators of 32 registers),
  * so each input load feeds two multiply-adds: 1.13-1.27x the AVX2 path for 1-8 rows on the AVX-512
  * machine measured (docs/benchmarks.md). Its functions alone are compiled for AVX-512 (`target`
- * attribute); the caller picks the path (`wide`), and only a CPU that has it is ever asked to run it. */
+ * attribute); the caller picks the path (`wide`, opt-in), and only a CPU that has it is ever asked to run it. */
 #include <immintrin.h>
 #include <omp.h>
 

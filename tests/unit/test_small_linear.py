@@ -12,15 +12,15 @@ from torch.nn import functional
 from engines import small_linear
 
 needs_kernel = pytest.mark.skipif(not small_linear.available(), reason="no small-batch linear kernel here")
-PATHS = [False, pytest.param(None, marks=pytest.mark.skipif(
-    not (small_linear.available() and small_linear._wide), reason="no AVX-512 on this CPU"))]  # AVX2, AVX-512
+needs_avx512 = pytest.mark.skipif(not small_linear.wide_available(), reason="no AVX-512 on this CPU")
+PATHS = [False, pytest.param(True, marks=needs_avx512)]  # AVX2, AVX-512
 
 
 @pytest.fixture(params=PATHS, ids=["avx2", "avx512"])
 def path(request, monkeypatch):
     """Each of the kernel's paths this CPU runs: the AVX2 one everywhere, the AVX-512 one where it has it."""
     monkeypatch.setattr(small_linear, "WIDE", request.param)
-    assert small_linear.wide() is (request.param is None)
+    assert small_linear.wide() is request.param
     return request.param
 
 
@@ -37,14 +37,14 @@ def test_matches_f_linear(rows, out_features, in_features, path):
 
 
 @needs_kernel
-@pytest.mark.skipif(not (small_linear.available() and small_linear._wide), reason="no AVX-512 on this CPU")
-def test_the_avx512_path_is_the_default_where_the_cpu_has_it(monkeypatch):
+@needs_avx512
+def test_the_avx512_path_is_opt_in(monkeypatch):
     torch.manual_seed(0)
     x, weight = torch.randn(8, 576), torch.randn(1536, 576)
-    assert small_linear.WIDE is None and small_linear.wide()
-    wide = small_linear.linear(x, weight)
-    monkeypatch.setattr(small_linear, "WIDE", False)
+    assert not small_linear.WIDE and not small_linear.wide()  # the default: the numbers every figure had
     narrow = small_linear.linear(x, weight)
+    monkeypatch.setattr(small_linear, "WIDE", True)
+    wide = small_linear.linear(x, weight)
     # two summation orders: close, and not the same bits (so the switch does pick another path)
     assert torch.allclose(wide, narrow, rtol=1e-5, atol=1e-4) and not torch.equal(wide, narrow)
 
@@ -99,11 +99,12 @@ def test_the_environment_switch_is_read_at_start():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                           cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert done.stdout.split() == ["False", "False"], done.stderr
-    narrow = "from engines import small_linear; print(small_linear.ENABLED, small_linear.WIDE, small_linear.wide())"
-    done = subprocess.run([sys.executable, "-c", narrow], capture_output=True, text=True,
-                          env={**os.environ, "SKILLFOLD_SMALL_LINEAR": "avx2"},
+    wide = ("from engines import small_linear; "
+            "print(small_linear.ENABLED, small_linear.WIDE, small_linear.wide() == small_linear.wide_available())")
+    done = subprocess.run([sys.executable, "-c", wide], capture_output=True, text=True,
+                          env={**os.environ, "SKILLFOLD_SMALL_LINEAR": "avx512"},
                           cwd=Path(__file__).resolve().parents[2], timeout=120)
-    assert done.stdout.split() == ["True", "False", "False"], done.stderr  # on, on its AVX2 path
+    assert done.stdout.split() == ["True", "True", "True"], done.stderr  # on, and on its AVX-512 path where it has one
 
 
 @needs_kernel
