@@ -9,10 +9,10 @@ of the weight stream, rows split over PyTorch's own OpenMP threads) at 13-14 GB/
 20 GB/s for 1-4 rows (`benchmarks/bench_linear.py`, docs/benchmarks.md). Where the CPU has AVX-512
 the kernel has a second path (16 floats a load, two weight rows at a time): on the 2-core Xeon
 measured (AVX-512, AMX) 1.13-1.27x its AVX2 path for 1-8 rows, a fold step 4% shorter. It is opt-in
-(`SKILLFOLD_SMALL_LINEAR=avx512` when the process starts, or `WIDE = True`): its sums run in another
-order (~1e-6 relative), and that alone sent `make demo`'s fold elsewhere (its retention check failed
-where the AVX2 path's passes; docs/benchmarks.md), so the default keeps the numbers every figure was
-measured with. The sums run in another order than oneDNN's or MKL's too (~1e-6 relative).
+(`SKILLFOLD_SMALL_LINEAR=avx512` when the process starts, or `WIDE = True`): the kernel's sums run in
+another order than oneDNN's or MKL's (~1e-6 relative), and the two paths' orders differ too, which alone
+sent `make demo`'s fold elsewhere (its retention check failed where the AVX2 path's passes;
+docs/benchmarks.md), so the default keeps the numbers every figure was measured with.
 
 The kernel is compiled once per machine with the system's C compiler (`$CC`, else `cc` or `gcc`;
 `-O3 -mavx2 -mfma -fopenmp`) into `$SKILLFOLD_CACHE/kernels/` (default `~/.cache/skillfold/`),
